@@ -1,0 +1,56 @@
+# One entry point for people and CI. `make test` and `make bench` work on a fresh machine: they create the
+# virtual environment, install the dependencies, build the extension (CUDA sources too when a toolkit is
+# found) and then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+EXT_STAMP := $(VENV)/.ext-stamp
+ENV_STAMP := $(VENV)/.env-stamp
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help env build test test-cuda bench wheel lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(ENV_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "torch>=2.4" ninja "setuptools>=69" wheel
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	touch $@ $(EXT_STAMP)
+
+env: $(ENV_STAMP)  ## create .venv with the package (editable) and its dependencies
+
+$(EXT_STAMP): $(ENV_STAMP) $(CSRC) setup.py
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(EXT_STAMP)  ## (re)build the compiled kernels in place (ninja, incremental)
+
+test: build  ## run the test suite (GPU tests skip without a GPU)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-cuda: build  ## run only the GPU tests
+	$(PY) -m pytest -m cuda $(PYTEST_ARGS)
+
+bench: build  ## op microbenchmarks on the default device: table, CSV and PNG in bench-out/
+	$(PY) -m finetune_ext.cli bench --out bench-out $(BENCH_ARGS)
+
+wheel: env  ## build a wheel into dist/
+	$(PIP) wheel --no-build-isolation --no-deps -w dist .
+
+lint: env  ## ruff and clang-format checks
+	$(PY) -m ruff check finetune_ext tests benchmarks setup.py
+	$(PY) -m ruff format --check finetune_ext tests benchmarks setup.py
+
+format: env  ## apply ruff and clang-format
+	$(PY) -m ruff check --fix finetune_ext tests benchmarks setup.py
+	$(PY) -m ruff format finetune_ext tests benchmarks setup.py
+	command -v clang-format >/dev/null && clang-format -i $(CSRC) || echo "clang-format not installed; skipped"
+
+clean:  ## remove build outputs (keeps .venv)
+	rm -rf build dist *.egg-info finetune_ext/_C*.so finetune_ext/_build_meta.py $(EXT_STAMP)

@@ -1,0 +1,65 @@
+// Counter-based Philox4x32-10 (Salmon et al., SC'11), shared by the CPU and CUDA kernels so both draw
+// the same bits for the same (seed, offset, element index). finetune_ext/reference/philox.py is the
+// pure-PyTorch twin; tests/reference/test_philox.py checks both against the Random123 answers.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FTX_HOST_DEVICE __host__ __device__ __forceinline__
+#define FTX_UNROLL _Pragma("unroll")
+#else
+#define FTX_HOST_DEVICE inline
+#define FTX_UNROLL
+#endif
+
+namespace finetune_ext {
+
+struct Philox4 {
+  uint32_t v[4];
+};
+
+FTX_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+#if defined(__CUDA_ARCH__)
+  *hi = __umulhi(a, b);
+  return a * b;
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(p >> 32);
+  return static_cast<uint32_t>(p);
+#endif
+}
+
+FTX_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                      uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+FTX_UNROLL
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(kM0, c0, &hi0);
+    const uint32_t lo1 = mulhilo32(kM1, c2, &hi1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// Four random words for the element group `group` (elements 4*group .. 4*group+3).
+// Counter = (group, offset) as 64-bit halves, key = seed.
+FTX_HOST_DEVICE Philox4 philox_group(uint64_t seed, uint64_t offset, uint64_t group) {
+  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+                       static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Top 24 bits as a float in [0, 1): exact in float32, so every backend compares the same number.
+FTX_HOST_DEVICE float philox_uniform(uint32_t word) {
+  return static_cast<float>(word >> 8) * (1.0f / 16777216.0f);
+}
+
+}  // namespace finetune_ext

@@ -1,0 +1,65 @@
+// CPU kernel of finetune_ext::fisher_dropout: one Philox call per group of four elements, groups split
+// across threads with at::parallel_for. Masks are bit-identical to the CUDA kernel and to
+// finetune_ext/reference/fisher_dropout.py for the same (seed, offset).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../fisher_dropout.h"
+
+namespace finetune_ext {
+namespace {
+
+template <typename scalar_t>
+void fisher_dropout_cpu_impl(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y,
+                             int64_t n, int64_t d, bool per_feature, PhiloxSeed s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (n + 3) / 4;
+  at::parallel_for(0, groups, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const Philox4 r = philox_group(s.seed, s.offset, static_cast<uint64_t>(g));
+      const int64_t base = 4 * g;
+      const int64_t count = std::min<int64_t>(4, n - base);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t idx = base + i;
+        const float k = keep[per_feature ? idx % d : 0];
+        acc_t v = dropout_value<acc_t>(static_cast<acc_t>(x[idx]), k, philox_uniform(r.v[i]));
+        if (residual != nullptr) {
+          v = static_cast<acc_t>(residual[idx]) + v;
+        }
+        y[idx] = static_cast<scalar_t>(v);
+      }
+    }
+  });
+}
+
+at::Tensor fisher_dropout_cpu(const at::Tensor& x, const at::Tensor& keep, const std::optional<at::Tensor>& residual,
+                              const at::Tensor& seed) {
+  const PhiloxSeed s = check_fisher_dropout_args(x, keep, residual, seed, c10::DeviceType::CPU);
+  const at::Tensor keep_c = keep.contiguous();
+  const float* kp = keep_c.const_data_ptr<float>();
+  for (int64_t i = 0; i < keep_c.numel(); ++i) {
+    TORCH_CHECK(kp[i] > 0.0f && kp[i] <= 1.0f, "fisher_dropout: expected every keep probability in (0, 1], got ",
+                kp[i], " at index ", i);
+  }
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor r_c = residual.has_value() ? residual->contiguous() : at::Tensor();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t d = x.dim() == 0 ? 1 : x.size(-1);
+  const bool per_feature = keep_c.numel() != 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fisher_dropout_cpu", [&] {
+    fisher_dropout_cpu_impl<scalar_t>(x_c.const_data_ptr<scalar_t>(), kp,
+                                      r_c.defined() ? r_c.const_data_ptr<scalar_t>() : nullptr,
+                                      y.mutable_data_ptr<scalar_t>(), x.numel(), d, per_feature, s);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finetune_ext, CPU, m) { m.impl("fisher_dropout", &fisher_dropout_cpu); }
+
+}  // namespace finetune_ext

@@ -1,0 +1,131 @@
+// CUDA kernel of finetune_ext::fisher_dropout (_fisher_dropout_kernel). Memory-bound: each thread owns
+// 16 bytes of x (8 bf16/fp16 or 4 fp32 elements), draws one Philox call per 4 elements, and writes y with
+// one vector store. No mask is stored: backward calls the same kernel on the incoming gradient.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "fisher_dropout.h"
+
+namespace finetune_ext {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+constexpr int elems_per_thread() {
+  return sizeof(scalar_t) >= 4 ? 4 : 16 / sizeof(scalar_t);
+}
+
+template <typename scalar_t, int N>
+struct alignas(sizeof(scalar_t) * N) Pack {
+  scalar_t v[N];
+};
+
+template <typename scalar_t, bool kPerFeature, bool kResidual, bool kVector>
+__global__ void __launch_bounds__(kThreads)
+    _fisher_dropout_kernel(const scalar_t* __restrict__ x, const float* __restrict__ keep,
+                           const scalar_t* __restrict__ residual, scalar_t* __restrict__ y, int64_t n, int64_t d,
+                           uint64_t seed, uint64_t offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int N = elems_per_thread<scalar_t>();
+  const int64_t chunks = (n + N - 1) / N;
+  const float keep0 = kPerFeature ? 0.0f : __ldg(keep);
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t base = c * N;
+    float u[N];
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+      const Philox4 r = philox_group(seed, offset, static_cast<uint64_t>(base / 4 + j));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) u[4 * j + i] = philox_uniform(r.v[i]);
+    }
+    int64_t f = kPerFeature ? base % d : 0;
+    if (kVector && base + N <= n) {
+      const Pack<scalar_t, N> xv = *reinterpret_cast<const Pack<scalar_t, N>*>(x + base);
+      Pack<scalar_t, N> rv;
+      if constexpr (kResidual) rv = *reinterpret_cast<const Pack<scalar_t, N>*>(residual + base);
+      Pack<scalar_t, N> yv;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float k = kPerFeature ? __ldg(keep + f) : keep0;
+        if (kPerFeature && ++f == d) f = 0;
+        acc_t v = dropout_value<acc_t>(static_cast<acc_t>(xv.v[i]), k, u[i]);
+        if constexpr (kResidual) v = static_cast<acc_t>(rv.v[i]) + v;
+        yv.v[i] = static_cast<scalar_t>(v);
+      }
+      *reinterpret_cast<Pack<scalar_t, N>*>(y + base) = yv;
+    } else {
+      for (int i = 0; i < N && base + i < n; ++i) {
+        const float k = kPerFeature ? __ldg(keep + f) : keep0;
+        if (kPerFeature && ++f == d) f = 0;
+        acc_t v = dropout_value<acc_t>(static_cast<acc_t>(x[base + i]), k, u[i]);
+        if constexpr (kResidual) v = static_cast<acc_t>(residual[base + i]) + v;
+        y[base + i] = static_cast<scalar_t>(v);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, bool kPerFeature, bool kResidual>
+void launch(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n, int64_t d,
+            PhiloxSeed s, cudaStream_t stream) {
+  constexpr int N = elems_per_thread<scalar_t>();
+  constexpr uintptr_t kAlign = sizeof(scalar_t) * N;
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % kAlign == 0 && reinterpret_cast<uintptr_t>(y) % kAlign == 0 &&
+                       (!kResidual || reinterpret_cast<uintptr_t>(residual) % kAlign == 0);
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t chunks = (n + N - 1) / N;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((chunks + kThreads - 1) / kThreads, sms * 16));
+  if (aligned) {
+    _fisher_dropout_kernel<scalar_t, kPerFeature, kResidual, true>
+        <<<blocks, kThreads, 0, stream>>>(x, keep, residual, y, n, d, s.seed, s.offset);
+  } else {
+    _fisher_dropout_kernel<scalar_t, kPerFeature, kResidual, false>
+        <<<blocks, kThreads, 0, stream>>>(x, keep, residual, y, n, d, s.seed, s.offset);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor fisher_dropout_cuda(const at::Tensor& x, const at::Tensor& keep, const std::optional<at::Tensor>& residual,
+                               const at::Tensor& seed) {
+  const PhiloxSeed s = check_fisher_dropout_args(x, keep, residual, seed, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor keep_c = keep.contiguous();
+  const at::Tensor r_c = residual.has_value() ? residual->contiguous() : at::Tensor();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t n = x.numel();
+  if (n == 0) return y;
+  const int64_t d = x.dim() == 0 ? 1 : x.size(-1);
+  const bool per_feature = keep_c.numel() != 1;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fisher_dropout_cuda", [&] {
+    const scalar_t* xp = x_c.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r_c.defined() ? r_c.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const float* kp = keep_c.const_data_ptr<float>();
+    if (per_feature) {
+      rp ? launch<scalar_t, true, true>(xp, kp, rp, yp, n, d, s, stream)
+         : launch<scalar_t, true, false>(xp, kp, rp, yp, n, d, s, stream);
+    } else {
+      rp ? launch<scalar_t, false, true>(xp, kp, rp, yp, n, d, s, stream)
+         : launch<scalar_t, false, false>(xp, kp, rp, yp, n, d, s, stream);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finetune_ext, CUDA, m) { m.impl("fisher_dropout", &fisher_dropout_cuda); }
+
+}  // namespace finetune_ext

@@ -1,0 +1,70 @@
+// Shared by csrc/cpu/fisher_dropout.cpp and csrc/fisher_dropout.cu: input checks and the per-element rule.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "common/philox.h"
+
+namespace finetune_ext {
+
+struct PhiloxSeed {
+  uint64_t seed;
+  uint64_t offset;
+};
+
+// Validates the arguments of finetune_ext::fisher_dropout for a kernel on `device_type` and returns the
+// Philox seed. The Python wrapper gives friendlier errors first; these guard direct torch.ops calls.
+inline PhiloxSeed check_fisher_dropout_args(const at::Tensor& x, const at::Tensor& keep,
+                                            const std::optional<at::Tensor>& residual, const at::Tensor& seed,
+                                            c10::DeviceType device_type) {
+  TORCH_CHECK(x.device().type() == device_type, "fisher_dropout: expected x on ", device_type, ", got ",
+              x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "fisher_dropout: expected x to have a floating dtype (float16, bfloat16, float32, float64), got ",
+              x.scalar_type());
+  TORCH_CHECK(keep.scalar_type() == at::kFloat, "fisher_dropout: expected keep to have dtype float32, got ",
+              keep.scalar_type());
+  TORCH_CHECK(keep.device() == x.device(), "fisher_dropout: expected keep on ", x.device(), " (the device of x), got ",
+              keep.device());
+  const int64_t d = x.dim() == 0 ? 1 : x.size(-1);
+  TORCH_CHECK(keep.dim() <= 1 && (keep.numel() == 1 || keep.numel() == d),
+              "fisher_dropout: expected keep of shape [] or [1] (one site) or [", d,
+              "] (x.size(-1), per feature), got ", keep.sizes());
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.sizes() == x.sizes(), "fisher_dropout: expected residual of shape ", x.sizes(), " (the shape of x), got ",
+                r.sizes());
+    TORCH_CHECK(r.scalar_type() == x.scalar_type(), "fisher_dropout: expected residual of dtype ", x.scalar_type(),
+                ", got ", r.scalar_type());
+    TORCH_CHECK(r.device() == x.device(), "fisher_dropout: expected residual on ", x.device(), ", got ", r.device());
+  }
+  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 2,
+              "fisher_dropout: expected seed to be a CPU int64 tensor of 2 elements (seed, offset), got ",
+              seed.scalar_type(), " on ", seed.device(), " with ", seed.numel(), " elements");
+  const at::Tensor s = seed.contiguous();
+  const int64_t* p = s.const_data_ptr<int64_t>();
+  return PhiloxSeed{static_cast<uint64_t>(p[0]), static_cast<uint64_t>(p[1])};
+}
+
+// y = residual + (u < keep ? x * (1 / keep) : 0), in the op-math type (float for half/bfloat16).
+// The multiply is kept apart from the add (no FMA) so every backend rounds the same way.
+template <typename acc_t>
+FTX_HOST_DEVICE acc_t dropout_value(acc_t x, float keep, float u) {
+  const float scale = 1.0f / keep;
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(acc_t) == sizeof(double)) {
+    return u < keep ? __dmul_rn(x, static_cast<acc_t>(scale)) : acc_t(0);
+  } else {
+    return u < keep ? __fmul_rn(x, scale) : acc_t(0);
+  }
+#else
+  return u < keep ? x * static_cast<acc_t>(scale) : acc_t(0);
+#endif
+}
+
+}  // namespace finetune_ext

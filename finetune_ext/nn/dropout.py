@@ -1,0 +1,48 @@
+"""``FisherDropout``: a drop-in for ``nn.Dropout`` with per-site or per-feature rates on the fused kernel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from finetune_ext.ops.fisher_dropout import fisher_dropout
+
+
+class FisherDropout(nn.Module):
+    """Dropout whose drop probability is one number (a site) or one per feature (last dimension).
+
+    ``p`` is the drop probability, as in ``nn.Dropout``: a float in [0, 1) or a 1-D tensor of them. The
+    module stores ``keep = 1 - p`` as a float32 buffer (it follows ``.to()`` and ``state_dict``) and checks
+    it once, here, so the forward pass needs no host sync. ``forward(x, residual)`` fuses
+    ``residual + dropout(x)``. In eval mode it is the identity.
+    """
+
+    keep: torch.Tensor
+
+    def __init__(self, p: float | torch.Tensor = 0.5) -> None:
+        super().__init__()
+        self.register_buffer("keep", torch.ones(()), persistent=True)
+        self.set_p(p)
+
+    def set_p(self, p: float | torch.Tensor) -> None:
+        """Replace the drop probabilities (a float, or a 1-D tensor for per-feature rates)."""
+        p_t = torch.as_tensor(p, dtype=torch.float32).detach()
+        if p_t.dim() > 1:
+            raise ValueError(f"p: expected a float or a 1-D tensor, got shape {list(p_t.shape)}")
+        bad = ~((p_t >= 0) & (p_t < 1))
+        if bool(bad.any()):
+            raise ValueError(f"p: expected drop probabilities in [0, 1), got {p_t[bad].reshape(-1)[0].item()}")
+        self.keep = (1.0 - p_t).to(self.keep.device)
+
+    @property
+    def p(self) -> torch.Tensor:
+        """Drop probabilities, ``1 - keep``."""
+        return 1.0 - self.keep
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return fisher_dropout(x, self.keep, residual=residual, training=self.training, check_keep=False)
+
+    def extra_repr(self) -> str:
+        if self.keep.dim() == 0:
+            return f"p={1.0 - self.keep.item():.4g}"
+        return f"p=per-feature[{self.keep.numel()}] (mean {1.0 - self.keep.mean().item():.4g})"

@@ -1,0 +1,6 @@
+"""Public fused ops. Importing this package defines every schema (``_library``) and its autograd."""
+
+from finetune_ext.ops import _library  # noqa: F401  (schemas first: kernels register against them)
+from finetune_ext.ops.fisher_dropout import fisher_dropout
+
+__all__ = ["fisher_dropout"]

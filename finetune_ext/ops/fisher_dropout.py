@@ -1,0 +1,138 @@
+"""``fisher_dropout``: dropout with per-site or per-feature keep probabilities, mask-free backward.
+
+``y = residual + x * m / keep`` with ``m ~ Bernoulli(keep)`` drawn from counter-based Philox keyed by
+``(seed, offset)``. The backward regenerates the mask from the same key instead of storing it, so
+nothing of the size of ``x`` is saved. The CPU and CUDA kernels and ``reference.fisher_dropout`` give
+bit-identical masks for the same key and shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from finetune_ext import reference
+from finetune_ext.ops._library import has_kernel
+
+Backend = Literal["auto", "ext", "reference"]
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SEED_MAX = 2**63 - 1
+
+
+def fisher_dropout(
+    x: torch.Tensor,
+    keep: float | torch.Tensor,
+    *,
+    residual: torch.Tensor | None = None,
+    training: bool = True,
+    seed: int | None = None,
+    offset: int = 0,
+    generator: torch.Generator | None = None,
+    backend: Backend = "auto",
+    check_keep: bool = True,
+) -> torch.Tensor:
+    """Fisher-masked dropout, optionally fused with a residual add.
+
+    Args:
+        x: input of any shape, float16/bfloat16/float32/float64; non-contiguous views are fine.
+        keep: keep probability in (0, 1]: a float or 0-d/1-element tensor (one dropout site), or a
+            tensor of ``x.shape[-1]`` values (per feature), on ``x``'s device. Not differentiated.
+        residual: optional tensor like ``x``; returns ``residual + dropout(x)`` in one pass.
+        training: ``False`` returns ``x`` (plus ``residual``) unchanged, as ``nn.Dropout.eval()`` does.
+        seed: Philox key. ``None`` draws one from ``generator`` (default: the CPU default generator),
+            so ``torch.manual_seed`` reproduces a run and CPU and CUDA runs draw the same masks.
+        offset: Philox counter offset, to draw independent masks under one seed.
+        backend: ``"ext"`` the compiled kernel, ``"reference"`` pure PyTorch, ``"auto"`` the kernel when
+            one is registered for ``x``'s device.
+        check_keep: check the values of a tensor ``keep`` (one host sync on GPU). Modules that validate
+            their rates once turn it off.
+
+    Returns:
+        A contiguous tensor with ``x``'s shape and dtype.
+    """
+    if backend not in ("auto", "ext", "reference"):
+        raise ValueError(f"backend: expected 'auto', 'ext' or 'reference', got {backend!r}")
+    keep_t = _check_args(x, keep, residual, check_keep)
+    if not training:
+        return x if residual is None else residual + x
+    seed_t = _philox_key(seed, offset, generator)
+    if backend == "reference" or (backend == "auto" and not has_kernel("fisher_dropout", x.device)):
+        return reference.fisher_dropout(x, keep_t, residual, seed=int(seed_t[0]), offset=int(seed_t[1]))
+    if not has_kernel("fisher_dropout", x.device):
+        raise RuntimeError(
+            f"backend='ext': no compiled fisher_dropout kernel for {x.device.type} "
+            f"(see finetune_ext.build_info())"
+        )
+    return torch.ops.finetune_ext.fisher_dropout(x, keep_t, residual, seed_t)
+
+
+def _check_args(
+    x: torch.Tensor, keep: float | torch.Tensor, residual: torch.Tensor | None, check_keep: bool
+) -> torch.Tensor:
+    """Validate the arguments and return ``keep`` as a float32 tensor on ``x``'s device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
+    width = x.shape[-1] if x.dim() else 1
+    if isinstance(keep, torch.Tensor):
+        if not keep.is_floating_point():
+            raise ValueError(f"keep: expected a floating dtype, got {keep.dtype}")
+        if keep.device != x.device:
+            raise ValueError(f"keep: expected device {x.device} (the device of x), got {keep.device}")
+        if keep.dim() > 1 or keep.numel() not in (1, width):
+            raise ValueError(
+                f"keep: expected shape [] or [1] (one site) or [{width}] (x.shape[-1], per feature), "
+                f"got {list(keep.shape)}"
+            )
+        if check_keep and not torch.compiler.is_compiling():
+            bad = ~((keep > 0) & (keep <= 1))  # NaN fails both comparisons
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0]) if keep.dim() else 0
+                raise ValueError(f"keep: expected every value in (0, 1], got {keep.reshape(-1)[i].item()} at index {i}")
+        keep_t = keep.to(torch.float32)
+    elif isinstance(keep, (int, float)):
+        if math.isnan(keep) or not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep: expected a value in (0, 1], got {keep}")
+        keep_t = torch.full((), float(keep), dtype=torch.float32, device=x.device)
+    else:
+        raise TypeError(f"keep: expected a float or a torch.Tensor, got {type(keep).__name__}")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected shape {list(x.shape)} (the shape of x), got {list(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"residual: expected dtype {x.dtype} on {x.device} (like x), got {residual.dtype} on {residual.device}"
+            )
+    return keep_t
+
+
+def _philox_key(seed: int | None, offset: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The CPU int64 tensor ``[seed, offset]`` that keys the kernels' Philox streams."""
+    if not 0 <= offset <= _SEED_MAX:
+        raise ValueError(f"offset: expected an integer in [0, 2**63), got {offset}")
+    if seed is None:
+        drawn = torch.randint(0, _SEED_MAX, (1,), dtype=torch.int64, generator=generator)
+        return torch.cat([drawn, torch.tensor([offset], dtype=torch.int64)])
+    if not 0 <= seed <= _SEED_MAX:
+        raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed}")
+    return torch.tensor([seed, offset], dtype=torch.int64)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, keep, residual, seed = inputs
+    ctx.save_for_backward(keep, seed)
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad: torch.Tensor):
+    # d/dx (x * m / keep) = m / keep: the forward kernel applied to the gradient, mask regenerated.
+    keep, seed = ctx.saved_tensors
+    grad_x = torch.ops.finetune_ext.fisher_dropout(grad, keep, None, seed) if ctx.needs_input_grad[0] else None
+    grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[2] else None
+    return grad_x, None, grad_residual, None
+
+
+torch.library.register_autograd("finetune_ext::fisher_dropout", _backward, setup_context=_setup_context)

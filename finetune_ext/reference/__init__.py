@@ -1,0 +1,6 @@
+"""Pure-PyTorch references: the oracles of the tests and the baselines of the benchmarks."""
+
+from finetune_ext.reference.fisher_dropout import dropout_mask, fisher_dropout, fisher_dropout_eager
+from finetune_ext.reference.philox import philox4x32_10, philox_uniform
+
+__all__ = ["dropout_mask", "fisher_dropout", "fisher_dropout_eager", "philox4x32_10", "philox_uniform"]
