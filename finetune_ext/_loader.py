@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from finetune_ext.ops._library import has_kernel
+
 _STATE: dict[str, Any] = {"loaded": False, "error": None}
 
 
@@ -36,7 +38,7 @@ def _build_meta() -> dict[str, Any]:
 
 def has_cuda_kernels() -> bool:
     """True when the compiled library holds CUDA kernels (whether or not a GPU is present)."""
-    return _STATE["loaded"] and torch._C._dispatch_has_kernel_for_dispatch_key("finetune_ext::fisher_dropout", "CUDA")
+    return _STATE["loaded"] and has_kernel("fisher_dropout", torch.device("cuda"))
 
 
 def build_info() -> dict[str, Any]:

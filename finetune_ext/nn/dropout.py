@@ -39,6 +39,13 @@ class FisherDropout(nn.Module):
         """Drop probabilities, ``1 - keep``."""
         return 1.0 - self.keep
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint may switch between one rate and per-feature rates: adopt its shape, validated.
+        key = prefix + "keep"
+        if key in state_dict and state_dict[key].shape != self.keep.shape:
+            self.set_p(1.0 - state_dict[key].float())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return fisher_dropout(x, self.keep, residual=residual, training=self.training, check_keep=False)
 

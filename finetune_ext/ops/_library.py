@@ -25,7 +25,12 @@ def _fisher_dropout_fake(
     return x.new_empty(x.shape)
 
 
-def has_kernel(op: str, device: torch.device | str) -> bool:
+def has_kernel(op: str, device: torch.device) -> bool:
     """Whether a compiled kernel of ``finetune_ext::<op>`` is registered for ``device``'s type."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return _has_kernel(op, device.type)
+
+
+@torch.compiler.assume_constant_result  # fixed once the library is loaded; lets torch.compile fold the branch
+def _has_kernel(op: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"finetune_ext::{op}", key)
