@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-LIB = torch.library.Library("finetune_ext", "DEF")  # noqa: TOR901  (the namespace's single definition)
+LIB = torch.library.Library("finetune_ext", "DEF")
 
 # y = residual + x * m / keep, m ~ Bernoulli(keep) from Philox keyed by seed = (seed, offset), a CPU int64[2].
 # keep: float32 of shape [] / [1] (one site) or [x.size(-1)] (per feature). Output is contiguous.

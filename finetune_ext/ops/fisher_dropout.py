@@ -62,8 +62,7 @@ def fisher_dropout(
         return reference.fisher_dropout(x, keep_t, residual, seed=int(seed_t[0]), offset=int(seed_t[1]))
     if not has_kernel("fisher_dropout", x.device):
         raise RuntimeError(
-            f"backend='ext': no compiled fisher_dropout kernel for {x.device.type} "
-            f"(see finetune_ext.build_info())"
+            f"backend='ext': no compiled fisher_dropout kernel for {x.device.type} (see finetune_ext.build_info())"
         )
     return torch.ops.finetune_ext.fisher_dropout(x, keep_t, residual, seed_t)
 

@@ -53,6 +53,7 @@ def fisher_dropout_eager(
 ) -> torch.Tensor:
     """Textbook per-feature dropout: draw uniforms, compare with keep, multiply, divide."""
     keep = keep.to(x.dtype)
-    mask = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) < keep
+    u = torch.rand_like(x) if generator is None else torch.rand(x.shape, dtype=x.dtype, generator=generator)
+    mask = u.to(x.device) < keep
     y = x * mask / keep
     return y if residual is None else residual + y

@@ -1,0 +1,215 @@
+"""Benchmark harness shared by every op: time providers over a sweep, write long-format CSV, table and plots.
+
+Timing: ``warmup`` untimed calls, then ``reps`` timed calls (CUDA events on GPU, ``perf_counter`` after a
+sync on CPU); we report the median and the 20th/80th percentiles. Peak memory is the CUDA allocator's
+peak during the timed calls above what was allocated before; on CPU it is not measured (left empty).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+CSV_FIELDS = [
+    "op", "mode", "provider", "shape", "numel", "dtype", "device", "device_name",
+    "median_ms", "p20_ms", "p80_ms", "gb_per_s", "peak_mb", "commit", "timestamp",
+]  # fmt: skip
+
+
+@dataclass
+class Case:
+    """One timed call: ``fn()`` of ``provider`` moving ``useful_bytes`` (each input read, output written once)."""
+
+    op: str
+    mode: str
+    provider: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    useful_bytes: int
+    fn: Callable[[], object]
+
+
+@dataclass
+class Row:
+    op: str
+    mode: str
+    provider: str
+    shape: str
+    numel: int
+    dtype: str
+    device: str
+    device_name: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    gb_per_s: float
+    peak_mb: float | None
+    commit: str
+    timestamp: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def device_name(device: torch.device) -> str:
+    """Marketing name of the GPU, or the CPU model with its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> list[float]:
+    """Per-call wall times in milliseconds after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure(case: Case, warmup: int, reps: int, commit: str) -> Row:
+    """Time one case and return its CSV row."""
+    peak_mb = None
+    if case.device.type == "cuda":
+        torch.cuda.synchronize(case.device)
+        base = torch.cuda.memory_allocated(case.device)
+        torch.cuda.reset_peak_memory_stats(case.device)
+    times = sorted(time_ms(case.fn, case.device, warmup, reps))
+    if case.device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(case.device) - base) / 2**20
+    median = statistics.median(times)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [median] * 4
+    return Row(
+        op=case.op,
+        mode=case.mode,
+        provider=case.provider,
+        shape="x".join(map(str, case.shape)),
+        numel=int(torch.Size(case.shape).numel()),
+        dtype=str(case.dtype).removeprefix("torch."),
+        device=case.device.type,
+        device_name=device_name(case.device),
+        median_ms=median,
+        p20_ms=q[0],
+        p80_ms=q[3],
+        gb_per_s=case.useful_bytes / (median * 1e-3) / 1e9,
+        peak_mb=peak_mb,
+        commit=commit,
+    )
+
+
+def run(
+    cases: Iterable[Case], warmup: int = 5, reps: int = 20, total: int | None = None, progress: bool = True
+) -> list[Row]:
+    """Measure every case (a progress bar on stderr) and return the rows.
+
+    Cases are consumed lazily so that each size's tensors are freed before the next size is built.
+    """
+    from tqdm.auto import tqdm
+
+    if reps < 20:
+        raise ValueError(f"reps: expected at least 20 timed runs, got {reps}")
+    commit = git_commit()
+    return [measure(c, warmup, reps, commit) for c in tqdm(cases, desc="bench", total=total, disable=not progress)]
+
+
+def append_csv(rows: list[Row], path: Path) -> None:
+    """Append rows to a long-format CSV (header written once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in asdict(row).items()})
+
+
+def format_table(rows: list[Row]) -> str:
+    """A plain-text table, one line per row, with the speedup over the ``reference`` provider."""
+    ref = {(r.op, r.mode, r.shape, r.dtype): r.median_ms for r in rows if r.provider == "reference"}
+    header = (
+        f"{'op':<16}{'mode':<6}{'shape':<14}{'dtype':<10}{'provider':<11}"
+        f"{'ms':>10}{'GB/s':>10}{'peak MB':>9}{'vs ref':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        base = ref.get((r.op, r.mode, r.shape, r.dtype))
+        speed = f"{base / r.median_ms:.2f}x" if base else "-"
+        peak = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-"
+        lines.append(
+            f"{r.op:<16}{r.mode:<6}{r.shape:<14}{r.dtype:<10}{r.provider:<11}{r.median_ms:>10.4f}"
+            f"{r.gb_per_s:>10.1f}{peak:>9}{speed:>8}"
+        )
+    return "\n".join(lines)
+
+
+def plot_speedup(rows: list[Row], out_dir: Path) -> list[Path]:
+    """One PNG per op: speedup over ``reference`` against the number of elements, one line per provider/mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for op in sorted({r.op for r in rows}):
+        op_rows = [r for r in rows if r.op == op]
+        ref = {(r.mode, r.numel, r.dtype): r.median_ms for r in op_rows if r.provider == "reference"}
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for mode, provider, dtype in sorted(
+            {(r.mode, r.provider, r.dtype) for r in op_rows if r.provider != "reference"}
+        ):
+            pts = sorted(
+                (r.numel, ref[(mode, r.numel, dtype)] / r.median_ms)
+                for r in op_rows
+                if (r.mode, r.provider, r.dtype) == (mode, provider, dtype) and (mode, r.numel, dtype) in ref
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{provider} {mode} {dtype}")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("elements")
+        ax.set_ylabel("speedup over reference")
+        ax.set_title(f"{op} on {op_rows[0].device_name}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{op}_{op_rows[0].device}.png"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
