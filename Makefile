@@ -46,11 +46,12 @@ wheel: env  ## build a wheel into dist/
 lint: env  ## ruff and clang-format checks
 	$(PY) -m ruff check finetune_ext tests benchmarks setup.py
 	$(PY) -m ruff format --check finetune_ext tests benchmarks setup.py
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC)
 
 format: env  ## apply ruff and clang-format
 	$(PY) -m ruff check --fix finetune_ext tests benchmarks setup.py
 	$(PY) -m ruff format finetune_ext tests benchmarks setup.py
-	command -v clang-format >/dev/null && clang-format -i $(CSRC) || echo "clang-format not installed; skipped"
+	$(VENV)/bin/clang-format -i $(CSRC)
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf build dist *.egg-info finetune_ext/_C*.so finetune_ext/_build_meta.py $(EXT_STAMP)

@@ -1,8 +1,8 @@
 // Shared by csrc/cpu/fisher_dropout.cpp and csrc/fisher_dropout.cu: input checks and the per-element rule.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -22,8 +22,7 @@ struct PhiloxSeed {
 inline PhiloxSeed check_fisher_dropout_args(const at::Tensor& x, const at::Tensor& keep,
                                             const std::optional<at::Tensor>& residual, const at::Tensor& seed,
                                             c10::DeviceType device_type) {
-  TORCH_CHECK(x.device().type() == device_type, "fisher_dropout: expected x on ", device_type, ", got ",
-              x.device());
+  TORCH_CHECK(x.device().type() == device_type, "fisher_dropout: expected x on ", device_type, ", got ", x.device());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()),
               "fisher_dropout: expected x to have a floating dtype (float16, bfloat16, float32, float64), got ",
               x.scalar_type());
@@ -37,8 +36,8 @@ inline PhiloxSeed check_fisher_dropout_args(const at::Tensor& x, const at::Tenso
               "] (x.size(-1), per feature), got ", keep.sizes());
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
-    TORCH_CHECK(r.sizes() == x.sizes(), "fisher_dropout: expected residual of shape ", x.sizes(), " (the shape of x), got ",
-                r.sizes());
+    TORCH_CHECK(r.sizes() == x.sizes(), "fisher_dropout: expected residual of shape ", x.sizes(),
+                " (the shape of x), got ", r.sizes());
     TORCH_CHECK(r.scalar_type() == x.scalar_type(), "fisher_dropout: expected residual of dtype ", x.scalar_type(),
                 ", got ", r.scalar_type());
     TORCH_CHECK(r.device() == x.device(), "fisher_dropout: expected residual on ", x.device(), ", got ", r.device());

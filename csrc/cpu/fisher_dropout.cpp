@@ -1,14 +1,14 @@
 // CPU kernel of finetune_ext::fisher_dropout: one Philox call per group of four elements, groups split
 // across threads with at::parallel_for. Masks are bit-identical to the CUDA kernel and to
 // finetune_ext/reference/fisher_dropout.py for the same (seed, offset).
+#include "../fisher_dropout.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
-
-#include "../fisher_dropout.h"
 
 namespace finetune_ext {
 namespace {
@@ -50,8 +50,8 @@ void philox_block(PhiloxSeed s, int64_t first_group, int64_t count, float* u) {
 }
 
 template <typename scalar_t>
-void fisher_dropout_cpu_impl(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y,
-                             int64_t n, int64_t d, bool per_feature, PhiloxSeed s) {
+void fisher_dropout_cpu_impl(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n,
+                             int64_t d, bool per_feature, PhiloxSeed s) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t blocks = (n + 4 * kBlock - 1) / (4 * kBlock);
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
@@ -80,8 +80,8 @@ at::Tensor fisher_dropout_cpu(const at::Tensor& x, const at::Tensor& keep, const
   const at::Tensor keep_c = keep.contiguous();
   const float* kp = keep_c.const_data_ptr<float>();
   for (int64_t i = 0; i < keep_c.numel(); ++i) {
-    TORCH_CHECK(kp[i] > 0.0f && kp[i] <= 1.0f, "fisher_dropout: expected every keep probability in (0, 1], got ",
-                kp[i], " at index ", i);
+    TORCH_CHECK(kp[i] > 0.0f && kp[i] <= 1.0f, "fisher_dropout: expected every keep probability in (0, 1], got ", kp[i],
+                " at index ", i);
   }
   const at::Tensor x_c = x.contiguous();
   const at::Tensor r_c = residual.has_value() ? residual->contiguous() : at::Tensor();

@@ -1,0 +1,51 @@
+"""The benchmark harness end to end on a tiny sweep: rows, CSV, table, plot, and the CLI's errors."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from finetune_ext import bench
+from finetune_ext.bench.harness import CSV_FIELDS
+from finetune_ext.cli import main
+
+
+def test_run_writes_rows_csv_table_and_plot(tmp_path) -> None:
+    cases = bench.OPS["fisher_dropout"](torch.device("cpu"), torch.float32, [4096, 8192], ["reference", "ext"])
+    rows = bench.run(cases, warmup=1, reps=20, progress=False)
+    assert {(r.provider, r.mode) for r in rows} == {(p, m) for p in ("reference", "ext") for m in ("fwd", "bwd")}
+    assert all(r.median_ms > 0 and r.p20_ms <= r.median_ms <= r.p80_ms for r in rows)
+    fwd = next(r for r in rows if r.provider == "ext" and r.mode == "fwd" and r.numel == 8192)
+    # x read + y written + 1024 keep probabilities, at the measured median.
+    assert fwd.gb_per_s == pytest.approx((2 * 8192 * 4 + 1024 * 4) / (fwd.median_ms * 1e-3) / 1e9)
+
+    path = tmp_path / "out.csv"
+    bench.append_csv(rows, path)
+    bench.append_csv(rows[:1], path)
+    with path.open() as f:
+        written = list(csv.DictReader(f))
+    assert list(written[0]) == CSV_FIELDS and len(written) == len(rows) + 1
+    assert written[0]["device"] == "cpu" and written[0]["commit"]
+
+    table = bench.format_table(rows)
+    assert "ext" in table and "reference" in table and "1.00x" in table
+    (png,) = bench.plot_speedup(rows, tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_too_few_reps_is_refused() -> None:
+    with pytest.raises(ValueError, match="reps: expected at least 20 timed runs, got 5"):
+        bench.run([], reps=5)
+
+
+def test_cli_bench_and_errors(tmp_path, capsys) -> None:
+    args = ["bench", "--device", "cpu", "--sizes", "2048", "--providers", "reference", "ext", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "fisher_dropout" in capsys.readouterr().out
+    assert (tmp_path / "fisher_dropout_cpu.csv").exists() and (tmp_path / "fisher_dropout_cpu.png").exists()
+    assert main(["bench", "--device", "cpu", "--sizes", "2048", "--providers", "nope", "--out", str(tmp_path)]) == 2
+    assert "providers: unknown ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown op"):
+        main(["bench", "--ops", "nope"])
