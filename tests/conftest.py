@@ -31,3 +31,13 @@ def _seed() -> None:
 
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def shared_data(*parts: str):
+    """A path under the shared data folder (``$FINETUNE_EXT_DATA`` or ``../shared/data``); skips if absent."""
+    from finetune_ext.train.data import shared_data_dir
+
+    path = shared_data_dir().joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path} (set FINETUNE_EXT_DATA to the folder of WikiText-2/SST-2)")
+    return path

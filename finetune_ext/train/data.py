@@ -1,0 +1,197 @@
+"""Data: language-modelling blocks and labelled sentences, from the hub or local files.
+
+Language modelling: ``train/valid/test`` text (a folder of ``train.txt``, ``valid.txt``, ``test.txt`` or the
+hub's WikiText-2) is tokenized line by line, concatenated and cut into ``block_size`` blocks; the validation
+split selects models, the test split is reported. Classification: a folder with ``train.tsv`` and
+``dev.tsv`` (GLUE layout: ``sentence``, ``label``) or the hub's GLUE SST-2. GLUE's test labels are
+hidden, so ``dev`` is the reported test split and a seeded held-out slice of train is the validation split.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from finetune_ext.train.errors import UserError
+
+HUB_LM = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1"), "wikitext-103": ("wikitext", "wikitext-103-raw-v1")}
+HUB_CLS = {"sst2": ("glue", "sst2")}
+
+
+@dataclass
+class Splits:
+    """Tensors per split: ``input_ids`` (and ``attention_mask``, ``labels`` for classification)."""
+
+    task: str  # "lm" or "cls"
+    train: dict[str, torch.Tensor]
+    val: dict[str, torch.Tensor]
+    test: dict[str, torch.Tensor]
+    num_labels: int = 0
+
+
+def shared_data_dir() -> Path:
+    """``$FINETUNE_EXT_DATA``, else ``../shared/data`` beside the repository."""
+    env = os.environ.get("FINETUNE_EXT_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def detect_task(data: str) -> str:
+    """``lm`` or ``cls`` from a hub name or a folder's files."""
+    if data in HUB_LM:
+        return "lm"
+    if data in HUB_CLS:
+        return "cls"
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise UserError(f"data: no such file or folder {data!r} (hub names: {sorted(HUB_LM) + sorted(HUB_CLS)})")
+    if path.is_dir() and (path / "train.tsv").exists():
+        return "cls"
+    if path.is_dir() and (path / "train.txt").exists():
+        return "lm"
+    raise UserError(f"data: {data!r} has neither train.txt (language modelling) nor train.tsv (classification)")
+
+
+def load_splits(
+    data: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    block_size: int,
+    max_length: int,
+    train_samples: float | None,
+    val_size: float,
+    seed: int,
+) -> Splits:
+    """Tokenized splits. ``train_samples``: a count (>= 1) or a fraction (< 1) of the training set, seeded."""
+    task = detect_task(data)
+    if task == "lm":
+        texts = _lm_texts(data)
+        splits = {name: _blocks(tokenizer, lines, block_size, name) for name, lines in texts.items()}
+        train = _subset(splits["train"], train_samples, seed)
+        return Splits("lm", train, splits["valid"], splits["test"])
+    rows = _cls_rows(data)
+    train_rows, val_rows = _hold_out(rows["train"], val_size, seed)
+    train_rows = _subset_rows(train_rows, train_samples, seed)
+    labels = sorted({label for _, label in rows["train"]})
+    if labels != list(range(len(labels))):
+        raise UserError(f"data: labels must be 0..K-1, got {labels[:10]}")
+    enc = lambda r: _encode_cls(tokenizer, r, max_length)  # noqa: E731
+    return Splits("cls", enc(train_rows), enc(val_rows), enc(rows["test"]), num_labels=len(labels))
+
+
+def _lm_texts(data: str) -> dict[str, list[str]]:
+    if data in HUB_LM:
+        ds = _load_hub(data, HUB_LM[data])
+        return {"train": ds["train"]["text"], "valid": ds["validation"]["text"], "test": ds["test"]["text"]}
+    path = Path(data).expanduser()
+    out = {}
+    for split in ("train", "valid", "test"):
+        file = path / f"{split}.txt"
+        if not file.exists():
+            raise UserError(f"data: missing {file} (a language-modelling folder needs train.txt, valid.txt, test.txt)")
+        out[split] = file.read_text(encoding="utf-8").splitlines(keepends=True)
+    return out
+
+
+def _load_hub(name: str, spec: tuple[str, str]):
+    import datasets
+
+    try:
+        return datasets.load_dataset(*spec)
+    except Exception as err:  # network, cache and hub errors have no common type
+        raise UserError(f"data: cannot load {name!r} from the hub ({str(err).strip().splitlines()[0]})") from None
+
+
+def _blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: int, split: str) -> dict:
+    ids: list[int] = []
+    for chunk in _batched([line for line in lines if line.strip()], 1000):
+        for row in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+    n = len(ids) // block_size
+    if n == 0:
+        raise UserError(f"data: the {split} split has {len(ids)} tokens, fewer than one block of {block_size}")
+    return {"input_ids": torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)}
+
+
+def _cls_rows(data: str) -> dict[str, list[tuple[str, int]]]:
+    if data in HUB_CLS:
+        ds = _load_hub(data, HUB_CLS[data])
+        rows = lambda split: list(zip(ds[split]["sentence"], ds[split]["label"], strict=True))  # noqa: E731
+        return {"train": rows("train"), "test": rows("validation")}
+    path = Path(data).expanduser()
+    return {"train": _read_tsv(path / "train.tsv"), "test": _read_tsv(path / "dev.tsv")}
+
+
+def _read_tsv(file: Path) -> list[tuple[str, int]]:
+    if not file.exists():
+        raise UserError(f"data: missing {file} (a classification folder needs train.tsv and dev.tsv)")
+    with file.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None or "sentence" not in header or "label" not in header:
+            raise UserError(f"data: {file} must start with a header naming 'sentence' and 'label', got {header}")
+        s_col, l_col = header.index("sentence"), header.index("label")
+        rows = []
+        for line_no, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                raise UserError(f"data: {file}:{line_no} has {len(row)} fields, expected {len(header)}")
+            try:
+                rows.append((row[s_col], int(row[l_col])))
+            except ValueError:
+                raise UserError(f"data: {file}:{line_no} has label {row[l_col]!r}, expected an integer") from None
+    if not rows:
+        raise UserError(f"data: {file} has no rows")
+    return rows
+
+
+def _encode_cls(tokenizer: PreTrainedTokenizerBase, rows: list[tuple[str, int]], max_length: int) -> dict:
+    enc = tokenizer(
+        [s for s, _ in rows], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.tensor([label for _, label in rows], dtype=torch.long),
+    }
+
+
+def _count(n: int, amount: float | None, what: str) -> int:
+    if amount is None:
+        return n
+    if amount <= 0:
+        raise UserError(f"{what}: expected a count >= 1 or a fraction in (0, 1), got {amount}")
+    k = round(amount * n) if amount < 1 else int(amount)
+    if k > n:
+        raise UserError(f"{what}: asked for {k} examples, the training set has {n}")
+    return max(k, 1)
+
+
+def _subset(split: dict[str, torch.Tensor], amount: float | None, seed: int) -> dict[str, torch.Tensor]:
+    n = len(split["input_ids"])
+    k = _count(n, amount, "train_samples")
+    if k == n:
+        return split
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+    return {key: value[idx] for key, value in split.items()}
+
+
+def _subset_rows(rows: list, amount: float | None, seed: int) -> list:
+    k = _count(len(rows), amount, "train_samples")
+    idx = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:k]
+    return [rows[i] for i in idx.tolist()]
+
+
+def _hold_out(rows: list, val_size: float, seed: int) -> tuple[list, list]:
+    """Split off a seeded validation slice (a count, or a fraction if < 1) before any subsetting."""
+    k = _count(len(rows), val_size, "val_size")
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    return [rows[i] for i in perm[k:]], [rows[i] for i in perm[:k]]
+
+
+def _batched(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,102 @@
+"""Models and tokenizers: a hub id, a local folder, or a small configuration built in code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    GPT2Config,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from finetune_ext.train.errors import UserError
+
+# Small configurations for tests and offline experiments: `--model config:<name>`.
+TINY_CONFIGS = {
+    "gpt2-tiny": lambda: GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=256),
+    "gpt2-small": lambda: GPT2Config(),
+    "bert-tiny": lambda: BertConfig(
+        num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128, max_position_embeddings=256
+    ),
+}
+
+
+def check_model_spec(spec: str) -> None:
+    """Fail early, naming the model, when ``spec`` is meant as a local path that does not exist."""
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if not spec.startswith("config:") and looks_like_path and not Path(spec).expanduser().exists():
+        raise UserError(f"model: no such folder {spec!r}")
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """A tokenizer from the hub or a local folder (e.g. the GPT-2 BPE files), with a pad token set."""
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"tokenizer: cannot load {name_or_path!r} ({_first_line(err)})") from None
+    vocab = tok.get_vocab()
+    if tok.eos_token is None and "<|endoftext|>" in vocab:  # bare GPT-2 BPE files carry no special-token map
+        tok.eos_token = tok.bos_token = "<|endoftext|>"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model(spec: str, task: str, tokenizer: PreTrainedTokenizerBase, num_labels: int = 2) -> PreTrainedModel:
+    """``spec``: ``config:<tiny name>``, ``config:<config.json>``, a local folder or a hub id.
+
+    ``task`` is ``"lm"`` (causal LM head) or ``"cls"`` (sequence classification head). Models built from a
+    configuration take their vocabulary size from the tokenizer.
+    """
+    auto = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification}[task]
+    extra = {"num_labels": num_labels} if task == "cls" else {}
+    if spec.startswith("config:"):
+        name = spec.removeprefix("config:")
+        if name in TINY_CONFIGS:
+            config = TINY_CONFIGS[name]()
+        elif Path(name).is_file():
+            config = AutoConfig.from_pretrained(name)
+        else:
+            raise UserError(f"model: unknown config {name!r}; expected one of {sorted(TINY_CONFIGS)} or a config.json")
+        config.vocab_size = len(tokenizer)
+        for key, value in extra.items():
+            setattr(config, key, value)
+        config.pad_token_id = tokenizer.pad_token_id
+        model = auto.from_config(config)
+    else:
+        check_model_spec(spec)
+        try:
+            model = auto.from_pretrained(spec, **extra)
+        except (OSError, ValueError) as err:
+            raise UserError(f"model: cannot load {spec!r} ({_first_line(err)})") from None
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(
+            f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocabulary of {model.config.vocab_size}"
+        )
+    return model
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The model's context length, where its configuration states one."""
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def param_count(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

@@ -1,0 +1,165 @@
+"""The training loop end to end on tiny models and real data slices."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune_ext.testing import tolerance
+from finetune_ext.train import METHODS, TrainConfig, train
+from finetune_ext.train.methods import AdamW, linear_schedule
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _records(out: Path, split: str) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / (out / "latest").read_text().strip() / "model.safetensors"))
+
+
+def test_gpt2_on_wikitext_loss_falls(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
+    cfg = TrainConfig(
+        model="config:gpt2-tiny",
+        tokenizer=gpt2_tokenizer,
+        data=str(wikitext_slice),
+        output_dir=str(tmp_path / "run"),
+        steps=30,
+        batch_size=8,
+        lr=2e-3,
+        block_size=64,
+        eval_every=10,
+        save_every=15,
+        progress=False,
+    )
+    summary = train(cfg)
+    out = Path(cfg.output_dir)
+    train_loss = [r["loss"] for r in _records(out, "train")]
+    val = _records(out, "val")
+    assert len(train_loss) == 30 and [r["step"] for r in val] == [10, 20, 30]
+    assert sum(train_loss[-5:]) / 5 < sum(train_loss[:5]) / 5 - 0.5
+    assert val[-1]["loss"] < val[0]["loss"]
+    assert summary["test"]["ppl"] == pytest.approx(math.exp(summary["test"]["loss"]))
+    assert summary["best_val"]["step"] == 30 and summary["params_trainable"] == summary["params_total"]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 30
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000015", "checkpoint-0000030"]
+
+
+def test_bert_on_sst2_loss_falls(tmp_path, sst2_slice, gpt2_tokenizer) -> None:
+    cfg = TrainConfig(
+        model="config:bert-tiny",
+        tokenizer=gpt2_tokenizer,
+        data=str(sst2_slice),
+        output_dir=str(tmp_path / "run"),
+        steps=40,
+        batch_size=16,
+        lr=1e-3,
+        max_length=48,
+        val_size=100,
+        eval_every=20,
+        save_every=40,
+        progress=False,
+    )
+    summary = train(cfg)
+    train_loss = [r["loss"] for r in _records(Path(cfg.output_dir), "train")]
+    assert sum(train_loss[-8:]) / 8 < sum(train_loss[:8]) / 8
+    assert 0.0 <= summary["test"]["acc"] <= 1.0 and "ppl" not in summary["test"]
+
+
+class _InterruptAt(AdamW):
+    """AdamW that sends itself SIGINT during step ``at`` (0: never), as Ctrl-C would."""
+
+    name = "adamw-interrupt-test"
+
+    def __init__(self, at: int = 0) -> None:
+        self.at, self.calls = at, 0
+
+    def step(self, ctx):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().step(ctx)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, wikitext_slice, gpt2_tokenizer, monkeypatch):
+    monkeypatch.setitem(METHODS, _InterruptAt.name, _InterruptAt)
+    base = dict(
+        model="config:gpt2-tiny",  # dropout on: the RNG state must be restored too
+        tokenizer=gpt2_tokenizer,
+        data=str(wikitext_slice),
+        method=_InterruptAt.name,
+        steps=6,
+        batch_size=4,
+        grad_accum=2,
+        lr=1e-3,
+        warmup_steps=2,
+        block_size=32,
+        eval_every=2,
+        save_every=5,
+        max_eval_batches=2,
+        progress=False,
+    )
+    whole = tmp_path / "whole"
+    train(TrainConfig(**base, output_dir=str(whole)))
+
+    parts = tmp_path / "parts"
+    with pytest.raises(KeyboardInterrupt, match="interrupted after step 3"):
+        train(TrainConfig(**base, output_dir=str(parts), method_options={"at": 3}))
+    assert (parts / "latest").read_text() == "checkpoint-0000003"
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(TrainConfig(**base, output_dir=str(parts)))
+    with pytest.raises(ValueError, match=r"resume: options differ .*'seed': \(0, 1\)"):
+        train(TrainConfig(**{**base, "seed": 1}, output_dir=str(parts), resume=True))
+    train(TrainConfig(**base, output_dir=str(parts), resume=True))
+
+    a, b = _final_weights(whole), _final_weights(parts)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _records(whole, "train") == _records(parts, "train")
+    assert [r["loss"] for r in _records(whole, "val")] == [r["loss"] for r in _records(parts, "val")]
+
+
+def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, gpt2_no_dropout) -> None:
+    args = [
+        "train", "--model", gpt2_no_dropout, "--tokenizer", gpt2_tokenizer, "--data", str(wikitext_slice),
+        "--steps", "4", "--batch-size", "8", "--grad-accum", "2", "--lr", "1e-3", "--block-size", "32",
+        "--eval-every", "2", "--save-every", "4", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "finetune_ext.cli", *args, "--output-dir", str(tmp_path / "one")],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run(
+        [*launcher, "-m", "finetune_ext.cli", *args, "--output-dir", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], **tolerance(torch.float32), msg=key)
+    loss_one = [r["loss"] for r in _records(tmp_path / "one", "train")]
+    loss_two = [r["loss"] for r in _records(tmp_path / "two", "train")]
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
+
+
+def test_linear_schedule() -> None:
+    f = linear_schedule(warmup_steps=4, total_steps=10)
+    assert [f(s) for s in range(10)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
