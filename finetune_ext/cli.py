@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--device", default=defaults["device"], choices=["auto", "cpu", "cuda"], help="default: cuda if available"
     )
+    t.add_argument(
+        "--select-metric",
+        choices=["loss", "acc"],
+        default=defaults["select_metric"],
+        help="validation metric that selects the reported model (default: loss for LM, acc for classification)",
+    )
     t.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     t.set_defaults(func=_train)
 

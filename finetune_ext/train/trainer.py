@@ -4,7 +4,9 @@
 optimizer steps with evaluation every ``eval_every`` steps and checkpoints every ``save_every`` steps, and
 writes ``metrics.jsonl``, ``curves.png`` and ``summary.json`` into ``output_dir``. Under ``torchrun`` it
 runs data-parallel (gloo on CPU, NCCL on GPUs) with the same global batch, hence the same result, as one
-process. ``batch_size`` is the global number of sequences per optimizer step; it is split into
+process. The model reported on the test split is the one with the best validation ``select_metric``
+(loss for language modelling, accuracy for classification); the final model's test metrics are reported
+too. ``batch_size`` is the global number of sequences per optimizer step; it is split into
 ``grad_accum`` micro-batches and each micro-batch across the processes.
 """
 
@@ -69,6 +71,7 @@ class TrainConfig:
     overwrite: bool = False
     bf16: bool = False
     device: str = "auto"
+    select_metric: str | None = None
     progress: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
 
@@ -311,7 +314,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         MethodConfig(cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_grad_norm),
         cfg.steps,
     )
-    step, best = 0, {"loss": math.inf, "step": 0}
+    metric = cfg.select_metric or ("loss" if task == "lm" else "acc")
+    if metric not in ("loss", "acc"):
+        raise UserError(f"select_metric: expected loss or acc, got {metric!r}")
+    sign = 1.0 if metric == "loss" else -1.0  # lower is better after the sign
+    step, best, last_val = 0, {"metric": metric, "value": sign * math.inf, "step": 0}, None
     best_state: dict[str, torch.Tensor] | None = None
     if cfg.resume:
         state = checkpoint.load(found, model, ddp.rank)
@@ -363,10 +370,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val = evaluate(model, splits.val, task, cfg, device, ddp, autocast)
-                log.log({"step": step, "split": "val", **val})
-                if val["loss"] < best["loss"]:
-                    best = {"loss": val["loss"], "step": step}
+                last_val = evaluate(model, splits.val, task, cfg, device, ddp, autocast)
+                log.log({"step": step, "split": "val", **last_val})
+                if sign * last_val[metric] < sign * best["value"]:
+                    best = {"metric": metric, "value": last_val[metric], "step": step}
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             stop = interrupt.stop_now()
             if stop or step % cfg.save_every == 0 or step == cfg.steps:
@@ -376,16 +383,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 raise KeyboardInterrupt(f"interrupted after step {step}; checkpoint saved in {out}")
     bar.close()
 
+    trainable, total = param_count(model)
     summary: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
         "task": task,
         "steps": step,
         "processes": ddp.world,
         "device": str(device),
-        "params_trainable": param_count(model)[0],
-        "params_total": param_count(model)[1],
+        "params_trainable": trainable,
+        "params_total": total,
         "train_seconds_this_session": time.perf_counter() - start_time,
-        "final_val": evaluate(model, splits.val, task, cfg, device, ddp, autocast),
+        "final_val": last_val or evaluate(model, splits.val, task, cfg, device, ddp, autocast),
         "test_final": evaluate(model, splits.test, task, cfg, device, ddp, autocast),
         "best_val": best,
     }

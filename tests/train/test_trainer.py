@@ -52,7 +52,8 @@ def test_gpt2_on_wikitext_loss_falls(tmp_path, wikitext_slice, gpt2_tokenizer) -
     assert sum(train_loss[-5:]) / 5 < sum(train_loss[:5]) / 5 - 0.5
     assert val[-1]["loss"] < val[0]["loss"]
     assert summary["test"]["ppl"] == pytest.approx(math.exp(summary["test"]["loss"]))
-    assert summary["best_val"]["step"] == 30 and summary["params_trainable"] == summary["params_total"]
+    assert summary["best_val"] == {"metric": "loss", "value": val[-1]["loss"], "step": 30}
+    assert summary["params_trainable"] == summary["params_total"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 30
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000015", "checkpoint-0000030"]
@@ -77,6 +78,9 @@ def test_bert_on_sst2_loss_falls(tmp_path, sst2_slice, gpt2_tokenizer) -> None:
     train_loss = [r["loss"] for r in _records(Path(cfg.output_dir), "train")]
     assert sum(train_loss[-8:]) / 8 < sum(train_loss[:8]) / 8
     assert 0.0 <= summary["test"]["acc"] <= 1.0 and "ppl" not in summary["test"]
+    val = _records(Path(cfg.output_dir), "val")
+    best = max(val, key=lambda r: (r["acc"], -r["step"]))
+    assert summary["best_val"] == {"metric": "acc", "value": best["acc"], "step": best["step"]}
 
 
 class _InterruptAt(AdamW):
@@ -158,6 +162,16 @@ def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, 
     loss_one = [r["loss"] for r in _records(tmp_path / "one", "train")]
     loss_two = [r["loss"] for r in _records(tmp_path / "two", "train")]
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, wikitext_slice, gpt2_tokenizer, gpt2_no_dropout):
+    base = dict(model=gpt2_no_dropout, tokenizer=gpt2_tokenizer, data=str(wikitext_slice), steps=3, batch_size=8)
+    base |= dict(lr=1e-3, block_size=32, eval_every=3, max_eval_batches=1, progress=False)
+    train(TrainConfig(**base, grad_accum=1, output_dir=str(tmp_path / "a")))
+    train(TrainConfig(**base, grad_accum=4, output_dir=str(tmp_path / "b")))
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], **tolerance(torch.float32), msg=key)
 
 
 def test_linear_schedule() -> None:
