@@ -2,5 +2,6 @@
 
 from finetune_ext.ops import _library  # noqa: F401  (schemas first: kernels register against them)
 from finetune_ext.ops.fisher_dropout import fisher_dropout
+from finetune_ext.ops.softmax_ce_hessian import softmax_ce_hessian_vp
 
-__all__ = ["fisher_dropout"]
+__all__ = ["fisher_dropout", "softmax_ce_hessian_vp"]

@@ -34,3 +34,17 @@ def has_kernel(op: str, device: torch.device) -> bool:
 def _has_kernel(op: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"finetune_ext::{op}", key)
+
+
+# (diag(p) - p p^T) v per row, p = softmax(logits[n]), for m vectors: V [m, N, C] -> [m, N, C] in V's dtype.
+# Rows whose label equals ignore_index give zeros. Accumulates in float32 (float64 for float64 inputs).
+LIB.define("softmax_ce_hessian_vp(Tensor logits, Tensor V, Tensor? labels, int ignore_index) -> Tensor")
+
+
+@torch.library.register_fake("finetune_ext::softmax_ce_hessian_vp")
+def _softmax_ce_hessian_vp_fake(
+    logits: torch.Tensor, V: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
+) -> torch.Tensor:
+    torch._check(logits.dim() == 2 and V.dim() == 3, lambda: "expected logits [N, C] and V [m, N, C]")
+    torch._check(V.shape[1:] == logits.shape, lambda: f"V {tuple(V.shape)} does not match logits {tuple(logits.shape)}")
+    return V.new_empty(V.shape)

@@ -17,6 +17,15 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
+def assert_within_2x_reference(actual: torch.Tensor, reference: torch.Tensor, exact: torch.Tensor) -> None:
+    """Reductions: the error of ``actual`` against the float64 ``exact`` is at most twice that of the
+    pure-PyTorch ``reference`` in the same dtype, plus the dtype's ``atol`` (for references that are exact)."""
+    err = (actual.double() - exact.double()).abs().max().item()
+    ref_err = (reference.double() - exact.double()).abs().max().item()
+    bound = 2 * ref_err + TOLERANCES[actual.dtype][0]
+    assert err <= bound, f"max error {err:.3g} exceeds 2 x reference error {ref_err:.3g} + atol"
+
+
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
     """``{"atol": ..., "rtol": ...}`` for ``torch.testing.assert_close`` at ``dtype``."""
     atol, rtol = TOLERANCES[dtype]

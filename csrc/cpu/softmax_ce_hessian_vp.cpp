@@ -1,0 +1,76 @@
+// CPU kernel of finetune_ext::softmax_ce_hessian_vp: rows split across threads; each row's probabilities are
+// computed once into a thread-local buffer and applied to all m vectors.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../softmax_ce_hessian_vp.h"
+
+namespace finetune_ext {
+namespace {
+
+template <typename logit_t, typename vec_t>
+void hessian_vp_cpu_impl(const logit_t* z, const vec_t* v, const int64_t* labels, int64_t ignore_index, vec_t* out,
+                         int64_t m, int64_t n, int64_t c) {
+  using acc_t = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> p(c);
+    for (int64_t row = begin; row < end; ++row) {
+      const bool ignored = labels != nullptr && labels[row] == ignore_index;
+      if (!ignored) {
+        const logit_t* zr = z + row * c;
+        acc_t mx = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t j = 0; j < c; ++j) mx = std::max(mx, static_cast<acc_t>(zr[j]));
+        double sum = 0;  // row sums in double: a sequential fp32 sum over 50k classes loses digits
+        for (int64_t j = 0; j < c; ++j) sum += (p[j] = std::exp(static_cast<acc_t>(zr[j]) - mx));
+        const acc_t inv = static_cast<acc_t>(1.0 / sum);
+        for (int64_t j = 0; j < c; ++j) p[j] *= inv;
+      }
+      for (int64_t k = 0; k < m; ++k) {
+        const vec_t* vr = v + (k * n + row) * c;
+        vec_t* orow = out + (k * n + row) * c;
+        if (ignored) {
+          std::fill(orow, orow + c, vec_t(0));
+          continue;
+        }
+        double dot_sum = 0;
+        for (int64_t j = 0; j < c; ++j) dot_sum += p[j] * static_cast<acc_t>(vr[j]);
+        const acc_t dot = static_cast<acc_t>(dot_sum);
+        for (int64_t j = 0; j < c; ++j) orow[j] = static_cast<vec_t>(p[j] * (static_cast<acc_t>(vr[j]) - dot));
+      }
+    }
+  });
+}
+
+at::Tensor softmax_ce_hessian_vp_cpu(const at::Tensor& logits, const at::Tensor& V,
+                                     const std::optional<at::Tensor>& labels, int64_t ignore_index) {
+  check_softmax_ce_hessian_vp_args(logits, V, labels, c10::DeviceType::CPU);
+  const at::Tensor z = logits.contiguous();
+  const at::Tensor v = V.contiguous();
+  const at::Tensor lab = labels.has_value() ? labels->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(V.sizes(), V.options());
+  const int64_t m = V.size(0), n = V.size(1), c = V.size(2);
+  if (out.numel() == 0) return out;
+  const int64_t* lp = lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_ce_hessian_vp_cpu", [&] {
+    using logit_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "softmax_ce_hessian_vp_cpu_v", [&] {
+      hessian_vp_cpu_impl<logit_t, scalar_t>(z.const_data_ptr<logit_t>(), v.const_data_ptr<scalar_t>(), lp,
+                                             ignore_index, out.mutable_data_ptr<scalar_t>(), m, n, c);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finetune_ext, CPU, m) { m.impl("softmax_ce_hessian_vp", &softmax_ce_hessian_vp_cpu); }
+
+}  // namespace finetune_ext

@@ -1,0 +1,143 @@
+// CUDA kernel of finetune_ext::softmax_ce_hessian_vp (_softmax_ce_hessian_vp_kernel). One block per row:
+// an online max/sum pass over the logits, then for each chunk of up to kChunk vectors one pass that reduces
+// p.v for all of them and one pass that writes p * (v - p.v). The probabilities are recomputed from the
+// logits in each pass instead of being stored (a row of 50257 fp32 would not fit in shared memory).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "softmax_ce_hessian_vp.h"
+
+namespace finetune_ext {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kChunk = 8;
+
+template <typename T>
+__device__ __forceinline__ T warp_reduce(T v, bool is_max) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const T other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = is_max ? (other > v ? other : v) : v + other;
+  }
+  return v;
+}
+
+// Sum or max over the block; every thread gets the result.
+template <typename T>
+__device__ T block_reduce(T v, bool is_max, T* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_reduce(v, is_max);
+  __syncthreads();  // smem may still be read by the previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  const T neutral = is_max ? -std::numeric_limits<T>::infinity() : T(0);
+  v = threadIdx.x < (blockDim.x >> 5) ? smem[lane] : neutral;
+  if (warp == 0) v = warp_reduce(v, is_max);
+  if (threadIdx.x == 0) smem[0] = v;
+  __syncthreads();
+  return smem[0];
+}
+
+template <typename logit_t, typename vec_t>
+__global__ void __launch_bounds__(kThreads)
+    _softmax_ce_hessian_vp_kernel(const logit_t* __restrict__ z, const vec_t* __restrict__ v,
+                                  const int64_t* __restrict__ labels, int64_t ignore_index, vec_t* __restrict__ out,
+                                  int64_t m, int64_t n, int64_t c) {
+  using acc_t = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
+  __shared__ acc_t smem[32];
+  __shared__ acc_t dots[kChunk];
+  const int64_t row = blockIdx.x;
+  if (labels != nullptr && labels[row] == ignore_index) {
+    for (int64_t k = 0; k < m; ++k) {
+      for (int64_t j = threadIdx.x; j < c; j += blockDim.x) out[(k * n + row) * c + j] = vec_t(0);
+    }
+    return;
+  }
+  const logit_t* zr = z + row * c;
+  acc_t tmax = -std::numeric_limits<acc_t>::infinity(), tsum = 0;
+  for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
+    const acc_t x = static_cast<acc_t>(zr[j]);
+    if (x > tmax) {
+      tsum = tsum * exp(tmax - x) + acc_t(1);
+      tmax = x;
+    } else {
+      tsum += exp(x - tmax);
+    }
+  }
+  const acc_t gmax = block_reduce(tmax, true, smem);
+  tsum = tmax == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : tsum * exp(tmax - gmax);
+  const acc_t inv = acc_t(1) / block_reduce(tsum, false, smem);
+
+  for (int64_t k0 = 0; k0 < m; k0 += kChunk) {
+    const int kk = static_cast<int>(m - k0 < kChunk ? m - k0 : kChunk);
+    acc_t d[kChunk];
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) d[i] = 0;
+    for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
+      const acc_t p = exp(static_cast<acc_t>(zr[j]) - gmax) * inv;
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        if (i < kk) d[i] += p * static_cast<acc_t>(v[((k0 + i) * n + row) * c + j]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      if (i < kk) {
+        const acc_t s = block_reduce(d[i], false, smem);
+        if (threadIdx.x == 0) dots[i] = s;
+      }
+    }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
+      const acc_t p = exp(static_cast<acc_t>(zr[j]) - gmax) * inv;
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        if (i < kk) {
+          const int64_t idx = ((k0 + i) * n + row) * c + j;
+          out[idx] = static_cast<vec_t>(p * (static_cast<acc_t>(v[idx]) - dots[i]));
+        }
+      }
+    }
+    __syncthreads();  // dots is rewritten by the next chunk
+  }
+}
+
+at::Tensor softmax_ce_hessian_vp_cuda(const at::Tensor& logits, const at::Tensor& V,
+                                      const std::optional<at::Tensor>& labels, int64_t ignore_index) {
+  check_softmax_ce_hessian_vp_args(logits, V, labels, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor z = logits.contiguous();
+  const at::Tensor v = V.contiguous();
+  const at::Tensor lab = labels.has_value() ? labels->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(V.sizes(), V.options());
+  const int64_t m = V.size(0), n = V.size(1), c = V.size(2);
+  if (out.numel() == 0) return out;
+  const int64_t* lp = lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_ce_hessian_vp_cuda", [&] {
+    using logit_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "softmax_ce_hessian_vp_cuda_v", [&] {
+      _softmax_ce_hessian_vp_kernel<logit_t, scalar_t><<<n, kThreads, 0, stream>>>(
+          z.const_data_ptr<logit_t>(), v.const_data_ptr<scalar_t>(), lp, ignore_index,
+          out.mutable_data_ptr<scalar_t>(), m, n, c);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finetune_ext, CUDA, m) { m.impl("softmax_ce_hessian_vp", &softmax_ce_hessian_vp_cuda); }
+
+}  // namespace finetune_ext

@@ -1,0 +1,38 @@
+// Shared by the CPU and CUDA kernels of finetune_ext::softmax_ce_hessian_vp: argument checks.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace finetune_ext {
+
+inline void check_softmax_ce_hessian_vp_args(const at::Tensor& logits, const at::Tensor& V,
+                                             const std::optional<at::Tensor>& labels, c10::DeviceType device_type) {
+  TORCH_CHECK(logits.device().type() == device_type, "softmax_ce_hessian_vp: expected logits on ", device_type,
+              ", got ", logits.device());
+  TORCH_CHECK(logits.dim() == 2, "softmax_ce_hessian_vp: expected logits of shape [N, C], got ", logits.sizes());
+  TORCH_CHECK(V.dim() == 3 && V.size(1) == logits.size(0) && V.size(2) == logits.size(1),
+              "softmax_ce_hessian_vp: expected V of shape [m, ", logits.size(0), ", ", logits.size(1), "], got ",
+              V.sizes());
+  TORCH_CHECK(V.device() == logits.device(), "softmax_ce_hessian_vp: expected V on ", logits.device(), ", got ",
+              V.device());
+  for (const at::Tensor* t : {&logits, &V}) {
+    const auto st = t->scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble,
+                "softmax_ce_hessian_vp: expected float32, bfloat16, float16 or float64 inputs, got ", st);
+  }
+  TORCH_CHECK((logits.scalar_type() == at::kDouble) == (V.scalar_type() == at::kDouble),
+              "softmax_ce_hessian_vp: float64 logits need float64 V and vice versa, got ", logits.scalar_type(),
+              " and ", V.scalar_type());
+  if (labels.has_value()) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == logits.size(0),
+                "softmax_ce_hessian_vp: expected labels int64 of shape [", logits.size(0), "], got ",
+                labels->scalar_type(), " ", labels->sizes());
+    TORCH_CHECK(labels->device() == logits.device(), "softmax_ce_hessian_vp: expected labels on ", logits.device(),
+                ", got ", labels->device());
+  }
+}
+
+}  // namespace finetune_ext

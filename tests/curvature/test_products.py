@@ -1,0 +1,146 @@
+"""hvp and ggn_vp in float64 against dense ground truth; linear-operator helpers; errors."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from finetune_ext import curvature
+from finetune_ext.curvature import flatten, unflatten
+from tests.curvature.cases import CASES, gpt2_block_case
+
+RTOL, ATOL = 1e-5, 1e-8  # float64 against a dense Hessian (curvlinops' compare_matmat)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    return CASES[request.param]()
+
+
+def _dense_hessian(case) -> torch.Tensor:
+    sizes = [p.numel() for p in case.params]
+
+    def flat_loss(w):
+        chunks = w.split(sizes)
+        return case.loss_fn(tuple(c.view_as(p) for c, p in zip(chunks, case.params, strict=True)))
+
+    return torch.autograd.functional.hessian(flat_loss, flatten(tuple(p[None] for p in case.params))[0])
+
+
+def _dense_ggn(case) -> torch.Tensor:
+    sizes = [p.numel() for p in case.params]
+    w0 = flatten(tuple(p[None] for p in case.params))[0]
+
+    def flat_out(w):
+        chunks = w.split(sizes)
+        return case.output_fn(tuple(c.view_as(p) for c, p in zip(chunks, case.params, strict=True)))
+
+    logits = flat_out(w0)
+    c = logits.shape[-1]
+    jac = torch.autograd.functional.jacobian(flat_out, w0).reshape(-1, c, w0.numel())
+    p = torch.softmax(logits.reshape(-1, c), -1)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("ncw,ncd,ndv->wv", jac, h, jac) / p.shape[0]
+
+
+def _vectors(case, m: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(m, *p.shape, generator=g, dtype=p.dtype) for p in case.params)
+
+
+@pytest.mark.parametrize("mode", ["exact", "double_backward"])
+def test_hvp_matches_dense_hessian(case, mode) -> None:
+    V = _vectors(case, 5)
+    HV = curvature.hvp(case.loss_fn, case.params, V, mode=mode)
+    expected = flatten(V) @ _dense_hessian(case)
+    torch.testing.assert_close(flatten(HV), expected, rtol=RTOL, atol=ATOL)
+
+
+def test_ggn_matches_explicit_jt_h_j(case) -> None:
+    V = _vectors(case, 4)
+    GV = curvature.ggn_vp(case.output_fn, case.params, V)
+    torch.testing.assert_close(flatten(GV), flatten(V) @ _dense_ggn(case), rtol=RTOL, atol=ATOL)
+
+
+def test_symmetry_and_chunking(case) -> None:
+    V = _vectors(case, 6, seed=3)
+    full = curvature.hvp(case.loss_fn, case.params, V)
+    chunked = curvature.hvp(case.loss_fn, case.params, V, chunk_size=4)
+    torch.testing.assert_close(flatten(chunked), flatten(full), rtol=RTOL, atol=ATOL)
+    U, HU = flatten(V), flatten(full)
+    gram = U @ HU.T  # uᵢᵀ H vⱼ
+    torch.testing.assert_close(gram, gram.T, rtol=RTOL, atol=ATOL)
+    G = flatten(curvature.ggn_vp(case.output_fn, case.params, V, chunk_size=5))
+    torch.testing.assert_close(U @ G.T, (U @ G.T).T, rtol=RTOL, atol=ATOL)
+    assert torch.linalg.eigvalsh(_dense_ggn(case)).min() > -1e-10  # GGN is positive semi-definite
+
+
+def test_ignored_rows_drop_out_of_the_ggn() -> None:
+    case = CASES["mlp"]()
+    V = _vectors(case, 3)
+    labels = case.labels.clone()
+    labels[:2] = -100
+
+    def kept_output(ps):
+        return case.output_fn(ps)[2:]
+
+    full = curvature.ggn_vp(case.output_fn, case.params, V, labels=labels)
+    kept = curvature.ggn_vp(kept_output, case.params, V)
+    torch.testing.assert_close(flatten(full), flatten(kept), rtol=RTOL, atol=ATOL)
+
+
+def test_sketch_trace_and_lanczos(case) -> None:
+    H = _dense_hessian(case)
+    matvec = partial(curvature.hvp, case.loss_fn, case.params)
+    S, SH = curvature.sketch(matvec, case.params, k=4, seed=2)
+    assert set(S.unique().tolist()) <= {-1.0, 1.0}
+    torch.testing.assert_close(SH, S @ H, rtol=RTOL, atol=ATOL)
+    estimate, stderr = curvature.hutchinson_trace(matvec, case.params, num_samples=200, seed=0)
+    assert abs(estimate - H.trace().item()) <= 4 * stderr
+    n = H.shape[0]
+    top = curvature.lanczos(matvec, case.params, k=3, iters=n, seed=0)
+    torch.testing.assert_close(top, torch.linalg.eigvalsh(H).flip(0)[:3], rtol=1e-6, atol=1e-8)
+
+
+def test_for_model_restores_attention_and_mode() -> None:
+    model, batch, prefixes = gpt2_block_case()
+    model.train()
+    with curvature.for_model(model, batch, prefixes) as fns:
+        assert model.config._attn_implementation == "eager" and not model.training
+        assert set(fns.names) == {
+            "transformer.h.0.ln_2.weight",
+            "transformer.h.0.ln_2.bias",
+            "transformer.h.0.attn.c_proj.weight",
+            "transformer.h.0.attn.c_proj.bias",
+        }
+        loss = fns.loss_fn(fns.params)
+        logits = model(**batch).logits[:, :-1]
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), batch["input_ids"][:, 1:].reshape(-1))
+        torch.testing.assert_close(loss, expected)
+    assert model.config._attn_implementation == "sdpa" and model.training
+    with pytest.raises(ValueError, match=r"params: no trainable parameter name starts with any of \['nope'\]"):
+        with curvature.for_model(model, batch, ["nope"]):
+            pass
+
+
+def test_bad_input() -> None:
+    case = CASES["mlp"]()
+    V = _vectors(case, 2)
+    with pytest.raises(ValueError, match="params: expected at least one parameter tensor"):
+        curvature.hvp(case.loss_fn, [], V)
+    with pytest.raises(ValueError, match=r"V: expected one tensor per parameter \(3\), got 2"):
+        curvature.hvp(case.loss_fn, case.params, V[:2])
+    bad = (V[0], V[1][:, :3], V[2])
+    with pytest.raises(ValueError, match=r"V\[1\]: expected shape \[2, 7\] .*got \[2, 3\]"):
+        curvature.hvp(case.loss_fn, case.params, bad)
+    with pytest.raises(ValueError, match=r"V\[0\]: expected torch.float64"):
+        curvature.hvp(case.loss_fn, case.params, (V[0].float(), V[1], V[2]))
+    with pytest.raises(ValueError, match=r"loss_fn: expected a scalar loss, got \[6\]"):
+        curvature.hvp(lambda ps: case.output_fn(ps).sum(-1), case.params, V)
+    with pytest.raises(ValueError, match="chunk_size: expected >= 1"):
+        curvature.hvp(case.loss_fn, case.params, V, chunk_size=0)
+    with pytest.raises(ValueError, match="mode: expected 'exact' or 'double_backward'"):
+        curvature.hvp(case.loss_fn, case.params, V, mode="fast")
+    assert unflatten(flatten(V), case.params)[2].shape == V[2].shape

@@ -1,0 +1,114 @@
+"""finetune_ext::softmax_ce_hessian_vp against its reference and against the autograd Hessian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune_ext import ops, reference
+from finetune_ext.testing import assert_within_2x_reference, tolerance
+from tests.conftest import DEVICES
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _inputs(device, dtype, m=3, lead=(5,), c=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(*lead, c, generator=g)).to(device=device, dtype=dtype)
+    V = torch.randn(m, *lead, c, generator=g).to(device=device, dtype=dtype)
+    labels = torch.randint(0, c, lead, generator=g).to(device)
+    labels.view(-1)[::3] = -100
+    return logits, V, labels
+
+
+def test_reference_is_the_autograd_hessian_of_cross_entropy() -> None:
+    logits, V, labels = _inputs("cpu", torch.float64, m=2, lead=(4,), c=9)
+    keep = labels != -100
+    for k in range(2):
+        for n in range(4):
+            h = torch.autograd.functional.hessian(lambda z, n=n: F.cross_entropy(z[None], labels[n : n + 1]), logits[n])
+            expected = h @ V[k, n] if keep[n] else torch.zeros(9, dtype=torch.float64)
+            got = reference.softmax_ce_hessian_vp(logits, V, labels)[k, n]
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "lead", "c"), [(1, (1,), 5), (3, (5,), 37), (9, (2, 3), 1001), (2, (4,), 50257)])
+def test_matches_reference(device, dtype, m, lead, c) -> None:
+    logits, V, labels = _inputs(device, dtype, m, lead, c)
+    for lab in (None, labels):
+        out = ops.softmax_ce_hessian_vp(logits, V, lab, backend="ext")
+        assert out.dtype == dtype and out.shape == V.shape
+        exact = reference.softmax_ce_hessian_vp(logits.double(), V.double(), lab)
+        assert_within_2x_reference(out, reference.softmax_ce_hessian_vp(logits, V, lab), exact)
+    ignored = (labels == -100).unsqueeze(0).unsqueeze(-1).expand_as(V)
+    assert (ops.softmax_ce_hessian_vp(logits, V, labels, backend="ext")[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_and_views(device) -> None:
+    logits, V, labels = _inputs(device, torch.bfloat16, m=4, lead=(6,), c=129)
+    V32 = V.float()
+    torch.testing.assert_close(
+        ops.softmax_ce_hessian_vp(logits, V32, labels, backend="ext"),
+        reference.softmax_ce_hessian_vp(logits, V32, labels),
+        **tolerance(torch.float32),
+    )
+    wide = torch.randn(4, 129, 6, device=device).transpose(1, 2)  # non-contiguous V
+    torch.testing.assert_close(
+        ops.softmax_ce_hessian_vp(logits.float(), wide, backend="ext"),
+        reference.softmax_ce_hessian_vp(logits.float(), wide.contiguous()),
+        **tolerance(torch.float32),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_gradient(device) -> None:
+    logits, V, labels = _inputs(device, torch.float32, m=2, lead=(4,), c=11)
+    V.requires_grad_(True)
+    torch.library.opcheck(torch.ops.finetune_ext.softmax_ce_hessian_vp.default, (logits, V, labels, -100))
+    torch.library.opcheck(torch.ops.finetune_ext.softmax_ce_hessian_vp.default, (logits, V, None, -100))
+    grad = torch.randn_like(V)
+    (g_ext,) = torch.autograd.grad(ops.softmax_ce_hessian_vp(logits, V, labels, backend="ext"), V, grad)
+    (g_ref,) = torch.autograd.grad(reference.softmax_ce_hessian_vp(logits, V, labels), V, grad)
+    torch.testing.assert_close(g_ext, g_ref, **tolerance(torch.float32))
+
+
+def test_gradcheck_float64() -> None:
+    logits, V, labels = _inputs("cpu", torch.float64, m=2, lead=(3,), c=6)
+    logits.requires_grad_(True)
+    V.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z, v: reference.softmax_ce_hessian_vp(z, v, labels), (logits, V))
+    assert torch.autograd.gradcheck(lambda v: ops.softmax_ce_hessian_vp(logits.detach(), v, labels), (V,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device) -> None:
+    logits, V, labels = _inputs(device, torch.float32, m=2, lead=(4,), c=13)
+
+    def f(z, v):
+        return ops.softmax_ce_hessian_vp(z * 2, v, labels, backend="ext").sum(0)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(logits, V), f(logits, V))
+
+
+def test_bad_input() -> None:
+    logits, V, labels = _inputs("cpu", torch.float32)
+    cases = [
+        (dict(V=V[:, :4]), r"V: expected shape \[m, 5, 37\], got \[3, 4, 37\]"),
+        (dict(V=V.long()), r"V: expected a float16/bfloat16/float32/float64 tensor, got torch.int64 tensor"),
+        (dict(V=V.double()), "V: float64 logits need float64 V and vice versa"),
+        (dict(V=V.to("meta")), "V: expected device cpu"),
+        (dict(labels=labels.int()), r"labels: expected int64 of shape \[5\]"),
+        (dict(labels=labels[:3]), r"labels: expected int64 of shape \[5\]"),
+        (dict(backend="cuda"), "backend: expected 'auto', 'ext' or 'reference'"),
+    ]
+    for kwargs, message in cases:
+        args = {"logits": logits, "V": V, "labels": None} | kwargs
+        backend = args.pop("backend", "auto")
+        with pytest.raises(ValueError, match=message):
+            ops.softmax_ce_hessian_vp(args["logits"], args["V"], args["labels"], backend=backend)
+    with pytest.raises(RuntimeError, match=r"expected V of shape \[m, 5, 37\]"):
+        torch.ops.finetune_ext.softmax_ce_hessian_vp(logits, V[:, :2], None, -100)
