@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_ext import ops, reference
-from finetune_ext.bench.harness import Case
+from finetune_ext.bench.harness import Case, select_providers
 
 WIDTH = 1024
 
@@ -32,21 +32,17 @@ def _providers(keep: torch.Tensor) -> dict:
     }
 
 
-def cases(device: torch.device, dtype: torch.dtype, sizes: list[int], providers: list[str]) -> Iterator[Case]:
-    """Forward and backward cases for each size (elements) and provider."""
+def cases(device: torch.device, dtype: torch.dtype, sizes: list[int], providers: list[str] | None) -> Iterator[Case]:
+    """Forward and backward cases for each size (elements) and provider (``None``: all)."""
     keep = (0.8 + 0.2 * torch.rand(WIDTH, device=device)).clamp(max=1.0)
-    fns = _providers(keep)
-    unknown = set(providers) - set(fns)
-    if unknown:
-        raise ValueError(f"providers: unknown {sorted(unknown)}, expected some of {sorted(fns)}")
+    fns = select_providers(_providers(keep), providers)
     for numel in sizes:
         shape = (max(1, numel // WIDTH), WIDTH)
         x = torch.randn(shape, device=device, dtype=dtype)
         x_grad = x.detach().clone().requires_grad_(True)
         grad = torch.randn_like(x)
         moved = 2 * x.nbytes + keep.nbytes
-        for name in providers:
-            fn = fns[name]
+        for name, fn in fns.items():
             yield Case("fisher_dropout", "fwd", name, shape, dtype, device, moved, lambda fn=fn, x=x: fn(x))
             y = fn(x_grad)
             yield Case(

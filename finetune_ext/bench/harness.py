@@ -57,6 +57,16 @@ class Row:
     timestamp: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
+def select_providers(available: dict[str, Callable], wanted: list[str] | None) -> dict[str, Callable]:
+    """The providers to run, in ``available``'s order when ``wanted`` is ``None``; unknown names are an error."""
+    if wanted is None:
+        return available
+    unknown = set(wanted) - set(available)
+    if unknown:
+        raise ValueError(f"providers: unknown {sorted(unknown)}, expected some of {sorted(available)}")
+    return {name: available[name] for name in wanted}
+
+
 def device_name(device: torch.device) -> str:
     """Marketing name of the GPU, or the CPU model with its thread count."""
     if device.type == "cuda":

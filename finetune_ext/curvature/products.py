@@ -31,7 +31,9 @@ def _check(params: Sequence[torch.Tensor], V: Sequence[torch.Tensor]) -> tuple[T
         if v.shape != (m, *p.shape):
             raise ValueError(f"V[{i}]: expected shape {[m, *p.shape]} (m vectors of params[{i}]), got {list(v.shape)}")
         if v.dtype != p.dtype or v.device != p.device:
-            raise ValueError(f"V[{i}]: expected {p.dtype} on {p.device} (like params[{i}]), got {v.dtype} on {v.device}")
+            raise ValueError(
+                f"V[{i}]: expected {p.dtype} on {p.device} (like params[{i}]), got {v.dtype} on {v.device}"
+            )
     if m == 0:
         raise ValueError("V: expected at least one vector (a leading dimension m >= 1)")
     return tuple(p.detach() for p in params), V, m
@@ -48,9 +50,24 @@ def _scalar(loss_fn: LossFn) -> LossFn:
     return f
 
 
-def _chunks(m: int, chunk_size: int | None) -> list[slice]:
+def _chunks(
+    m: int, chunk_size: int | None, memory_budget_mb: float | None, run: Callable[[slice], object], device
+) -> list[slice]:
+    """Slices of the m vectors. With a memory budget, one vector is run first (on the CUDA allocator) and
+    the chunk is the budget over its peak: conservative, since the chunk shares the forward pass."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    if memory_budget_mb is not None:
+        if chunk_size is not None:
+            raise ValueError("chunk_size, memory_budget_mb: pass one of them, not both")
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"memory_budget_mb: measured with the CUDA allocator; on {device} pass chunk_size instead")
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run(slice(0, 1))
+        per_vector = max(torch.cuda.max_memory_allocated(device) - base, 1)
+        chunk_size = max(1, min(m, int(memory_budget_mb * 2**20 // per_vector)))
     step = chunk_size or m
     return [slice(i, min(i + step, m)) for i in range(0, m, step)]
 
@@ -67,6 +84,7 @@ def hvp(
     *,
     mode: Literal["exact", "double_backward"] = "exact",
     chunk_size: int | None = None,
+    memory_budget_mb: float | None = None,
 ) -> Tensors:
     """Exact Hessian-vector products ``H v`` of ``loss_fn`` at ``params`` for the m vectors in ``V``.
 
@@ -84,7 +102,8 @@ def hvp(
             return jvp(g, (primals,), (v,))[1]
 
         batched = vmap(single, randomness="same")
-        return _cat([batched(tuple(v[s] for v in V)) for s in _chunks(m, chunk_size)])
+        run = lambda s: batched(tuple(v[s] for v in V))  # noqa: E731
+        return _cat([run(s) for s in _chunks(m, chunk_size, memory_budget_mb, run, primals[0].device)])
     if mode != "double_backward":
         raise ValueError(f"mode: expected 'exact' or 'double_backward', got {mode!r}")
     with torch.enable_grad():
@@ -102,6 +121,7 @@ def ggn_vp(
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    memory_budget_mb: float | None = None,
 ) -> Tensors:
     """Generalised Gauss-Newton products ``Jᵀ H_L J v`` for a mean softmax cross-entropy on ``output_fn``'s logits.
 
@@ -112,14 +132,17 @@ def ggn_vp(
     primals, V, m = _check(params, V)
     logits, pullback = vjp(output_fn, primals)
     if labels is not None and labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels: expected shape {list(logits.shape[:-1])} (the logits' rows), got {list(labels.shape)}")
+        raise ValueError(
+            f"labels: expected shape {list(logits.shape[:-1])} (the logits' rows), got {list(labels.shape)}"
+        )
     rows = logits[..., 0].numel() if labels is None else int((labels != ignore_index).sum())
     scale = 1.0 / max(rows, 1)
     push = vmap(lambda v: jvp(output_fn, (primals,), (v,))[1], randomness="same")
     pull = vmap(lambda u: pullback(u)[0])
-    parts = []
-    for s in _chunks(m, chunk_size):
+
+    def run(s: slice) -> Tensors:
         jv = push(tuple(v[s] for v in V))
         hjv = softmax_ce_hessian_vp(logits.detach(), jv, labels, ignore_index=ignore_index) * scale
-        parts.append(pull(hjv.to(logits.dtype)))
-    return _cat(parts)
+        return pull(hjv.to(logits.dtype))
+
+    return _cat([run(s) for s in _chunks(m, chunk_size, memory_budget_mb, run, primals[0].device)])

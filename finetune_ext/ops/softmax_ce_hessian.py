@@ -1,8 +1,8 @@
 """``softmax_ce_hessian_vp``: the Hessian of softmax cross-entropy w.r.t. the logits, times m vectors.
 
-Per row ``H v = p ⊙ v − p (pᵀ v)`` with ``p = softmax(logits)``: the middle factor of a Gauss-Newton
+Per row ``H v = p * v - p (pᵀ v)`` with ``p = softmax(logits)``: the middle factor of a Gauss-Newton
 vector product for language models (``Jᵀ H J v``). The kernels compute the softmax on the fly from the
-logits, so the probabilities (``N × C``, 800 MB at 4096 × 50257 in fp32) are never materialised.
+logits, so the probabilities (``N x C``, 800 MB at 4096 x 50257 in fp32) are never materialised.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def softmax_ce_hessian_vp(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> torch.Tensor:
-    """``(diag(p) − p pᵀ) v`` for every row of ``logits`` and every vector in ``V``.
+    """``(diag(p) - p pᵀ) v`` for every row of ``logits`` and every vector in ``V``.
 
     Args:
         logits: ``[..., C]`` (any leading shape), float16/bfloat16/float32/float64.

@@ -4,4 +4,11 @@ from finetune_ext.reference.fisher_dropout import dropout_mask, fisher_dropout, 
 from finetune_ext.reference.philox import philox4x32_10, philox_uniform
 from finetune_ext.reference.softmax_ce_hessian import softmax_ce_hessian_vp
 
-__all__ = ["dropout_mask", "fisher_dropout", "fisher_dropout_eager", "philox4x32_10", "philox_uniform", "softmax_ce_hessian_vp"]
+__all__ = [
+    "dropout_mask",
+    "fisher_dropout",
+    "fisher_dropout_eager",
+    "philox4x32_10",
+    "philox_uniform",
+    "softmax_ce_hessian_vp",
+]

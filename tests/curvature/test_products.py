@@ -9,6 +9,7 @@ import torch
 
 from finetune_ext import curvature
 from finetune_ext.curvature import flatten, unflatten
+from finetune_ext.testing import tolerance
 from tests.curvature.cases import CASES, gpt2_block_case
 
 RTOL, ATOL = 1e-5, 1e-8  # float64 against a dense Hessian (curvlinops' compare_matmat)
@@ -120,9 +121,9 @@ def test_for_model_restores_attention_and_mode() -> None:
         expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), batch["input_ids"][:, 1:].reshape(-1))
         torch.testing.assert_close(loss, expected)
     assert model.config._attn_implementation == "sdpa" and model.training
-    with pytest.raises(ValueError, match=r"params: no trainable parameter name starts with any of \['nope'\]"):
-        with curvature.for_model(model, batch, ["nope"]):
-            pass
+    message = r"params: no trainable parameter name starts with any of \['nope'\]"
+    with pytest.raises(ValueError, match=message), curvature.for_model(model, batch, ["nope"]):
+        pass
 
 
 def test_bad_input() -> None:
@@ -144,3 +145,37 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="mode: expected 'exact' or 'double_backward'"):
         curvature.hvp(case.loss_fn, case.params, V, mode="fast")
     assert unflatten(flatten(V), case.params)[2].shape == V[2].shape
+
+
+def test_memory_budget_needs_cuda_or_chunk_size() -> None:
+    case = CASES["mlp"]()
+    V = _vectors(case, 2)
+    with pytest.raises(ValueError, match="memory_budget_mb: measured with the CUDA allocator; on cpu pass chunk_size"):
+        curvature.hvp(case.loss_fn, case.params, V, memory_budget_mb=100)
+    with pytest.raises(ValueError, match="pass one of them, not both"):
+        curvature.ggn_vp(case.output_fn, case.params, V, chunk_size=1, memory_budget_mb=100)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("product", ["hvp", "ggn_vp"])
+def test_memory_budget_is_respected_on_cuda(product) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=256, n_positions=128)).cuda()
+    batch = {"input_ids": torch.randint(0, 50257, (4, 128), device="cuda")}
+    with curvature.for_model(model, batch, ["transformer.h.0."]) as fns:
+        V = tuple(torch.randn(16, *p.shape, device="cuda") for p in fns.params)
+        fn = fns.loss_fn if product == "hvp" else fns.output_fn
+        call = partial(getattr(curvature, product), fn, fns.params, V)
+        reference_out = call(chunk_size=16)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call(chunk_size=1)
+        one = torch.cuda.max_memory_allocated() - base
+        budget_mb = 4.5 * one / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        out = call(memory_budget_mb=budget_mb)
+        assert torch.cuda.max_memory_allocated() - base <= budget_mb * 2**20 + sum(v.nbytes for v in V)
+        torch.testing.assert_close(flatten(out), flatten(reference_out), **tolerance(torch.float32))
