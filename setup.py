@@ -4,6 +4,8 @@ Environment:
   FINETUNE_EXT_CUDA   unset/"auto": build CUDA sources if possible; "0": CPU only; "1": CUDA required.
   TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" (A100, H100).
   DEBUG=1             -O0 -g builds.
+  FINETUNE_EXT_SKIP_BUILD=1  install the Python package only (the Makefile then builds in place with ninja,
+                      incrementally, instead of compiling twice).
 We never look at torch.cuda.is_available(): a build machine needs no GPU.
 """
 
@@ -67,6 +69,8 @@ def write_build_meta(with_cuda: bool, reason: str) -> None:
 
 
 def extensions() -> list:
+    if os.environ.get("FINETUNE_EXT_SKIP_BUILD") == "1":
+        return []
     with_cuda, reason = cuda_decision()
     print(f"finetune_ext: CUDA kernels {'ON' if with_cuda else 'OFF'} ({reason})")
     write_build_meta(with_cuda, reason)

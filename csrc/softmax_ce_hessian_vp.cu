@@ -127,9 +127,9 @@ at::Tensor softmax_ce_hessian_vp_cuda(const at::Tensor& logits, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_ce_hessian_vp_cuda", [&] {
     using logit_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "softmax_ce_hessian_vp_cuda_v", [&] {
-      _softmax_ce_hessian_vp_kernel<logit_t, scalar_t><<<n, kThreads, 0, stream>>>(
-          z.const_data_ptr<logit_t>(), v.const_data_ptr<scalar_t>(), lp, ignore_index,
-          out.mutable_data_ptr<scalar_t>(), m, n, c);
+      _softmax_ce_hessian_vp_kernel<logit_t, scalar_t>
+          <<<n, kThreads, 0, stream>>>(z.const_data_ptr<logit_t>(), v.const_data_ptr<scalar_t>(), lp, ignore_index,
+                                       out.mutable_data_ptr<scalar_t>(), m, n, c);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

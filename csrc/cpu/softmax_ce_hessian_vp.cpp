@@ -1,5 +1,7 @@
 // CPU kernel of finetune_ext::softmax_ce_hessian_vp: rows split across threads; each row's probabilities are
 // computed once into a thread-local buffer and applied to all m vectors.
+#include "../softmax_ce_hessian_vp.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -10,8 +12,6 @@
 #include <cmath>
 #include <limits>
 #include <vector>
-
-#include "../softmax_ce_hessian_vp.h"
 
 namespace finetune_ext {
 namespace {
