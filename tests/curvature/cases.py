@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from finetune_ext import curvature
 
@@ -59,4 +59,17 @@ def gpt2_case() -> Case:
     return Case("gpt2-block", fns.loss_fn, fns.output_fn, fns.labels, fns.params, context=ctx)
 
 
-CASES = {"mlp": mlp_case, "gpt2-block": gpt2_case}
+def bert_case() -> Case:
+    """A 2-layer, 8-wide BERT classifier in float64; the last layer's output projection and the classifier."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=13, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=12, num_labels=3
+    )
+    model = BertForSequenceClassification(config).double()
+    batch = {"input_ids": torch.randint(0, 13, (4, 5)), "labels": torch.tensor([0, 2, 1, 2])}
+    ctx = curvature.for_model(model, batch, ["bert.encoder.layer.1.output.dense.", "classifier."])
+    fns = ctx.__enter__()
+    return Case("bert-cls", fns.loss_fn, fns.output_fn, fns.labels, fns.params, context=ctx)
+
+
+CASES = {"mlp": mlp_case, "gpt2-block": gpt2_case, "bert-cls": bert_case}
