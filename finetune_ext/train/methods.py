@@ -66,6 +66,18 @@ class StepContext:
 
 
 @dataclass
+class RunInfo:
+    """What a method may need from the run beyond the model: the data and its tokenizer."""
+
+    task: str  # "lm" or "cls"
+    tokenizer: Any
+    train: dict[str, torch.Tensor]
+    seed: int
+    output_dir: str
+    progress: bool = True
+
+
+@dataclass
 class MethodConfig:
     """Optimizer settings shared by the methods (the CLI's --lr, --weight-decay, ...)."""
 
@@ -83,7 +95,8 @@ class Method(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def setup(self, model: nn.Module, config: MethodConfig, total_steps: int) -> None: ...
+    def setup(self, model: nn.Module, config: MethodConfig, total_steps: int, run: RunInfo | None = None) -> None:
+        """Prepare optimizer state (and change the model, if the method does) before the first step."""
 
     @abstractmethod
     def step(self, ctx: StepContext) -> dict[str, float]:
@@ -122,7 +135,7 @@ class AdamW(Method):
 
     name = "adamw"
 
-    def setup(self, model: nn.Module, config: MethodConfig, total_steps: int) -> None:
+    def setup(self, model: nn.Module, config: MethodConfig, total_steps: int, run: RunInfo | None = None) -> None:
         self.config = config
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(

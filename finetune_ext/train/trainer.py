@@ -34,7 +34,7 @@ from torch import nn
 from finetune_ext.train import checkpoint
 from finetune_ext.train.data import Splits, detect_task, load_splits
 from finetune_ext.train.errors import UserError
-from finetune_ext.train.methods import METHODS, MethodConfig, StepContext
+from finetune_ext.train.methods import METHODS, MethodConfig, RunInfo, StepContext
 from finetune_ext.train.models import check_model_spec, load_model, load_tokenizer, max_positions, param_count
 
 # Fields that must match when resuming: changing them would not continue the same run.
@@ -313,6 +313,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model,
         MethodConfig(cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_grad_norm),
         cfg.steps,
+        RunInfo(task, tokenizer, splits.train, cfg.seed, cfg.output_dir, cfg.progress and ddp.main),
     )
     metric = cfg.select_metric or ("loss" if task == "lm" else "acc")
     if metric not in ("loss", "acc"):

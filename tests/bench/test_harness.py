@@ -41,7 +41,8 @@ def test_too_few_reps_is_refused() -> None:
 
 
 def test_cli_bench_and_errors(tmp_path, capsys) -> None:
-    args = ["bench", "--device", "cpu", "--sizes", "2048", "--providers", "reference", "ext", "--out", str(tmp_path)]
+    args = ["bench", "--ops", "fisher_dropout", "--device", "cpu", "--sizes", "2048", "--providers", "reference", "ext"]
+    args += ["--out", str(tmp_path)]
     assert main(args) == 0
     assert "fisher_dropout" in capsys.readouterr().out
     assert (tmp_path / "fisher_dropout_cpu.csv").exists() and (tmp_path / "fisher_dropout_cpu.png").exists()

@@ -1,0 +1,177 @@
+"""Dropout sites of Hugging Face BERT-family and GPT-2 models, their Fisher scores and dropout schedules.
+
+A site is a dropout module plus the parameters of the sub-layer that feeds it (the official code's grouping
+for BERT; for GPT-2, our choice: the projection right before each dropout):
+
+=================  ==========================================  ==============================================
+site               BERT (``bert.encoder.layer.{i}``)           GPT-2 (``transformer.h.{i}``)
+=================  ==========================================  ==============================================
+embeddings         word/position/token-type embeddings + LN    ``wte``, ``wpe``
+attention probs    ``attention.self`` Q, K, V                  ``attn.c_attn``
+attention output   ``attention.output`` dense + LN             ``attn.c_proj``
+FFN output         ``output`` dense + LN                       ``mlp.c_proj``
+=================  ==========================================  ==============================================
+
+Attention-probability dropout happens inside the attention function (eager or SDPA), which reads the
+dropout module's ``p`` at every call, so those sites get their rate by setting ``p``; the other sites are
+replaced by ``FisherDropout`` modules (the fused kernel), per site or per unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from finetune_ext.nn import FisherDropout
+
+P_MAX_OFFICIAL = 0.099  # glue_bert_ours.py: p = 0.099 - 0.00275 * rank over BERT-base's 37 sites
+
+
+@dataclass
+class Site:
+    name: str  # dotted path of the dropout module
+    kind: str  # "embeddings" | "attn_probs" | "attn_output" | "ffn_output"
+    params: tuple[str, ...]  # parameter names of the sub-layer feeding the site
+    unit_weight: str | None  # the weight whose rows (output units) feed the site, for per-unit rates
+
+
+def _bert_sites(model: nn.Module, base: str, layers: int) -> list[Site]:
+    emb = f"{base}embeddings."
+    sites = [
+        Site(
+            f"{emb}dropout",
+            "embeddings",
+            tuple(
+                f"{emb}{t}"
+                for t in (
+                    "word_embeddings.weight",
+                    "position_embeddings.weight",
+                    "token_type_embeddings.weight",
+                    "LayerNorm.weight",
+                    "LayerNorm.bias",
+                )
+            ),
+            None,
+        )
+    ]
+    for i in range(layers):
+        layer = f"{base}encoder.layer.{i}."
+        qkv = tuple(f"{layer}attention.self.{m}.{t}" for m in ("query", "key", "value") for t in ("weight", "bias"))
+        sites.append(Site(f"{layer}attention.self.dropout", "attn_probs", qkv, None))
+        ao = f"{layer}attention.output."
+        sites.append(
+            Site(
+                f"{ao}dropout",
+                "attn_output",
+                tuple(f"{ao}{t}" for t in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")),
+                f"{ao}dense.weight",
+            )
+        )
+        out = f"{layer}output."
+        sites.append(
+            Site(
+                f"{out}dropout",
+                "ffn_output",
+                tuple(f"{out}{t}" for t in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")),
+                f"{out}dense.weight",
+            )
+        )
+    return sites
+
+
+def _gpt2_sites(model: nn.Module, base: str, layers: int) -> list[Site]:
+    sites = [Site(f"{base}drop", "embeddings", (f"{base}wte.weight", f"{base}wpe.weight"), None)]
+    for i in range(layers):
+        h = f"{base}h.{i}."
+        sites.append(
+            Site(f"{h}attn.attn_dropout", "attn_probs", (f"{h}attn.c_attn.weight", f"{h}attn.c_attn.bias"), None)
+        )
+        sites.append(
+            Site(
+                f"{h}attn.resid_dropout",
+                "attn_output",
+                (f"{h}attn.c_proj.weight", f"{h}attn.c_proj.bias"),
+                f"{h}attn.c_proj.weight",
+            )
+        )
+        sites.append(
+            Site(
+                f"{h}mlp.dropout",
+                "ffn_output",
+                (f"{h}mlp.c_proj.weight", f"{h}mlp.c_proj.bias"),
+                f"{h}mlp.c_proj.weight",
+            )
+        )
+    return sites
+
+
+def find_sites(model: nn.Module) -> list[Site]:
+    """The dropout sites of a BERT-family or GPT-2 model (any head); a clear error for other families."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    names = {n for n, _ in model.named_modules()}
+    if family == "bert":
+        base = "bert." if "bert" in names else ""
+        sites = _bert_sites(model, base, config.num_hidden_layers)
+    elif family == "gpt2":
+        base = "transformer." if "transformer" in names else ""
+        sites = _gpt2_sites(model, base, config.n_layer)
+    else:
+        raise ValueError(f"model: guided dropout has site maps for 'bert' and 'gpt2' models, got model_type {family!r}")
+    params = dict(model.named_parameters())
+    for site in sites:
+        missing = [p for p in site.params if p not in params]
+        if site.name not in names or missing:
+            raise ValueError(f"model: site {site.name} not found as expected (missing {missing or site.name})")
+    return sites
+
+
+def site_scores(sites: list[Site], fisher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per site: the unweighted mean of the per-tensor Fisher means of its feeding parameters."""
+    missing = sorted({p for s in sites for p in s.params} - fisher.keys())
+    if missing:
+        raise ValueError(f"fisher: no entries for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    return torch.stack([torch.stack([fisher[p].double().mean() for p in s.params]).mean() for s in sites])
+
+
+def linear_schedule(scores: torch.Tensor, p_max: float) -> torch.Tensor:
+    """Rates linearly spaced from ``p_max`` (lowest score) to 0 (highest): ``p_k = p_max (K-1-rank_k)/(K-1)``."""
+    if not 0.0 <= p_max < 1.0:
+        raise ValueError(f"p_max: expected a value in [0, 1), got {p_max}")
+    k = scores.numel()
+    rank = torch.empty(k, dtype=torch.long)
+    rank[torch.argsort(scores, stable=True)] = torch.arange(k)
+    if k == 1:
+        return torch.full((1,), p_max, dtype=torch.float64)
+    return p_max * (k - 1 - rank).double() / (k - 1)
+
+
+def unit_rates(site_p: float, row_fisher: torch.Tensor) -> torch.Tensor:
+    """Per-unit rates inside a site: linear from ``2 p`` (lowest-Fisher unit) to 0, mean ``p`` (capped below 1)."""
+    p = linear_schedule(row_fisher.double(), min(2 * site_p, 0.95))
+    return p * (site_p / p.mean()) if p.mean() > 0 else p
+
+
+def row_fisher(fisher: torch.Tensor, module_weight_is_conv1d: bool) -> torch.Tensor:
+    """Mean Fisher per output unit: rows of a Linear weight ``[out, in]``, columns of a GPT-2 Conv1D ``[in, out]``."""
+    return fisher.double().mean(0 if module_weight_is_conv1d else 1)
+
+
+def apply_rates(model: nn.Module, sites: list[Site], rates: list[float | torch.Tensor]) -> None:
+    """Set each site's rate: ``p`` of attention-probability dropouts, ``FisherDropout`` modules elsewhere."""
+    for site, p in zip(sites, rates, strict=True):
+        parent_name, _, child = site.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
+        if site.kind == "attn_probs":
+            if isinstance(p, torch.Tensor) and p.numel() > 1:
+                raise ValueError(
+                    f"rates: {site.name} drops attention probabilities and takes one rate, not {p.numel()}"
+                )
+            module.p = float(p)
+        elif isinstance(module, FisherDropout):
+            module.set_p(p)
+        else:
+            setattr(parent, child, FisherDropout(p).to(next(model.parameters()).device))
