@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from finetune_ext.curvature.models import eager_attention
+
 
 def mask_tokens(
     input_ids: torch.Tensor, mask_id: int, vocab_size: int, generator: torch.Generator, probability: float = 0.15
@@ -73,6 +75,8 @@ def empirical_fisher(
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0), randomness="same")
     was_training = model.training
     model.eval()
+    attention = eager_attention(model)  # SDPA has no vmap batching rule on CPU; eager batches
+    attention.__enter__()
     count = 0
     batch: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -103,6 +107,7 @@ def empirical_fisher(
         if batch:
             flush()
     finally:
+        attention.__exit__(None, None, None)
         model.train(was_training)
     total = torch.tensor([float(count)], device=sums[0].device)
     if dist.is_available() and dist.is_initialized():

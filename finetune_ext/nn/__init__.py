@@ -1,5 +1,5 @@
 """Modules built on the fused ops."""
 
-from finetune_ext.nn.dropout import FisherDropout
+from finetune_ext.nn.dropout import FisherDropout, GaussianDropout
 
-__all__ = ["FisherDropout"]
+__all__ = ["FisherDropout", "GaussianDropout"]

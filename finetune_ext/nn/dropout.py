@@ -53,3 +53,26 @@ class FisherDropout(nn.Module):
         if self.keep.dim() == 0:
             return f"p={1.0 - self.keep.item():.4g}"
         return f"p=per-feature[{self.keep.numel()}] (mean {1.0 - self.keep.mean().item():.4g})"
+
+
+class GaussianDropout(nn.Module):
+    """Multiplicative Gaussian noise ``x * N(1, p / (1 - p))`` in training, the identity in eval mode.
+
+    The variance matches Bernoulli dropout at rate ``p`` (Srivastava et al., 2014). Unlike the official
+    guided-dropout baseline, the noise is off at evaluation.
+    """
+
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"p: expected a value in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        std = (self.p / (1 - self.p)) ** 0.5
+        return x * (1 + std * torch.randn_like(x))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from finetune_ext import guided  # noqa: F401  (registers the guided-dropout methods)
 from finetune_ext.train import checkpoint
 from finetune_ext.train.data import Splits, detect_task, load_splits
 from finetune_ext.train.errors import UserError

@@ -1,0 +1,20 @@
+"""Guided dropout: Fisher-information-guided dropout rates (methods ``guided-dropout``, ``gaussian-dropout``)."""
+
+from finetune_ext.guided.fisher import FisherCache, empirical_fisher, mask_tokens
+from finetune_ext.guided.method import GaussianDropoutMethod, GuidedDropout, lm_twin
+from finetune_ext.guided.sites import Site, apply_rates, find_sites, linear_schedule, site_scores, unit_rates
+
+__all__ = [
+    "FisherCache",
+    "GaussianDropoutMethod",
+    "GuidedDropout",
+    "Site",
+    "apply_rates",
+    "empirical_fisher",
+    "find_sites",
+    "linear_schedule",
+    "lm_twin",
+    "mask_tokens",
+    "site_scores",
+    "unit_rates",
+]

@@ -1,0 +1,167 @@
+"""Guided dropout: Fisher against a float64 loop, sites, schedule, rates in effect, cache, methods."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+
+from finetune_ext import guided
+from finetune_ext.guided import sites as site_mod
+from finetune_ext.nn import FisherDropout, GaussianDropout
+from finetune_ext.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer(tmp_path_factory, sst2_slice) -> str:
+    """A WordPiece tokenizer over the SST-2 slice's words (the shared data has no BERT vocabulary)."""
+    words = sorted(
+        {w for line in (sst2_slice / "train.tsv").read_text().splitlines()[1:] for w in line.split("\t")[0].split()}
+    )
+    folder = tmp_path_factory.mktemp("bert-tok")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    return str(folder)
+
+
+def _tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=8, n_positions=16, vocab_size=17))
+
+
+def test_fisher_equals_float64_loop_over_per_sample_gradients() -> None:
+    model = _tiny_gpt2().double()
+    g = torch.Generator().manual_seed(1)
+    samples = [(x, x) for x in torch.randint(0, 17, (5, 7), generator=g)]
+    fisher = guided.empirical_fisher(model, samples, causal=True, chunk_size=2, progress=False)
+    loop = guided.empirical_fisher(model, samples, causal=True, chunk_size=2, progress=False, use_vmap=False)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    model.eval()
+    for x, _ in samples:
+        model.zero_grad()
+        logits = model(input_ids=x[None]).logits[0]
+        F.cross_entropy(logits[:-1], x[1:]).backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad.pow(2) / len(samples)
+    for name, value in expected.items():
+        torch.testing.assert_close(fisher[name].double(), value, rtol=1e-5, atol=1e-10)  # float32 sums
+        torch.testing.assert_close(loop[name].double(), value, rtol=1e-5, atol=1e-10)
+
+
+def test_official_schedule_on_a_bert_base_layout() -> None:
+    model = BertForSequenceClassification(
+        BertConfig(num_hidden_layers=12, hidden_size=8, num_attention_heads=2, intermediate_size=8, vocab_size=30)
+    )
+    sites = guided.find_sites(model)
+    assert len(sites) == 37 and [s.kind for s in sites[:4]] == ["embeddings", "attn_probs", "attn_output", "ffn_output"]
+    scores = torch.randperm(37).double()
+    p = guided.linear_schedule(scores, site_mod.P_MAX_OFFICIAL)
+    rank = torch.argsort(torch.argsort(scores))
+    torch.testing.assert_close(p, 0.099 - 0.00275 * rank.double())
+    assert p[scores.argmin()] == pytest.approx(0.099) and p[scores.argmax()] == 0.0
+
+
+def test_site_scores_are_means_of_tensor_means() -> None:
+    model = _tiny_gpt2()
+    sites = guided.find_sites(model)
+    fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    scores = guided.site_scores(sites, fisher)
+    ffn = next(i for i, s in enumerate(sites) if s.name == "transformer.h.1.mlp.dropout")
+    expected = (
+        fisher["transformer.h.1.mlp.c_proj.weight"].mean() + fisher["transformer.h.1.mlp.c_proj.bias"].mean()
+    ) / 2
+    assert scores[ffn].item() == pytest.approx(expected.item())
+
+
+def test_rates_take_effect_at_every_site() -> None:
+    model = _tiny_gpt2()
+    sites = guided.find_sites(model)
+    rates = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    guided.apply_rates(model, sites, rates)
+    for site, p in zip(sites, rates, strict=True):
+        module = model.get_submodule(site.name)
+        if site.kind == "attn_probs":
+            assert isinstance(module, torch.nn.Dropout) and module.p == p  # read by eager and SDPA at each call
+        else:
+            assert isinstance(module, FisherDropout) and module.p.item() == pytest.approx(p)
+    # Measured drop rate of each replaced site, within 4 sigma.
+    drops = {}
+    hooks = [
+        model.get_submodule(s.name).register_forward_hook(
+            lambda m, i, o, n=s.name: drops.__setitem__(n, (o == 0).float().mean().item())
+        )
+        for s in sites
+        if s.kind != "attn_probs"
+    ]
+    model.train()
+    model(input_ids=torch.randint(0, 17, (64, 16)))
+    for h in hooks:
+        h.remove()
+    for site, p in zip(sites, rates, strict=True):
+        if site.name in drops:
+            n = 64 * 16 * 8
+            assert abs(drops[site.name] - p) <= 4 * (p * (1 - p) / n) ** 0.5, site.name
+
+
+def test_unit_rates_keep_the_site_mean_and_order() -> None:
+    fisher = torch.tensor([0.3, 0.1, 0.2, 0.4])
+    rates = guided.unit_rates(0.08, fisher)
+    assert rates.mean().item() == pytest.approx(0.08)
+    assert torch.equal(torch.argsort(rates), torch.argsort(-fisher))  # lowest Fisher drops most
+
+
+def test_guided_dropout_method_on_gpt2_with_cache(tmp_path, wikitext_slice, gpt2_tokenizer, monkeypatch) -> None:
+    cfg = dict(
+        model="config:gpt2-tiny", tokenizer=gpt2_tokenizer, data=str(wikitext_slice), method="guided-dropout",
+        steps=3, batch_size=4, block_size=32, eval_every=3, max_eval_batches=1, progress=False,
+    )  # fmt: skip
+    options = {"fisher_samples": 6, "fisher_cache": str(tmp_path / "cache"), "per_unit": True}
+    train(TrainConfig(**cfg, output_dir=str(tmp_path / "a"), method_options=options))
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+    calls = []
+    monkeypatch.setattr("finetune_ext.guided.method.empirical_fisher", lambda *a, **k: calls.append(1))
+    train(TrainConfig(**cfg, output_dir=str(tmp_path / "b"), method_options=options))
+    assert calls == []  # the second run reused the cached Fisher
+    state = torch.load(tmp_path / "b" / "checkpoint-0000003" / "state.pt", weights_only=False)
+    rates = state["method"]["rates"]
+    assert len(rates) == 7 and max(v for v in rates.values() if isinstance(v, float)) == pytest.approx(0.099)
+    assert isinstance(rates["transformer.h.0.mlp.dropout"], list)  # per-unit
+
+
+def test_guided_and_gaussian_on_bert_classifier(tmp_path, sst2_slice, bert_tokenizer) -> None:
+    cfg = dict(
+        model="config:bert-tiny", tokenizer=bert_tokenizer, data=str(sst2_slice), steps=2, batch_size=4,
+        max_length=24, val_size=50, eval_every=2, progress=False,
+    )  # fmt: skip
+    summary = train(
+        TrainConfig(
+            **cfg,
+            method="guided-dropout",
+            output_dir=str(tmp_path / "g"),
+            method_options={"fisher_samples": 4, "fisher_cache": None},
+        )
+    )
+    assert summary["steps"] == 2
+    summary = train(TrainConfig(**cfg, method="gaussian-dropout", output_dir=str(tmp_path / "n")))
+    assert summary["steps"] == 2
+
+
+def test_gaussian_dropout_module() -> None:
+    m = GaussianDropout(0.2)
+    x = torch.ones(20000)
+    y = m(x)
+    assert abs(y.mean().item() - 1) < 4 * 0.5 / 20000**0.5 and abs(y.var().item() - 0.25) < 0.02
+    assert torch.equal(m.eval()(x), x)
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"p_max: expected a value in \[0, 1\), got 1.0"):
+        guided.GuidedDropout(p_max=1.0)
+    with pytest.raises(ValueError, match="fisher_samples: expected >= 1, got 0"):
+        guided.GuidedDropout(fisher_samples=0)
+    with pytest.raises(ValueError, match="site maps for 'bert' and 'gpt2' models, got model_type None"):
+        guided.find_sites(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="samples: expected at least one sample"):
+        guided.empirical_fisher(_tiny_gpt2(), [], causal=True, progress=False)
