@@ -91,19 +91,16 @@ class GuidedDropout(AdamW):
         fisher_samples: int = 256,
         per_unit: bool = False,
         fisher_cache: str | None = DEFAULT_CACHE,
-        fisher_chunk: int = 8,
+        fisher_memory_mb: float = 1024,
     ) -> None:
         if not 0.0 <= p_max < 1.0:
             raise ValueError(f"p_max: expected a value in [0, 1), got {p_max}")
         if fisher_samples < 1:
             raise ValueError(f"fisher_samples: expected >= 1, got {fisher_samples}")
-        self.p_max, self.n, self.per_unit, self.cache, self.chunk = (
-            p_max,
-            fisher_samples,
-            per_unit,
-            fisher_cache,
-            fisher_chunk,
-        )
+        if fisher_memory_mb <= 0:
+            raise ValueError(f"fisher_memory_mb: expected > 0, got {fisher_memory_mb}")
+        self.p_max, self.n, self.per_unit, self.cache = p_max, fisher_samples, per_unit, fisher_cache
+        self.memory_mb = fisher_memory_mb
         self.rates: dict[str, Any] = {}
 
     def fisher(self, model: nn.Module, run: RunInfo) -> dict[str, torch.Tensor]:
@@ -121,13 +118,11 @@ class GuidedDropout(AdamW):
             return {k: v.to(next(model.parameters()).device) for k, v in hit.items()}
         samples = fisher_samples(run, causal, self.n, run.seed, twin.config.vocab_size)
         device = next(twin.parameters()).device
-        fisher = empirical_fisher(
-            twin,
-            [(x.to(device), y.to(device)) for x, y in samples],
-            causal=causal,
-            chunk_size=self.chunk,
-            progress=run.progress,
-        )
+        # Per-sample gradients dominate the memory of a chunk: one fp32 copy of the parameters per sample.
+        grad_bytes = 4 * sum(p.numel() for p in twin.parameters() if p.requires_grad)
+        chunk = max(1, int(self.memory_mb * 2**20 // grad_bytes))
+        pairs = [(x.to(device), y.to(device)) for x, y in samples]
+        fisher = empirical_fisher(twin, pairs, causal=causal, chunk_size=chunk, progress=run.progress)
         if cache:
             cache.save(key, fisher)
         return fisher

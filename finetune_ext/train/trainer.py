@@ -309,7 +309,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.train()
     trained = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
 
-    method = METHODS[cfg.method](**cfg.method_options)
+    try:
+        method = METHODS[cfg.method](**cfg.method_options)
+    except TypeError as err:  # an option the method does not take
+        raise UserError(f"method-option: {cfg.method} {str(err).split('()')[-1].strip()}") from None
     method.setup(
         model,
         MethodConfig(cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_grad_norm),

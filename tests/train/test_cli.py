@@ -49,11 +49,17 @@ def test_cli_run_with_bf16_and_accumulation(tmp_path, wikitext_slice, gpt2_token
         (["--model", "config:nope"], "model: unknown config 'nope'"),
         (["--model", "./no/such/model"], "model: no such folder './no/such/model'"),
         (["--data", "/no/such/data"], "data: no such file or folder '/no/such/data'"),
-        (["--method", "sgdx"], "method: unknown 'sgdx'; available: ['adamw']"),
+        (["--method", "sgdx"], "method: unknown 'sgdx'; available: ['adamw', 'gaussian-dropout', 'guided-dropout']"),
         (["--block-size", "300"], "block_size: 300 exceeds the model's context 256"),
         (["--batch-size", "6", "--grad-accum", "4"], "batch_size: 6 must be divisible by grad_accum x processes"),
         (["--resume"], "resume: no checkpoint in"),
         (["--method-option", "oops"], "method-option: expected KEY=VALUE, got 'oops'"),
+        (["--method-option", "bogus=1"], "method-option: adamw takes no arguments"),
+        (
+            ["--method", "guided-dropout", "--method-option", "bogus=1"],
+            "method-option: guided-dropout got an unexpected keyword argument 'bogus'",
+        ),
+        (["--method", "guided-dropout", "--method-option", "p_max=1.5"], r"p_max: expected a value in [0, 1), got 1.5"),
     ],
 )
 def test_user_mistakes_give_one_line(tmp_path, wikitext_slice, gpt2_tokenizer, args, message, capsys) -> None:
