@@ -35,10 +35,12 @@ def _bench(args: argparse.Namespace) -> int:
     rows = bench.run(cases, warmup=args.warmup, reps=args.reps)
     print(bench.format_table(rows))
     out = Path(args.out)
-    csv_path = out / f"{'_'.join(ops)}_{device.type}.csv"
-    bench.append_csv(rows, csv_path)
+    csv_paths = []
+    for op in ops:
+        csv_paths.append(out / f"{op}_{device.type}.csv")
+        bench.append_csv([r for r in rows if r.op == op], csv_paths[-1])
     plots = bench.plot_speedup(rows, out)
-    print(f"\nCSV rows appended to {csv_path}; plots: {', '.join(map(str, plots))}")
+    print(f"\nCSV rows appended to {', '.join(map(str, csv_paths))}; plots: {', '.join(map(str, plots))}")
     return 0
 
 

@@ -37,7 +37,7 @@ class Site:
     unit_weight: str | None  # the weight whose rows (output units) feed the site, for per-unit rates
 
 
-def _bert_sites(model: nn.Module, base: str, layers: int) -> list[Site]:
+def _bert_sites(base: str, layers: int) -> list[Site]:
     emb = f"{base}embeddings."
     sites = [
         Site(
@@ -81,7 +81,7 @@ def _bert_sites(model: nn.Module, base: str, layers: int) -> list[Site]:
     return sites
 
 
-def _gpt2_sites(model: nn.Module, base: str, layers: int) -> list[Site]:
+def _gpt2_sites(base: str, layers: int) -> list[Site]:
     sites = [Site(f"{base}drop", "embeddings", (f"{base}wte.weight", f"{base}wpe.weight"), None)]
     for i in range(layers):
         h = f"{base}h.{i}."
@@ -114,10 +114,10 @@ def find_sites(model: nn.Module) -> list[Site]:
     names = {n for n, _ in model.named_modules()}
     if family == "bert":
         base = "bert." if "bert" in names else ""
-        sites = _bert_sites(model, base, config.num_hidden_layers)
+        sites = _bert_sites(base, config.num_hidden_layers)
     elif family == "gpt2":
         base = "transformer." if "transformer" in names else ""
-        sites = _gpt2_sites(model, base, config.n_layer)
+        sites = _gpt2_sites(base, config.n_layer)
     else:
         raise ValueError(f"model: guided dropout has site maps for 'bert' and 'gpt2' models, got model_type {family!r}")
     params = dict(model.named_parameters())

@@ -287,6 +287,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     _seed_all(cfg.seed)
 
     check_model_spec(cfg.model)
+    try:
+        method = METHODS[cfg.method](**cfg.method_options)
+    except TypeError as err:  # an option the method does not take
+        raise UserError(f"method-option: {cfg.method} {str(err).split('()')[-1].strip()}") from None
     task = detect_task(cfg.data)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.removeprefix("config:"))
     splits: Splits = load_splits(
@@ -307,18 +311,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
     model.to(device)
     model.train()
-    trained = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
-
-    try:
-        method = METHODS[cfg.method](**cfg.method_options)
-    except TypeError as err:  # an option the method does not take
-        raise UserError(f"method-option: {cfg.method} {str(err).split('()')[-1].strip()}") from None
     method.setup(
         model,
         MethodConfig(cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_grad_norm),
         cfg.steps,
         RunInfo(task, tokenizer, splits.train, cfg.seed, cfg.output_dir, cfg.progress and ddp.main),
     )
+    # Wrapped after setup: a method may replace modules (guided dropout swaps its dropout layers).
+    trained = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     metric = cfg.select_metric or ("loss" if task == "lm" else "acc")
     if metric not in ("loss", "acc"):
         raise UserError(f"select_metric: expected loss or acc, got {metric!r}")
