@@ -4,7 +4,8 @@
     python benchmarks/methods/guided_dropout.py --sizes 200 1000 5000 --seeds 0 1 2
 
 For each training-set size (a seeded sample of SST-2 train), seed and variant, fine-tunes for ``--epochs``
-epochs but at least ``--min-steps`` steps (3 epochs of 200 sentences, 38 steps, left some seeds at chance), selects the checkpoint by accuracy on a held-out slice of train (``--val-size``) and reports
+epochs but at least ``--min-steps`` steps (3 epochs of 200 sentences, 38 steps, left some seeds at chance),
+selects the checkpoint by accuracy on a held-out slice of train (``--val-size``) and reports
 accuracy on the GLUE dev set (the test split here). Rows are appended to the CSV as each run ends, and runs
 already in it are skipped, so an interrupted sweep continues where it stopped. The markdown table (mean ±
 std over seeds) is rewritten from the CSV at the end.
