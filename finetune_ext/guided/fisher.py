@@ -109,7 +109,7 @@ def empirical_fisher(
     finally:
         attention.__exit__(None, None, None)
         model.train(was_training)
-    total = torch.tensor([float(count)], device=sums[0].device)
+    total = torch.tensor([float(count)], device=sums[0].device)  # a rank may hold no sample: fine
     if dist.is_available() and dist.is_initialized():
         for s in sums:
             dist.all_reduce(s)

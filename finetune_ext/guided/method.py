@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -121,9 +122,10 @@ class GuidedDropout(AdamW):
         # Per-sample gradients dominate the memory of a chunk: one fp32 copy of the parameters per sample.
         grad_bytes = 4 * sum(p.numel() for p in twin.parameters() if p.requires_grad)
         chunk = max(1, int(self.memory_mb * 2**20 // grad_bytes))
-        pairs = [(x.to(device), y.to(device)) for x, y in samples]
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        pairs = [(x.to(device), y.to(device)) for x, y in samples[rank::world]]  # sums are all-reduced
         fisher = empirical_fisher(twin, pairs, causal=causal, chunk_size=chunk, progress=run.progress)
-        if cache:
+        if cache and rank == 0:
             cache.save(key, fisher)
         return fisher
 
