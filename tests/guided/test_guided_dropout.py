@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config, GPT2LMHeadModel
 
 from finetune_ext import guided
 from finetune_ext.guided import sites as site_mod
 from finetune_ext.nn import FisherDropout, GaussianDropout
+from finetune_ext.testing.tolerances import TOLERANCES
 from finetune_ext.train import TrainConfig, train
+
+# Fisher entries are ~1e-8: the table's float32 atol (1e-6) would accept anything, so the absolute part is
+# the table's rtol times each tensor's largest entry (squared gradients near 0 are float32 denormals).
+FP32_RTOL = TOLERANCES[torch.float32][1]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=FP32_RTOL, atol=FP32_RTOL * scale, msg=msg or None)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +62,8 @@ def test_fisher_equals_float64_loop_over_per_sample_gradients() -> None:
         for n, p in model.named_parameters():
             expected[n] += p.grad.pow(2) / len(samples)
     for name, value in expected.items():
-        torch.testing.assert_close(fisher[name].double(), value, rtol=1e-5, atol=1e-10)  # float32 sums
-        torch.testing.assert_close(loop[name].double(), value, rtol=1e-5, atol=1e-10)
+        _close(fisher[name].double(), value)
+        _close(loop[name].double(), value)
 
 
 def test_official_schedule_on_a_bert_base_layout() -> None:
@@ -165,3 +182,40 @@ def test_bad_input() -> None:
         guided.find_sites(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="samples: expected at least one sample"):
         guided.empirical_fisher(_tiny_gpt2(), [], causal=True, progress=False)
+
+
+def test_fisher_under_two_gloo_processes_equals_one_process(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
+    root = Path(__file__).resolve().parents[2]
+    args = [
+        "train", "--model", "config:gpt2-tiny", "--tokenizer", gpt2_tokenizer, "--data", str(wikitext_slice),
+        "--method", "guided-dropout", "--method-option", "fisher_samples=6", "--steps", "1", "--batch-size", "4",
+        "--block-size", "32", "--eval-every", "1", "--max-eval-batches", "1", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    launch = {
+        "one": [sys.executable, "-m", "finetune_ext.cli"],
+        "two": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "finetune_ext.cli",
+        ],
+    }
+    rates, fisher = {}, {}
+    for name, prefix in launch.items():
+        out = tmp_path / name
+        cache = ["--method-option", f"fisher_cache={out / 'cache'}", "--output-dir", str(out)]
+        res = subprocess.run([*prefix, *args, *cache], env=env, capture_output=True, text=True, check=False)
+        assert res.returncode == 0, res.stderr[-2000:]
+        state = torch.load(out / "checkpoint-0000001" / "state.pt", weights_only=False)
+        rates[name] = state["method"]["rates"]
+        (file,) = (out / "cache").glob("*.safetensors")  # written by rank 0 after the all-reduce
+        fisher[name] = load_file(str(file))
+        assert json.loads((out / "summary.json").read_text())["processes"] == (1 if name == "one" else 2)
+    assert rates["one"] == pytest.approx(rates["two"])
+    for key, value in fisher["one"].items():
+        _close(fisher["two"][key], value, msg=key)
