@@ -25,6 +25,21 @@ def _fisher_dropout_fake(
     return x.new_empty(x.shape)
 
 
+def check_backend(backend: str) -> None:
+    """``backend`` of a public op: ``"auto"``, ``"ext"`` or ``"reference"``."""
+    if backend not in ("auto", "ext", "reference"):
+        raise ValueError(f"backend: expected 'auto', 'ext' or 'reference', got {backend!r}")
+
+
+def use_kernel(op: str, backend: str, device: torch.device) -> bool:
+    """Whether a call with ``backend`` runs the compiled kernel of ``op`` on ``device`` (else the reference)."""
+    if backend == "reference" or (backend == "auto" and not has_kernel(op, device)):
+        return False
+    if not has_kernel(op, device):
+        raise RuntimeError(f"backend='ext': no compiled {op} kernel for {device.type} (see finetune_ext.build_info())")
+    return True
+
+
 def has_kernel(op: str, device: torch.device) -> bool:
     """Whether a compiled kernel of ``finetune_ext::<op>`` is registered for ``device``'s type."""
     return _has_kernel(op, device.type)

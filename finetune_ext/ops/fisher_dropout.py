@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from finetune_ext import reference
-from finetune_ext.ops._library import has_kernel
+from finetune_ext.ops._library import check_backend, use_kernel
 
 Backend = Literal["auto", "ext", "reference"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,18 +52,13 @@ def fisher_dropout(
     Returns:
         A contiguous tensor with ``x``'s shape and dtype.
     """
-    if backend not in ("auto", "ext", "reference"):
-        raise ValueError(f"backend: expected 'auto', 'ext' or 'reference', got {backend!r}")
+    check_backend(backend)
     keep_t = _check_args(x, keep, residual, check_keep)
     if not training:
         return x if residual is None else residual + x
     seed_t = _philox_key(seed, offset, generator)
-    if backend == "reference" or (backend == "auto" and not has_kernel("fisher_dropout", x.device)):
+    if not use_kernel("fisher_dropout", backend, x.device):
         return reference.fisher_dropout(x, keep_t, residual, seed=int(seed_t[0]), offset=int(seed_t[1]))
-    if not has_kernel("fisher_dropout", x.device):
-        raise RuntimeError(
-            f"backend='ext': no compiled fisher_dropout kernel for {x.device.type} (see finetune_ext.build_info())"
-        )
     return torch.ops.finetune_ext.fisher_dropout(x, keep_t, residual, seed_t)
 
 

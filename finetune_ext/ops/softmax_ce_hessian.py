@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from finetune_ext import reference
-from finetune_ext.ops._library import has_kernel
+from finetune_ext.ops._library import check_backend, use_kernel
 from finetune_ext.ops.fisher_dropout import Backend
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -36,8 +36,7 @@ def softmax_ce_hessian_vp(
         ``[m, ..., C]`` in ``V``'s dtype, accumulated in float32 (float64 for float64 inputs). Not scaled by
         the number of rows: divide by it for a mean-reduced loss.
     """
-    if backend not in ("auto", "ext", "reference"):
-        raise ValueError(f"backend: expected 'auto', 'ext' or 'reference', got {backend!r}")
+    check_backend(backend)
     for name, t in (("logits", logits), ("V", V)):
         if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {_describe(t)}")
@@ -58,11 +57,8 @@ def softmax_ce_hessian_vp(
                 f"got {labels.dtype} of shape {list(labels.shape)} on {labels.device}"
             )
         lab = labels.reshape(-1)
-    use_ext = backend == "ext" or (backend == "auto" and has_kernel("softmax_ce_hessian_vp", logits.device))
-    if not use_ext:
+    if not use_kernel("softmax_ce_hessian_vp", backend, logits.device):
         return reference.softmax_ce_hessian_vp(z, v, lab, ignore_index).view(V.shape)
-    if not has_kernel("softmax_ce_hessian_vp", logits.device):
-        raise RuntimeError(f"backend='ext': no compiled softmax_ce_hessian_vp kernel for {logits.device.type}")
     return torch.ops.finetune_ext.softmax_ce_hessian_vp(z, v, lab, ignore_index).view(V.shape)
 
 
