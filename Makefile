@@ -23,7 +23,7 @@ $(ENV_STAMP): pyproject.toml
 	FINETUNE_EXT_SKIP_BUILD=1 $(PIP) install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
-env: $(ENV_STAMP)  ## create .venv with the package (editable) and its dependencies
+env: $(ENV_STAMP)  ## create .venv with the package (editable, kernels not yet built: see build) and its dependencies
 
 $(EXT_STAMP): $(ENV_STAMP) $(CSRC) setup.py
 	$(PY) setup.py -q build_ext --inplace
