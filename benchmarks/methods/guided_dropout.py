@@ -52,8 +52,12 @@ def write_table(rows: list[dict], path: Path) -> None:
         cells = []
         for s in sizes:
             accs = groups.get((s, variant), [])
-            sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-            cells.append(f"{100 * statistics.mean(accs):.1f} ± {100 * sd:.1f} ({len(accs)})" if accs else "-")
+            if not accs:
+                cells.append("-")
+            elif len(accs) == 1:
+                cells.append(f"{100 * accs[0]:.1f} (1 seed)")
+            else:
+                cells.append(f"{100 * statistics.mean(accs):.1f} ± {100 * statistics.stdev(accs):.1f} ({len(accs)})")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
