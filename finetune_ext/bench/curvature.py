@@ -57,22 +57,18 @@ def hvp_cases(
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).to(device)
     batch = {"input_ids": torch.randint(0, config.vocab_size, shape, device=device)}
-    ctx = curvature.for_model(model, batch, [block])
-    fns = ctx.__enter__()
-    V = tuple(torch.randn(HVP_VECTORS, *p.shape, device=device) for p in fns.params)
-    params = tuple(p.clone().requires_grad_(True) for p in fns.params)
+    with curvature.for_model(model, batch, [block]) as fns:
+        V = tuple(torch.randn(HVP_VECTORS, *p.shape, device=device) for p in fns.params)
+        params = tuple(p.clone().requires_grad_(True) for p in fns.params)
 
-    def gradient():
-        return torch.autograd.grad(fns.loss_fn(params), params)
+        def gradient():
+            return torch.autograd.grad(fns.loss_fn(params), params)
 
-    available = {
-        "gradient": gradient,
-        "reference": lambda: curvature.hvp(fns.loss_fn, fns.params, V, mode="double_backward"),
-        "exact": lambda: curvature.hvp(fns.loss_fn, fns.params, V),
-        "ggn": lambda: curvature.ggn_vp(fns.output_fn, fns.params, V, labels=fns.labels),
-    }
-    try:
+        available = {
+            "gradient": gradient,
+            "reference": lambda: curvature.hvp(fns.loss_fn, fns.params, V, mode="double_backward"),
+            "exact": lambda: curvature.hvp(fns.loss_fn, fns.params, V),
+            "ggn": lambda: curvature.ggn_vp(fns.output_fn, fns.params, V, labels=fns.labels),
+        }
         for name, fn in select_providers(available, providers).items():
             yield Case("hvp_block", f"{HVP_VECTORS}vec", name, shape, torch.float32, device, 0, fn)
-    finally:
-        ctx.__exit__(None, None, None)

@@ -75,8 +75,6 @@ def empirical_fisher(
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0), randomness="same")
     was_training = model.training
     model.eval()
-    attention = eager_attention(model)  # SDPA has no vmap batching rule on CPU; eager batches
-    attention.__enter__()
     count = 0
     batch: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -98,16 +96,16 @@ def empirical_fisher(
                 s += g.float().pow(2)
 
     try:
-        for ids, labels in tqdm(samples, desc="fisher", disable=not progress, unit="sample"):
-            batch.append((ids, labels))
-            count += 1
-            if len(batch) == chunk_size:
+        with eager_attention(model):  # SDPA has no vmap batching rule on CPU; eager batches
+            for ids, labels in tqdm(samples, desc="fisher", disable=not progress, unit="sample"):
+                batch.append((ids, labels))
+                count += 1
+                if len(batch) == chunk_size:
+                    flush()
+                    batch.clear()
+            if batch:
                 flush()
-                batch.clear()
-        if batch:
-            flush()
     finally:
-        attention.__exit__(None, None, None)
         model.train(was_training)
     total = torch.tensor([float(count)], device=sums[0].device)  # a rank may hold no sample: fine
     if dist.is_available() and dist.is_initialized():
