@@ -77,7 +77,7 @@ def extensions() -> list:
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = [*opt, "-fopenmp"]
-    sources = ["csrc/init.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     kwargs = {
         "include_dirs": [str(ROOT / "csrc")],
         "extra_link_args": ["-fopenmp"],
@@ -86,6 +86,7 @@ def extensions() -> list:
     if not with_cuda:
         return [cpp_extension.CppExtension("finetune_ext._C", sources, **kwargs)]
     kwargs["include_dirs"] += nvidia_pip_includes()
+    kwargs["extra_compile_args"]["cxx"].append("-DFINETUNE_EXT_WITH_CUDA")  # device-generic ops register CUDA too
     kwargs["extra_compile_args"]["nvcc"] = [*opt, "-lineinfo"]
     sources += sorted(glob.glob("csrc/*.cu"))
     return [cpp_extension.CUDAExtension("finetune_ext._C", sources, **kwargs)]

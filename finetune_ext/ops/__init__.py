@@ -2,6 +2,7 @@
 
 from finetune_ext.ops import _library  # noqa: F401  (schemas first: kernels register against them)
 from finetune_ext.ops.fisher_dropout import fisher_dropout
+from finetune_ext.ops.linchain import linchain_compose, lora_linear
 from finetune_ext.ops.softmax_ce_hessian import softmax_ce_hessian_vp
 
-__all__ = ["fisher_dropout", "softmax_ce_hessian_vp"]
+__all__ = ["fisher_dropout", "linchain_compose", "lora_linear", "softmax_ce_hessian_vp"]

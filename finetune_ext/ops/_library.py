@@ -63,3 +63,50 @@ def _softmax_ce_hessian_vp_fake(
     torch._check(logits.dim() == 2 and V.dim() == 3, lambda: "expected logits [N, C] and V [m, N, C]")
     torch._check(V.shape[1:] == logits.shape, lambda: f"V {tuple(V.shape)} does not match logits {tuple(logits.shape)}")
     return V.new_empty(V.shape)
+
+
+# LinChain: every chain of one shape in one call. W [N, k, r, r] (mixer i of chain n at W[n, i]), b [N, k, r] or
+# None -> (M [N, r, r] = W[:, k-1] @ ... @ W[:, 0], beff [N, r] = sum_i W[:, k-1] ... W[:, i+1] @ b[:, i]).
+LIB.define("linchain_compose(Tensor W, Tensor? b) -> (Tensor, Tensor)")
+# Gradients w.r.t. W and b (an empty [0] tensor for b when b is None).
+LIB.define("linchain_compose_backward(Tensor grad_M, Tensor grad_beff, Tensor W, Tensor? b) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake("finetune_ext::linchain_compose")
+def _linchain_compose_fake(W: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(W.dim() == 4, lambda: f"expected W [N, k, r, r], got {tuple(W.shape)}")
+    n, _, r, _ = W.shape
+    return W.new_empty(n, r, r), W.new_empty(n, r)
+
+
+@torch.library.register_fake("finetune_ext::linchain_compose_backward")
+def _linchain_compose_backward_fake(
+    grad_M: torch.Tensor, grad_beff: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return W.new_empty(W.shape), W.new_empty(b.shape if b is not None else (0,))
+
+
+# Adapted linear layer: y = x @ weight.T + bias + scale * u @ B.T with u = dropout(x) @ A.T + c, returns (y, u).
+# x [..., in], weight [out, in] (frozen), A [r, in], B [out, r], c [r]; keep: the dropout keep probability as
+# for fisher_dropout (None: no dropout), seed the fisher_dropout key. u [tokens, r] is what backward needs.
+LIB.define(
+    "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor? c, float scale, Tensor? keep, "
+    "Tensor seed) -> (Tensor, Tensor)"
+)
+# Gradients w.r.t. (x, A, B, c) for output_mask's True entries; the others are empty [0] tensors.
+LIB.define(
+    "lora_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor u, float scale, "
+    "Tensor? keep, Tensor seed, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("finetune_ext::lora_linear")
+def _lora_linear_fake(x, weight, bias, A, B, c, scale, keep, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(x.shape[-1] == weight.shape[1], lambda: f"x {tuple(x.shape)} does not match weight {weight.shape}")
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.numel() // x.shape[-1], A.shape[0])
+
+
+@torch.library.register_fake("finetune_ext::lora_linear_backward")
+def _lora_linear_backward_fake(grad, x, weight, A, B, u, scale, keep, seed, output_mask):
+    shapes = (x.shape, A.shape, B.shape, (A.shape[0],))
+    return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask, strict=True))

@@ -1,6 +1,7 @@
 """Pure-PyTorch references: the oracles of the tests and the baselines of the benchmarks."""
 
 from finetune_ext.reference.fisher_dropout import dropout_mask, fisher_dropout, fisher_dropout_eager
+from finetune_ext.reference.linchain import linchain_chain, linchain_compose, lora_linear
 from finetune_ext.reference.philox import philox4x32_10, philox_uniform
 from finetune_ext.reference.softmax_ce_hessian import softmax_ce_hessian_vp
 
@@ -8,6 +9,9 @@ __all__ = [
     "dropout_mask",
     "fisher_dropout",
     "fisher_dropout_eager",
+    "linchain_chain",
+    "linchain_compose",
+    "lora_linear",
     "philox4x32_10",
     "philox_uniform",
     "softmax_ce_hessian_vp",

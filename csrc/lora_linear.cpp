@@ -1,0 +1,113 @@
+// finetune_ext::lora_linear and its backward, one implementation for CPU and CUDA: the adapted layer
+//   y = x W^T + bias + scale * u B^T,   u = dropout(x) A^T + c
+// as four GEMMs whose epilogues do the adds (addmm with beta = 1 accumulates the low-rank term into the base
+// output in place, and the rank-space bias c rides on the A GEMM). Dropout is the seeded fisher_dropout, so
+// no mask and no dropped copy of x is kept: the backward redraws the mask and fuses it with the base
+// gradient (dx = g W + mask * (du A) / keep in one pass). Only u ([tokens, r]) is saved. The base weight and
+// bias are frozen: no gradient is computed for them.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace finetune_ext {
+namespace {
+
+at::Tensor seeded_dropout(const at::Tensor& x, const at::Tensor& keep, const std::optional<at::Tensor>& residual,
+                          const at::Tensor& seed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("finetune_ext::fisher_dropout", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               const at::Tensor&)>();
+  return op.call(x, keep, residual, seed);
+}
+
+void check_lora_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& A, const at::Tensor& B, const std::optional<at::Tensor>& c) {
+  TORCH_CHECK(weight.dim() == 2 && A.dim() == 2 && B.dim() == 2,
+              "lora_linear: expected 2-d weight [out, in], A [r, in] and B [out, r], got ", weight.sizes(), ", ",
+              A.sizes(), ", ", B.sizes());
+  const int64_t in = weight.size(1), out = weight.size(0), r = A.size(0);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lora_linear: expected x with last dimension ", in,
+              " (weight.size(1)), got ", x.sizes());
+  TORCH_CHECK(A.size(1) == in && B.size(0) == out && B.size(1) == r, "lora_linear: expected A [", r, ", ", in,
+              "] and B [", out, ", ", r, "], got ", A.sizes(), " and ", B.sizes());
+  std::vector<const at::Tensor*> all = {&weight, &A, &B};
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "lora_linear: expected bias [", out, "], got ",
+                bias->sizes());
+    all.push_back(&*bias);
+  }
+  if (c.has_value()) {
+    TORCH_CHECK(c->dim() == 1 && c->size(0) == r, "lora_linear: expected c [", r, "], got ", c->sizes());
+    all.push_back(&*c);
+  }
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                "lora_linear: expected every tensor of dtype ", x.scalar_type(), " on ", x.device(), " (like x), got ",
+                t->scalar_type(), " on ", t->device());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                                               const at::Tensor& B, const std::optional<at::Tensor>& c, double scale,
+                                               const std::optional<at::Tensor>& keep, const at::Tensor& seed) {
+  check_lora_args(x, weight, bias, A, B, c);
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  const at::Tensor xd = keep.has_value() ? seeded_dropout(x2, *keep, std::nullopt, seed) : x2;
+  const at::Tensor u = c.has_value() ? at::addmm(*c, xd, A.t()) : at::mm(xd, A.t());
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  y.addmm_(u, B.t(), /*beta=*/1, /*alpha=*/scale);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = weight.size(0);
+  return {y.view(shape), u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& u, double scale, const std::optional<at::Tensor>& keep, const at::Tensor& seed,
+    std::array<bool, 4> output_mask) {
+  check_lora_args(x, weight, std::nullopt, A, B, std::nullopt);
+  const at::Tensor g = grad.reshape({-1, weight.size(0)});
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  const at::Tensor none = at::empty({0}, x.options());
+  const at::Tensor du = at::mm(g, B).mul_(scale);
+  at::Tensor dx = none, dA = none, dB = none, dc = none;
+  if (output_mask[0]) {
+    dx = keep.has_value() ? seeded_dropout(at::mm(du, A), *keep, at::mm(g, weight), seed)
+                          : at::mm(g, weight).addmm_(du, A);
+    dx = dx.view(x.sizes());
+  }
+  if (output_mask[1]) {
+    const at::Tensor xd = keep.has_value() ? seeded_dropout(x2, *keep, std::nullopt, seed) : x2;
+    dA = at::mm(du.t(), xd);
+  }
+  if (output_mask[2]) dB = at::mm(g.t(), u).mul_(scale);
+  if (output_mask[3]) dc = du.sum(0);
+  return {dx, dA, dB, dc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finetune_ext, CPU, m) {
+  m.impl("lora_linear", &lora_linear);
+  m.impl("lora_linear_backward", &lora_linear_backward);
+}
+
+#ifdef FINETUNE_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(finetune_ext, CUDA, m) {
+  m.impl("lora_linear", &lora_linear);
+  m.impl("lora_linear_backward", &lora_linear_backward);
+}
+#endif
+
+}  // namespace finetune_ext

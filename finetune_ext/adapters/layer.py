@@ -1,0 +1,142 @@
+"""``LinChainLinear``: a frozen ``nn.Linear`` or GPT-2 ``Conv1D`` plus a LinChain update, through the fused op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from finetune_ext import ops
+from finetune_ext.adapters.config import LinChainConfig
+
+
+class LinChainLinear(nn.Module):
+    """``y = base(x) + s * B (M dropout(x) A^T... )``: LoRA factors ``A [r, in]``, ``B [out, r]`` and a chain of
+    ``k`` mixers stored as ``mixer_weight [k, r, r]`` (``u <- mixer_weight[i] u + mixer_bias[i]``).
+
+    The chain is composed into ``M, beff`` once per model forward for all adapters (``linchain_compose``, set
+    by the model-level hook in ``adapters.model``; composed here when the layer is called on its own), and the
+    layer runs as LoRA with ``A' = M A`` and a rank-space bias ``beff`` (``ops.lora_linear``).
+    """
+
+    def __init__(self, base: nn.Linear | Conv1D, config: LinChainConfig) -> None:
+        super().__init__()
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(f"base: expected nn.Linear or Conv1D, got {type(base).__name__}")
+        self.base_layer = base
+        self.conv1d = isinstance(base, Conv1D)
+        out_f, in_f = self.base_weight().shape
+        r, k = config.r, config.chain_length
+        self.r, self.chain_length, self.scale, self.dropout = r, k, config.scale, config.dropout
+        like = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, **like))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, **like))
+        self.mixer_weight = nn.Parameter(torch.empty(k, r, r, **like)) if k else None
+        self.mixer_bias = nn.Parameter(torch.empty(k, r, **like)) if k and config.mixer_bias else None
+        self.merged = False
+        self._created_bias = False
+        self._chain: tuple[torch.Tensor, torch.Tensor] | None = None  # (M, beff) of the current model forward
+        self.reset_parameters(config.init)
+        self.train(base.training)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        """The official initialisation (``kaiming``) or mixers at the identity; B = 0 either way."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        if self.mixer_weight is None:
+            return
+        for i in range(self.chain_length):
+            if init == "identity":
+                nn.init.eye_(self.mixer_weight[i])
+            else:
+                nn.init.kaiming_uniform_(self.mixer_weight[i], a=math.sqrt(5))
+        if self.mixer_bias is not None:
+            bound = 1.0 / math.sqrt(self.r)
+            nn.init.zeros_(self.mixer_bias) if init == "identity" else nn.init.uniform_(self.mixer_bias, -bound, bound)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for ``Conv1D``)."""
+        w = self.base_layer.weight
+        return w.t() if self.conv1d else w
+
+    def chain(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(M, beff)`` of the chain, ``(None, None)`` for LoRA."""
+        if self.mixer_weight is None:
+            return None, None
+        if self._chain is not None:
+            return self._chain
+        b = self.mixer_bias[None] if self.mixer_bias is not None else None
+        M, beff = ops.linchain_compose(self.mixer_weight[None], b)
+        return M[0], beff[0]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(A', c)``: the effective down-projection ``M A`` and rank-space bias."""
+        M, beff = self.chain()
+        if M is None:
+            return self.lora_A, None
+        return M @ self.lora_A, (beff if self.mixer_bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        A, c = self.factors()
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        cast = [t.to(dtype) if t is not None else None for t in (x, self.base_weight(), self.base_layer.bias, A)]
+        return ops.lora_linear(
+            cast[0],
+            cast[1],
+            cast[2],
+            cast[3],
+            self.lora_B.to(dtype),
+            c.to(dtype) if c is not None else None,
+            scale=self.scale,
+            dropout_p=self.dropout,
+            training=self.training,
+        )
+
+    @torch.no_grad()
+    def delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The update as ``(dW [out, in], db [out] or None)``, computed in float64 for an exact merge."""
+        A, c = self.factors()
+        B = self.lora_B.double()
+        dW = self.scale * (B @ A.double())
+        db = self.scale * (B @ c.double()) if c is not None else None
+        return dW, db
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base layer (``W += s B M A``, ``bias += s B beff``)."""
+        if self.merged:
+            return
+        self._apply_delta(+1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``."""
+        if not self.merged:
+            return
+        self._apply_delta(-1.0)
+        self.merged = False
+
+    def _apply_delta(self, sign: float) -> None:
+        dW, db = self.delta()
+        w = self.base_layer.weight
+        w.copy_((w.double() + sign * (dW.t() if self.conv1d else dW)).to(w.dtype))
+        if db is None:
+            return
+        if self.base_layer.bias is None:  # a bias-free nn.Linear gets one while merged
+            self.base_layer.bias = nn.Parameter(torch.zeros_like(db, dtype=w.dtype), requires_grad=False)
+            self._created_bias = True
+        bias = self.base_layer.bias
+        bias.copy_((bias.double() + sign * db).to(bias.dtype))
+        if sign < 0 and self._created_bias:
+            self.base_layer.bias = None
+            self._created_bias = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, chain_length={self.chain_length}, scale={self.scale:g}, dropout={self.dropout:g}"

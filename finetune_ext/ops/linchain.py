@@ -1,0 +1,148 @@
+"""LinChain ops: batched chain composition and the fused adapted linear layer.
+
+``linchain_compose`` turns every adapter's chain of r x r mixers into one matrix and one rank-space bias in a
+single launch, with exact gradients for each mixer. ``lora_linear`` is a frozen linear layer plus a low-rank
+update, ``x W^T + bias + scale * (dropout(x) A^T + c) B^T``: with ``A = M A_0`` and ``c = beff`` it is a
+LinChain layer at LoRA's cost. Its dropout is ``fisher_dropout``'s seeded mask, redrawn in the backward, so
+only the ``[tokens, r]`` rank-space activations are saved.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from finetune_ext import reference
+from finetune_ext.ops._library import check_backend, use_kernel
+from finetune_ext.ops.fisher_dropout import _philox_key
+
+Backend = Literal["auto", "ext", "reference"]
+
+
+def linchain_compose(
+    W: torch.Tensor, b: torch.Tensor | None = None, *, backend: Backend = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compose N chains of k mixers at once.
+
+    Args:
+        W: ``[N, k, r, r]`` mixer weights, ``W[n, i]`` applied i-th (``u <- W[n, i] u + b[n, i]``).
+        b: ``[N, k, r]`` mixer biases or ``None``.
+        backend: ``"ext"``, ``"reference"`` or ``"auto"`` (the kernel when one is registered).
+
+    Returns:
+        ``M [N, r, r] = W[:, k-1] ... W[:, 0]`` and ``beff [N, r]`` (zeros without ``b``); differentiable in both.
+    """
+    check_backend(backend)
+    if W.dim() != 4 or W.shape[2] != W.shape[3] or W.shape[1] < 1:
+        raise ValueError(f"W: expected shape [N, k, r, r] with k >= 1, got {list(W.shape)}")
+    if b is not None and (b.shape != W.shape[:3] or b.dtype != W.dtype or b.device != W.device):
+        raise ValueError(
+            f"b: expected shape {list(W.shape[:3])}, dtype {W.dtype} on {W.device}, "
+            f"got {list(b.shape)}, {b.dtype} on {b.device}"
+        )
+    if not use_kernel("linchain_compose", backend, W.device):
+        return reference.linchain_compose(W, b)
+    M, beff = torch.ops.finetune_ext.linchain_compose(W, b)
+    return M, beff
+
+
+def _compose_setup(ctx, inputs, output) -> None:
+    W, b = inputs
+    ctx.save_for_backward(W, b)
+
+
+def _compose_backward(ctx, grad_M: torch.Tensor | None, grad_beff: torch.Tensor | None):
+    W, b = ctx.saved_tensors
+    n, _, r, _ = W.shape
+    grad_M = grad_M if grad_M is not None else W.new_zeros(n, r, r)
+    grad_beff = grad_beff if grad_beff is not None else W.new_zeros(n, r)
+    gW, gb = torch.ops.finetune_ext.linchain_compose_backward(grad_M, grad_beff, W, b)
+    return gW, (gb if b is not None else None)
+
+
+torch.library.register_autograd("finetune_ext::linchain_compose", _compose_backward, setup_context=_compose_setup)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    c: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """A frozen linear layer plus a low-rank update, fused.
+
+    Args:
+        x: ``[..., in]``.
+        weight, bias: the frozen base layer, ``[out, in]`` and ``[out]`` or ``None`` (GPT-2's ``Conv1D``
+            weight is ``[in, out]``: pass ``weight.t()``). The kernel computes no gradient for them; when
+            they require one, ``"auto"`` takes the reference path and ``"ext"`` raises.
+        A, B, c: ``[r, in]``, ``[out, r]`` and the rank-space bias ``[r]`` or ``None``.
+        scale: the update's factor (``alpha / r``).
+        dropout_p: dropout on the adapter's input (not on the base path), active when ``training``.
+        seed, generator: the dropout's Philox key, as for ``fisher_dropout``.
+
+    Returns:
+        ``[..., out]`` in x's dtype.
+    """
+    check_backend(backend)
+    _check_lora_args(x, weight, bias, A, B, c)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
+    drop = training and dropout_p > 0.0
+    key = _philox_key(seed, 0, generator) if drop else torch.zeros(2, dtype=torch.int64)
+    keep = torch.full((), 1.0 - dropout_p, dtype=torch.float32, device=x.device) if drop else None
+    base_grad = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if base_grad and backend == "ext":
+        raise RuntimeError("backend='ext': the fused lora_linear keeps weight and bias frozen; they require grad")
+    if base_grad or not use_kernel("lora_linear", backend, x.device):
+        return reference.lora_linear(x, weight, bias, A, B, c, scale, keep, seed=int(key[0]), offset=int(key[1]))
+    y, _ = torch.ops.finetune_ext.lora_linear(x, weight, bias, A, B, c, float(scale), keep, key)
+    return y
+
+
+def _check_lora_args(x, weight, bias, A, B, c) -> None:
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dimension {weight.shape[1]} (weight [out, in]), got {list(x.shape)}")
+    out, inp = weight.shape
+    if A.dim() != 2 or A.shape[1] != inp:
+        raise ValueError(f"A: expected shape [r, {inp}], got {list(A.shape)}")
+    r = A.shape[0]
+    expected = {"bias": (bias, (out,)), "B": (B, (out, r)), "c": (c, (r,))}
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    for name, t in {"weight": weight, "bias": bias, "A": A, "B": B, "c": c}.items():
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: expected dtype {x.dtype} on {x.device} (like x), got {t.dtype} on {t.device}")
+
+
+def _lora_setup(ctx, inputs, output) -> None:
+    x, weight, _, A, B, c, scale, keep, seed = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, weight, A, B, u, keep, seed)
+    ctx.scale, ctx.has_c = scale, c is not None
+
+
+def _lora_backward(ctx, grad: torch.Tensor, _grad_u: torch.Tensor | None):
+    x, weight, A, B, u, keep, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[3], need[4], need[5] and ctx.has_c]
+    dx, dA, dB, dc = torch.ops.finetune_ext.lora_linear_backward(
+        grad.contiguous(), x, weight, A, B, u, ctx.scale, keep, seed, mask
+    )
+    pick = [t if m else None for t, m in zip((dx, dA, dB, dc), mask, strict=True)]
+    return pick[0], None, None, pick[1], pick[2], pick[3], None, None, None
+
+
+torch.library.register_autograd("finetune_ext::lora_linear", _lora_backward, setup_context=_lora_setup)

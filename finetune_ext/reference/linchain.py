@@ -1,0 +1,62 @@
+"""Pure-PyTorch LinChain: the oracles of the ``linchain_compose`` and ``lora_linear`` kernels and the
+benchmarks' baselines.
+
+``linchain_compose`` multiplies the mixers one by one; ``lora_linear`` writes the adapted layer with plain
+autograd ops and the reference dropout (same Philox mask as the kernels). ``linchain_chain`` is the official
+code's per-token form (``A``, then each mixer with its bias, then ``B``), the "matmul by matmul" baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from finetune_ext.reference.fisher_dropout import fisher_dropout
+
+
+def linchain_compose(W: torch.Tensor, b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, beff)``: ``M = W[:, k-1] @ ... @ W[:, 0]`` and ``beff = sum_i W[:, k-1] ... W[:, i+1] @ b[:, i]``."""
+    M = W[:, 0]
+    beff = b[:, 0] if b is not None else W.new_zeros(W.shape[0], W.shape[2])
+    for i in range(1, W.shape[1]):
+        M = W[:, i] @ M
+        beff = (W[:, i] @ beff.unsqueeze(-1)).squeeze(-1)
+        if b is not None:
+            beff = beff + b[:, i]
+    return M, beff
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    c: torch.Tensor | None,
+    scale: float,
+    keep: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    offset: int = 0,
+) -> torch.Tensor:
+    """``x W^T + bias + scale * (dropout(x) A^T + c) B^T`` with the kernels' dropout mask."""
+    xd = fisher_dropout(x, keep, seed=seed, offset=offset) if keep is not None else x
+    u = F.linear(xd, A, c)
+    return F.linear(x, weight, bias) + scale * F.linear(u, B)
+
+
+def linchain_chain(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    mixers: list[tuple[torch.Tensor, torch.Tensor | None]],
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The official code's forward: ``u = A dropout(x)``, ``u = M_i u + b_i`` for each mixer, ``+ scale B u``."""
+    u = F.linear(F.dropout(x, dropout_p) if dropout_p else x, A)
+    for w, b in mixers:
+        u = F.linear(u, w, b)
+    return F.linear(x, weight, bias) + scale * F.linear(u, B)
