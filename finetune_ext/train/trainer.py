@@ -368,7 +368,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 _batch(splits.train, idx[m * micro + ddp.rank * per_rank :][:per_rank], task, device)
                 for m in range(cfg.grad_accum)
             ]
-            metrics = method.step(StepContext(trained, batches, autocast))
+            t0 = time.perf_counter()
+            metrics = method.step(StepContext(trained, batches, autocast))  # returns host floats: synchronised
+            metrics["step_ms"] = (time.perf_counter() - t0) * 1e3
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"training loss is {metrics['loss']} at step {step + 1}; lower --lr")
             step += 1

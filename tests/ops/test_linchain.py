@@ -1,0 +1,221 @@
+"""finetune_ext::linchain_compose and finetune_ext::lora_linear against their references and autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune_ext import ops, reference
+from finetune_ext.testing import assert_within_2x_reference, tolerance
+from tests.conftest import DEVICES
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _chains(device, dtype, n=3, k=3, r=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(n, k, r, r, generator=g) / r**0.5).to(device=device, dtype=dtype)
+    b = torch.randn(n, k, r, generator=g).to(device=device, dtype=dtype)
+    return W, b
+
+
+def _explicit_chain(W: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """M and beff by pushing the identity and zero through the chain, mixer by mixer (the official forward)."""
+    n, k, r, _ = W.shape
+    M = torch.eye(r, dtype=W.dtype, device=W.device).expand(n, r, r)
+    u = torch.zeros(n, r, 1, dtype=W.dtype, device=W.device)
+    for i in range(k):
+        M = W[:, i] @ M
+        u = W[:, i] @ u + (b[:, i, :, None] if b is not None else 0)
+    return M, u[..., 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k", "r"), [(1, 1, 1), (4, 3, 5), (2, 4, 16), (7, 2, 33)])
+def test_compose_matches_reference(device, dtype, n, k, r) -> None:
+    W, b = _chains(device, dtype, n, k, r)
+    for bias in (b, None):
+        M, beff = ops.linchain_compose(W, bias, backend="ext")
+        assert M.shape == (n, r, r) and beff.shape == (n, r) and M.dtype == dtype
+        exact = _explicit_chain(W.double(), bias.double() if bias is not None else None)
+        ref = reference.linchain_compose(W, bias)
+        assert_within_2x_reference(M, ref[0], exact[0])
+        assert_within_2x_reference(beff, ref[1], exact[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_compose_gradients_are_exact(device, k) -> None:
+    """float64: the kernel's gradient of every mixer equals autograd through the explicit chain."""
+    W, b = _chains(device, torch.float64, n=3, k=k, r=6)
+    gM, gb = (
+        torch.randn(3, 6, 6, dtype=torch.float64, device=device),
+        torch.randn(3, 6, dtype=torch.float64, device=device),
+    )
+    for bias in (b, None):
+        Wr = W.clone().requires_grad_(True)
+        br = bias.clone().requires_grad_(True) if bias is not None else None
+        M, beff = ops.linchain_compose(Wr, br, backend="ext")
+        got = torch.autograd.grad((M * gM).sum() + (beff * gb).sum(), [t for t in (Wr, br) if t is not None])
+        Me, be = _explicit_chain(Wr, br)
+        want = torch.autograd.grad((Me * gM).sum() + (be * gb).sum(), [t for t in (Wr, br) if t is not None])
+        for g_, w_ in zip(got, want, strict=True):
+            torch.testing.assert_close(g_, w_, **tolerance(torch.float64))
+    Wr, br = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w, c: ops.linchain_compose(w, c, backend="ext"), (Wr, br))
+    assert torch.autograd.gradcheck(lambda w: ops.linchain_compose(w, None, backend="ext")[0], (Wr,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compose_opcheck(device) -> None:
+    W, b = _chains(device, torch.float32)
+    torch.library.opcheck(torch.ops.finetune_ext.linchain_compose, (W.requires_grad_(True), b))
+    torch.library.opcheck(torch.ops.finetune_ext.linchain_compose, (W, None))
+
+
+def _layer(device, dtype, lead=(3, 7), d_in=24, d_out=20, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = {"device": device, "dtype": dtype}
+    x = torch.randn(*lead, d_in, generator=g).to(**t)
+    weight = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(**t)
+    bias = torch.randn(d_out, generator=g).to(**t)
+    A = (torch.randn(r, d_in, generator=g) / d_in**0.5).to(**t)
+    B = torch.randn(d_out, r, generator=g).to(**t)
+    c = torch.randn(r, generator=g).to(**t)
+    return x, weight, bias, A, B, c
+
+
+def _grads(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_linear_matches_reference(device, dtype, p) -> None:
+    """GEMMs are reductions: the 2x-reference rule against float64, forward and every gradient."""
+    x, weight, bias, A, B, c = _layer(device, dtype)
+    grad_out = torch.randn(3, 7, 20, device=device).to(dtype)
+
+    def run(backend, cast=None):
+        def fn(x_, A_, B_, c_):
+            w, bi = (weight, bias) if cast is None else (weight.to(cast), bias.to(cast))
+            return ops.lora_linear(x_, w, bi, A_, B_, c_, scale=2.0, dropout_p=p, seed=11, backend=backend)
+
+        inputs = [x, A, B, c] if cast is None else [t.to(cast) for t in (x, A, B, c)]
+        return _grads(fn, inputs, grad_out if cast is None else grad_out.to(cast))
+
+    (y, grads), (y_ref, grads_ref), (y64, grads64) = run("ext"), run("reference"), run("reference", torch.float64)
+    assert y.dtype == dtype and y.shape == (3, 7, 20)
+    assert_within_2x_reference(y, y_ref, y64)
+    for g_, gr, g64 in zip(grads, grads_ref, grads64, strict=True):
+        assert_within_2x_reference(g_, gr, g64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_linear_gradcheck_and_opcheck(device) -> None:
+    x, weight, bias, A, B, c = _layer(device, torch.float64, lead=(5,), d_in=6, d_out=4, r=3)
+    leaves = [t.requires_grad_(True) for t in (x, A, B, c)]
+
+    def fn(x_, A_, B_, c_):
+        return ops.lora_linear(x_, weight, bias, A_, B_, c_, scale=0.5, dropout_p=0.4, seed=3, backend="ext")
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    keep, seed = torch.full((), 0.6, dtype=torch.float32, device=device), torch.tensor([3, 0])
+    args = (x, weight, bias, A, B, c, 0.5, keep, seed)
+    torch.library.opcheck(torch.ops.finetune_ext.lora_linear, args)
+    torch.library.opcheck(torch.ops.finetune_ext.lora_linear, (x, weight, None, A, B, None, 0.5, None, seed))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_linear_dropout_and_memory(device) -> None:
+    x, weight, bias, A, B, c = _layer(device, torch.float32, lead=(64,), d_in=32, r=4)
+    x.requires_grad_(True)
+    # Eval (training=False) and p = 0 are the undropped layer; the mask follows the seed.
+    plain = ops.lora_linear(x, weight, bias, A, B, c, scale=2.0, backend="ext")
+    assert torch.equal(ops.lora_linear(x, weight, bias, A, B, c, scale=2.0, dropout_p=0.5, training=False), plain)
+    y1 = ops.lora_linear(x, weight, bias, A, B, c, scale=2.0, dropout_p=0.5, seed=1, backend="ext")
+    y2 = ops.lora_linear(x, weight, bias, A, B, c, scale=2.0, dropout_p=0.5, seed=2, backend="ext")
+    assert not torch.equal(y1, y2) and not torch.equal(y1, plain)
+    # Nothing of x's size is saved besides x itself: the mask is redrawn in the backward.
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.lora_linear(x, weight, bias, A.requires_grad_(True), B, c, scale=2.0, dropout_p=0.5, backend="ext")
+    big = [t for t in saved if t.numel() >= x.numel() and t.data_ptr() not in (x.data_ptr(), weight.data_ptr())]
+    assert big == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_linear_transposed_weight_and_frozen_base(device) -> None:
+    x, weight, bias, A, B, c = _layer(device, torch.float32)
+    conv_weight = weight.t().contiguous()  # GPT-2 Conv1D layout [in, out]
+    torch.testing.assert_close(
+        ops.lora_linear(x, conv_weight.t(), bias, A, B, c, scale=2.0, backend="ext"),
+        reference.lora_linear(x, weight, bias, A, B, c, 2.0),
+        **tolerance(torch.float32),
+    )
+    weight.requires_grad_(True)  # a trainable base: auto takes the reference path, ext refuses
+    y = ops.lora_linear(x, weight, bias, A, B, c, scale=2.0)
+    assert torch.autograd.grad(y.sum(), weight)[0].shape == weight.shape
+    with pytest.raises(RuntimeError, match="keeps weight and bias frozen"):
+        ops.lora_linear(x, weight, bias, A, B, c, scale=2.0, backend="ext")
+
+
+def test_bad_input() -> None:
+    x, weight, bias, A, B, c = _layer("cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"A: expected shape \[r, 24\], got \[4, 23\]"):
+        ops.lora_linear(x, weight, bias, A[:, :23], B, c)
+    with pytest.raises(ValueError, match=r"B: expected shape \[20, 4\], got \[20, 3\]"):
+        ops.lora_linear(x, weight, bias, A, B[:, :3], c)
+    with pytest.raises(ValueError, match=r"c: expected dtype torch.float32 on cpu \(like x\), got torch.float64"):
+        ops.lora_linear(x, weight, bias, A, B, c.double())
+    with pytest.raises(ValueError, match=r"dropout_p: expected a value in \[0, 1\), got 1.0"):
+        ops.lora_linear(x, weight, bias, A, B, c, dropout_p=1.0)
+    with pytest.raises(ValueError, match=r"W: expected shape \[N, k, r, r\] with k >= 1, got \[2, 3, 4\]"):
+        ops.linchain_compose(torch.zeros(2, 3, 4))
+    W, b = _chains("cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"b: expected shape \[3, 3, 5\]"):
+        ops.linchain_compose(W, b[:, :2])
+    with pytest.raises(RuntimeError, match="linchain_compose: expected W of shape"):
+        torch.ops.finetune_ext.linchain_compose(torch.zeros(2, 0, 3, 3), None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device) -> None:
+    """An adapted layer end to end (compose, A' = M A, fused layer) compiles without graph breaks."""
+    x, weight, bias, A, B, _ = _layer(device, torch.float32)
+    W, b = _chains(device, torch.float32, n=1, k=3, r=4)
+    leaves = [t.requires_grad_(True) for t in (x, A, W, b)]
+
+    def f(x_, A_, W_, b_):
+        M, beff = ops.linchain_compose(W_, b_, backend="ext")
+        return ops.lora_linear(x_, weight, bias, M[0] @ A_, B, beff[0], scale=2.0, dropout_p=0.1, seed=9)
+
+    y = torch.compile(f, fullgraph=True)(*leaves)
+    torch.testing.assert_close(y, f(*leaves), **tolerance(torch.float32))
+    got = torch.autograd.grad(y.sum(), leaves)
+    for g_, e in zip(got, torch.autograd.grad(f(*leaves).sum(), leaves), strict=True):
+        torch.testing.assert_close(g_, e, **tolerance(torch.float32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_and_cuda_agree(dtype) -> None:
+    """Same chains and the same dropout mask on both devices (the fused layer shares fisher_dropout's Philox)."""
+    W, b = _chains("cpu", dtype, n=9, k=3, r=16)
+    M, beff = ops.linchain_compose(W, b, backend="ext")
+    Mc, bc = ops.linchain_compose(W.cuda(), b.cuda(), backend="ext")
+    torch.testing.assert_close(Mc.cpu(), M, **tolerance(dtype))
+    torch.testing.assert_close(bc.cpu(), beff, **tolerance(dtype))
+    x, weight, bias, A, B, c = _layer("cpu", dtype, lead=(257,), d_in=64, d_out=48)
+    y = ops.lora_linear(x, weight, bias, A, B, c, scale=2.0, dropout_p=0.2, seed=4, backend="ext")
+    args = [t.cuda() for t in (x, weight, bias, A, B, c)]
+    yc = ops.lora_linear(*args, scale=2.0, dropout_p=0.2, seed=4, backend="ext")
+    assert_within_2x_reference(
+        yc.cpu(),
+        y,
+        reference.lora_linear(*(t.double() for t in (x, weight, bias, A, B, c)), 2.0, torch.full((), 0.8), seed=4),
+    )
