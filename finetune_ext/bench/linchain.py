@@ -64,7 +64,7 @@ def cases(device: torch.device, dtype: torch.dtype, sizes: list[int], providers:
             grad = torch.randn_like(x)
             for name, (fn, params) in fns.items():
 
-                def run(fn=fn, leaves=(x, *params)):
+                def run(fn=fn, x=x, leaves=(x, *params), grad=grad):
                     return torch.autograd.grad(fn(x), leaves, grad)
 
                 yield Case("lora_linear", "fwdbwd", name, tuple(x.shape), dtype, device, 0, run)

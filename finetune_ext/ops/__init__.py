@@ -1,8 +1,16 @@
 """Public fused ops. Importing this package defines every schema (``_library``) and its autograd."""
 
 from finetune_ext.ops import _library  # noqa: F401  (schemas first: kernels register against them)
+from finetune_ext.ops.armijo import armijo_moments_, armijo_update_
 from finetune_ext.ops.fisher_dropout import fisher_dropout
 from finetune_ext.ops.linchain import linchain_compose, lora_linear
 from finetune_ext.ops.softmax_ce_hessian import softmax_ce_hessian_vp
 
-__all__ = ["fisher_dropout", "linchain_compose", "lora_linear", "softmax_ce_hessian_vp"]
+__all__ = [
+    "armijo_moments_",
+    "armijo_update_",
+    "fisher_dropout",
+    "linchain_compose",
+    "lora_linear",
+    "softmax_ce_hessian_vp",
+]

@@ -110,3 +110,29 @@ def _lora_linear_fake(x, weight, bias, A, B, c, scale, keep, seed) -> tuple[torc
 def _lora_linear_backward_fake(grad, x, weight, A, B, u, scale, keep, seed, output_mask):
     shapes = (x.shape, A.shape, B.shape, (A.shape[0],))
     return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask, strict=True))
+
+
+# Block Armijo line search, multi-tensor: every tensor of the lists in one launch. Moments (Adam):
+# m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2 in place, then per parameter block (block_of[i] for tensor i)
+# the sums (g^2 P, g^2) with P = 1 / (sqrt(v / bc2) + eps) (P = 1 and moments untouched when adam is false;
+# exp_avg lists may then be empty). Returns float64 [num_blocks, 2] on the tensors' device.
+LIB.define(
+    "armijo_moments_(Tensor[] grads, Tensor(a!)[] exp_avg, Tensor(b!)[] exp_avg_sq, int[] block_of, int num_blocks, "
+    "float beta1, float beta2, float bias_correction2, float eps, bool adam) -> Tensor"
+)
+# w_i <- w_i + (alpha_g[i] g_i + alpha_m[i] m_i / bc1) P_i in place (P = 1 and no m term when adam is false):
+# the trial step, a move between trials and the final momentum step are all this one update.
+LIB.define(
+    "armijo_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avg, Tensor[] exp_avg_sq, float[] alpha_g, "
+    "float[] alpha_m, float bias_correction1, float bias_correction2, float eps, bool adam) -> ()"
+)
+
+
+@torch.library.register_fake("finetune_ext::armijo_moments_")
+def _armijo_moments_fake(grads, exp_avg, exp_avg_sq, block_of, num_blocks, beta1, beta2, bc2, eps, adam):
+    return grads[0].new_empty(num_blocks, 2, dtype=torch.float64)
+
+
+@torch.library.register_fake("finetune_ext::armijo_update_")
+def _armijo_update_fake(params, grads, exp_avg, exp_avg_sq, alpha_g, alpha_m, bc1, bc2, eps, adam) -> None:
+    return None

@@ -33,6 +33,7 @@ from torch import nn
 
 from finetune_ext import guided  # noqa: F401  (registers the guided-dropout methods)
 from finetune_ext.adapters import method as _adapter_methods  # noqa: F401  (registers linchain, lora)
+from finetune_ext.optim import method as _optim_methods  # noqa: F401  (registers armijo)
 from finetune_ext.train import checkpoint
 from finetune_ext.train.data import Splits, detect_task, load_splits
 from finetune_ext.train.errors import UserError

@@ -1,0 +1,195 @@
+// CUDA kernels of finetune_ext::armijo_moments_ and finetune_ext::armijo_update_, multi-tensor style: one
+// launch walks every tensor of the list, one thread block per 64K-element chunk (armijo.h). Tensor pointers,
+// sizes and per-tensor scalars travel in one small metadata buffer copied to the device with the launch.
+// The reductions write per-chunk partial sums; the last block to finish (threadfence + counter) adds them per
+// parameter block in chunk order, so the sums are deterministic and need a single launch.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "armijo.h"
+
+namespace finetune_ext {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Per tensor: g, m, v, w pointers, numel, block; per chunk: tensor, start. Packed as int64.
+struct Meta {
+  const int64_t* tensors;  // [T, 6]
+  const int64_t* chunks;   // [C, 2]
+  const double* alphas;    // [T, 2] (update only)
+};
+
+at::Tensor pack_to_device(const std::vector<int64_t>& host, const at::Device& device) {
+  at::Tensor t = at::empty({static_cast<int64_t>(host.size())}, at::dtype(at::kLong).pinned_memory(true));
+  std::copy(host.begin(), host.end(), t.mutable_data_ptr<int64_t>());
+  return t.to(device, /*non_blocking=*/true);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    _armijo_moments_kernel(Meta meta, int64_t num_chunks, double beta1, double beta2, double bc2, double eps,
+                           bool adam, double* partial, double* out, int64_t num_blocks, int* done) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = blockIdx.x;
+  const int64_t* t = meta.tensors + 6 * meta.chunks[2 * c];
+  const int64_t start = meta.chunks[2 * c + 1];
+  const int64_t n = min(kArmijoChunk, t[4] - start);
+  const scalar_t* g = reinterpret_cast<const scalar_t*>(t[0]) + start;
+  scalar_t* m = adam ? reinterpret_cast<scalar_t*>(t[1]) + start : nullptr;
+  scalar_t* v = adam ? reinterpret_cast<scalar_t*>(t[2]) + start : nullptr;
+  const acc_t b1 = beta1, b2 = beta2, c2 = bc2, ep = eps;
+  acc_t sum_p = 0, sum_g = 0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const acc_t gj = static_cast<acc_t>(g[j]);
+    const acc_t g2 = gj * gj;
+    acc_t p = 1;
+    if (adam) {
+      const acc_t mj = b1 * static_cast<acc_t>(m[j]) + (acc_t(1) - b1) * gj;
+      const acc_t vj = b2 * static_cast<acc_t>(v[j]) + (acc_t(1) - b2) * g2;
+      m[j] = static_cast<scalar_t>(mj);
+      v[j] = static_cast<scalar_t>(vj);
+      p = armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
+    }
+    sum_p += g2 * p;
+    sum_g += g2;
+  }
+  __shared__ double red[2][kThreads];
+  red[0][threadIdx.x] = sum_p;
+  red[1][threadIdx.x] = sum_g;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      red[0][threadIdx.x] += red[0][threadIdx.x + s];
+      red[1][threadIdx.x] += red[1][threadIdx.x + s];
+    }
+    __syncthreads();
+  }
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    partial[2 * c] = red[0][0];
+    partial[2 * c + 1] = red[1][0];
+    __threadfence();
+    last = atomicAdd(done, 1) == num_chunks - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int64_t b = threadIdx.x; b < num_blocks; b += blockDim.x) {  // one thread per parameter block
+    double sp = 0, sg = 0;
+    for (int64_t k = 0; k < num_chunks; ++k) {
+      if (meta.tensors[6 * meta.chunks[2 * k] + 5] == b) {
+        sp += partial[2 * k];
+        sg += partial[2 * k + 1];
+      }
+    }
+    out[2 * b] = sp;
+    out[2 * b + 1] = sg;
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    _armijo_update_kernel(Meta meta, double bc1, double bc2, double eps, bool adam) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = blockIdx.x;
+  const int64_t ti = meta.chunks[2 * c];
+  const int64_t* t = meta.tensors + 6 * ti;
+  const int64_t start = meta.chunks[2 * c + 1];
+  const int64_t n = min(kArmijoChunk, t[4] - start);
+  const scalar_t* g = reinterpret_cast<const scalar_t*>(t[0]) + start;
+  const scalar_t* m = adam ? reinterpret_cast<const scalar_t*>(t[1]) + start : nullptr;
+  const scalar_t* v = adam ? reinterpret_cast<const scalar_t*>(t[2]) + start : nullptr;
+  scalar_t* w = reinterpret_cast<scalar_t*>(t[3]) + start;
+  const acc_t ag = meta.alphas[2 * ti], am = meta.alphas[2 * ti + 1];
+  const acc_t c1 = bc1, c2 = bc2, ep = eps;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    acc_t d = ag * static_cast<acc_t>(g[j]);
+    if (adam) d = (d + am * (static_cast<acc_t>(m[j]) / c1)) * armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
+    w[j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) + d);
+  }
+}
+
+// Tensor table [T, 6] (g, m, v, w, numel, block) and chunk table [C, 2], one int64 buffer on the device.
+std::pair<at::Tensor, int64_t> build_meta(at::TensorList w, at::TensorList g, at::TensorList m, at::TensorList v,
+                                          at::IntArrayRef block_of, bool adam) {
+  const std::vector<ArmijoChunk> chunks = armijo_chunks(g);
+  std::vector<int64_t> host;
+  host.reserve(6 * g.size() + 2 * chunks.size());
+  for (size_t i = 0; i < g.size(); ++i) {
+    host.push_back(reinterpret_cast<int64_t>(g[i].const_data_ptr()));
+    host.push_back(adam ? reinterpret_cast<int64_t>(m[i].data_ptr()) : 0);
+    host.push_back(adam ? reinterpret_cast<int64_t>(v[i].data_ptr()) : 0);
+    host.push_back(w.empty() ? 0 : reinterpret_cast<int64_t>(w[i].data_ptr()));
+    host.push_back(g[i].numel());
+    host.push_back(block_of.empty() ? 0 : block_of[i]);
+  }
+  for (const ArmijoChunk& c : chunks) {
+    host.push_back(c.tensor);
+    host.push_back(c.start);
+  }
+  return {pack_to_device(host, g[0].device()), static_cast<int64_t>(chunks.size())};
+}
+
+at::Tensor armijo_moments_cuda(at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                               at::IntArrayRef block_of, int64_t num_blocks, double beta1, double beta2, double bc2,
+                               double eps, bool adam) {
+  check_armijo_moments_args(grads, exp_avg, exp_avg_sq, block_of, num_blocks, adam, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  auto [meta, num_chunks] = build_meta({}, grads, exp_avg, exp_avg_sq, block_of, adam);
+  const auto opts = grads[0].options();
+  at::Tensor out = at::zeros({num_blocks, 2}, opts.dtype(at::kDouble));
+  if (num_chunks == 0) return out;
+  at::Tensor partial = at::empty({2 * num_chunks}, opts.dtype(at::kDouble));
+  at::Tensor done = at::zeros({1}, opts.dtype(at::kInt));
+  const int64_t* mp = meta.const_data_ptr<int64_t>();
+  const Meta md{mp, mp + 6 * grads.size(), nullptr};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "armijo_moments_cuda", [&] {
+    _armijo_moments_kernel<scalar_t><<<num_chunks, kThreads, 0, stream>>>(
+        md, num_chunks, beta1, beta2, bc2, eps, adam, partial.mutable_data_ptr<double>(),
+        out.mutable_data_ptr<double>(), num_blocks, done.mutable_data_ptr<int>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+void armijo_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                        at::TensorList exp_avg_sq, at::ArrayRef<double> alpha_g, at::ArrayRef<double> alpha_m,
+                        double bc1, double bc2, double eps, bool adam) {
+  check_armijo_update_args(params, grads, exp_avg, exp_avg_sq, alpha_g, alpha_m, adam, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  auto [meta, num_chunks] = build_meta(params, grads, exp_avg, exp_avg_sq, {}, adam);
+  if (num_chunks == 0) return;
+  std::vector<int64_t> bits(2 * params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    std::memcpy(&bits[2 * i], &alpha_g[i], sizeof(double));
+    std::memcpy(&bits[2 * i + 1], &alpha_m[i], sizeof(double));
+  }
+  const at::Tensor alphas = pack_to_device(bits, params[0].device());
+  const int64_t* mp = meta.const_data_ptr<int64_t>();
+  const Meta md{mp, mp + 6 * params.size(), reinterpret_cast<const double*>(alphas.const_data_ptr<int64_t>())};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "armijo_update_cuda", [&] {
+    _armijo_update_kernel<scalar_t><<<num_chunks, kThreads, 0, stream>>>(md, bc1, bc2, eps, adam);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finetune_ext, CUDA, m) {
+  m.impl("armijo_moments_", &armijo_moments_cuda);
+  m.impl("armijo_update_", &armijo_update_cuda);
+}
+
+}  // namespace finetune_ext
