@@ -133,7 +133,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, wikitext_sli
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    untimed = [[{k: v for k, v in r.items() if k != "step_ms"} for r in _records(run, "train")] for run in (whole, parts)]
+    untimed = [[{k: v for k, v in r.items() if k != "step_ms"} for r in _records(o, "train")] for o in (whole, parts)]
     assert untimed[0] == untimed[1]
     assert [r["loss"] for r in _records(whole, "val")] == [r["loss"] for r in _records(parts, "val")]
 
