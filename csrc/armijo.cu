@@ -37,8 +37,8 @@ at::Tensor pack_to_device(const std::vector<int64_t>& host, const at::Device& de
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    _armijo_moments_kernel(Meta meta, int64_t num_chunks, double beta1, double beta2, double bc2, double eps,
-                           bool adam, double* partial, double* out, int64_t num_blocks, int* done) {
+    _armijo_moments_kernel(Meta meta, int64_t num_chunks, double beta1, double beta2, double bc2, double eps, bool adam,
+                           double* partial, double* out, int64_t num_blocks, int* done) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x;
   const int64_t* t = meta.tensors + 6 * meta.chunks[2 * c];
@@ -47,15 +47,16 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* g = reinterpret_cast<const scalar_t*>(t[0]) + start;
   scalar_t* m = adam ? reinterpret_cast<scalar_t*>(t[1]) + start : nullptr;
   scalar_t* v = adam ? reinterpret_cast<scalar_t*>(t[2]) + start : nullptr;
-  const acc_t b1 = beta1, b2 = beta2, c2 = bc2, ep = eps;
+  // 1 - beta in double first: 1 - 0.999f is off by 1e-5 relative.
+  const acc_t b1 = beta1, b2 = beta2, c2 = bc2, ep = eps, ob1 = 1.0 - beta1, ob2 = 1.0 - beta2;
   acc_t sum_p = 0, sum_g = 0;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const acc_t gj = static_cast<acc_t>(g[j]);
     const acc_t g2 = gj * gj;
     acc_t p = 1;
     if (adam) {
-      const acc_t mj = b1 * static_cast<acc_t>(m[j]) + (acc_t(1) - b1) * gj;
-      const acc_t vj = b2 * static_cast<acc_t>(v[j]) + (acc_t(1) - b2) * g2;
+      const acc_t mj = b1 * static_cast<acc_t>(m[j]) + ob1 * gj;
+      const acc_t vj = b2 * static_cast<acc_t>(v[j]) + ob2 * g2;
       m[j] = static_cast<scalar_t>(mj);
       v[j] = static_cast<scalar_t>(vj);
       p = armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
@@ -163,9 +164,9 @@ at::Tensor armijo_moments_cuda(at::TensorList grads, at::TensorList exp_avg, at:
   return out;
 }
 
-void armijo_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
-                        at::TensorList exp_avg_sq, at::ArrayRef<double> alpha_g, at::ArrayRef<double> alpha_m,
-                        double bc1, double bc2, double eps, bool adam) {
+void armijo_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                        at::ArrayRef<double> alpha_g, at::ArrayRef<double> alpha_m, double bc1, double bc2, double eps,
+                        bool adam) {
   check_armijo_update_args(params, grads, exp_avg, exp_avg_sq, alpha_g, alpha_m, adam, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(params[0].device());
   auto [meta, num_chunks] = build_meta(params, grads, exp_avg, exp_avg_sq, {}, adam);

@@ -36,11 +36,10 @@ inline std::vector<ArmijoChunk> armijo_chunks(at::TensorList tensors) {
 
 inline void check_armijo_list(const char* op, const char* name, at::TensorList list, at::TensorList like,
                               c10::DeviceType device_type) {
-  TORCH_CHECK(list.size() == like.size(), op, ": expected ", like.size(), " tensors in ", name, ", got ",
-              list.size());
+  TORCH_CHECK(list.size() == like.size(), op, ": expected ", like.size(), " tensors in ", name, ", got ", list.size());
   for (size_t i = 0; i < list.size(); ++i) {
-    TORCH_CHECK(list[i].device().type() == device_type && list[i].device() == like[0].device(), op,
-                ": expected ", name, "[", i, "] on ", like[0].device(), ", got ", list[i].device());
+    TORCH_CHECK(list[i].device().type() == device_type && list[i].device() == like[0].device(), op, ": expected ", name,
+                "[", i, "] on ", like[0].device(), ", got ", list[i].device());
     TORCH_CHECK(list[i].sizes() == like[i].sizes(), op, ": expected ", name, "[", i, "] of shape ", like[i].sizes(),
                 ", got ", list[i].sizes());
     TORCH_CHECK(list[i].scalar_type() == like[0].scalar_type(), op, ": expected ", name, "[", i, "] of dtype ",

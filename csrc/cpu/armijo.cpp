@@ -23,7 +23,8 @@ at::Tensor armijo_moments_cpu(at::TensorList grads, at::TensorList exp_avg, at::
   std::vector<double> partial(2 * chunks.size(), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "armijo_moments_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t b1 = beta1, b2 = beta2, c2 = bc2, ep = eps;
+    // 1 - beta in double first: 1 - 0.999f is off by 1e-5 relative.
+    const acc_t b1 = beta1, b2 = beta2, c2 = bc2, ep = eps, ob1 = 1.0 - beta1, ob2 = 1.0 - beta2;
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t i = chunks[c].tensor, s = chunks[c].start;
@@ -37,8 +38,8 @@ at::Tensor armijo_moments_cpu(at::TensorList grads, at::TensorList exp_avg, at::
           const acc_t g2 = gj * gj;
           acc_t p = 1;
           if (adam) {
-            const acc_t mj = b1 * static_cast<acc_t>(m[j]) + (acc_t(1) - b1) * gj;
-            const acc_t vj = b2 * static_cast<acc_t>(v[j]) + (acc_t(1) - b2) * g2;
+            const acc_t mj = b1 * static_cast<acc_t>(m[j]) + ob1 * gj;
+            const acc_t vj = b2 * static_cast<acc_t>(v[j]) + ob2 * g2;
             m[j] = static_cast<scalar_t>(mj);
             v[j] = static_cast<scalar_t>(vj);
             p = armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);

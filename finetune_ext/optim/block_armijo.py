@@ -19,6 +19,7 @@ masks are identical; under DDP each loss is all-reduced before the test, so all 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -204,6 +205,11 @@ class BlockArmijo(torch.optim.Optimizer):
         self.last = {"loss": loss0, "searched": searched, "accepted": accepted, "backtracks": backtracks,
                      "step_sizes": [g["step_size"] for g in self.param_groups]}  # fmt: skip
         return loss0
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Copied: the kernels update the moments in place, and a state dict taken from a live optimizer would
+        # otherwise share its tensors with it.
+        super().load_state_dict(copy.deepcopy(state_dict))
 
     def _tensors(self, adam: bool):
         params, grads, m, v, block_of = [], [], [], [], []
