@@ -112,10 +112,14 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* v = adam ? reinterpret_cast<const scalar_t*>(t[2]) + start : nullptr;
   scalar_t* w = reinterpret_cast<scalar_t*>(t[3]) + start;
   const acc_t ag = meta.alphas[2 * ti], am = meta.alphas[2 * ti + 1];
+  const bool use_m = adam && meta.alphas[2 * ti + 1] != 0.0;
   const acc_t c1 = bc1, c2 = bc2, ep = eps;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     acc_t d = ag * static_cast<acc_t>(g[j]);
-    if (adam) d = (d + am * (static_cast<acc_t>(m[j]) / c1)) * armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
+    if (adam) {
+      if (use_m) d += am * (static_cast<acc_t>(m[j]) / c1);  // trials skip m: one read less
+      d *= armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
+    }
     w[j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) + d);
   }
 }

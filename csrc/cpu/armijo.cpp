@@ -77,12 +77,14 @@ void armijo_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
         const acc_t ag = alpha_g[i], am = alpha_m[i];
         scalar_t* w = params[i].mutable_data_ptr<scalar_t>() + s;
         const scalar_t* g = grads[i].const_data_ptr<scalar_t>() + s;
-        const scalar_t* m = adam ? exp_avg[i].const_data_ptr<scalar_t>() + s : nullptr;
+        const bool use_m = adam && alpha_m[i] != 0.0;
+        const scalar_t* m = use_m ? exp_avg[i].const_data_ptr<scalar_t>() + s : nullptr;
         const scalar_t* v = adam ? exp_avg_sq[i].const_data_ptr<scalar_t>() + s : nullptr;
         for (int64_t j = 0; j < n; ++j) {
           acc_t d = ag * static_cast<acc_t>(g[j]);
           if (adam) {
-            d = (d + am * (static_cast<acc_t>(m[j]) / c1)) * armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
+            if (use_m) d += am * (static_cast<acc_t>(m[j]) / c1);  // trials skip m: one read less
+            d *= armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
           }
           w[j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) + d);
         }

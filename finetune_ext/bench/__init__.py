@@ -1,9 +1,11 @@
 """Op microbenchmarks: ``finetune-ext bench`` or ``python -m finetune_ext.cli bench``."""
 
-from finetune_ext.bench import curvature, fisher_dropout, linchain
+from finetune_ext.bench import armijo, curvature, fisher_dropout, linchain
 from finetune_ext.bench.harness import Case, Row, append_csv, format_table, plot_speedup, run
 
 OPS = {
+    "armijo_update": armijo.update_cases,
+    "armijo_step": armijo.step_cases,
     "fisher_dropout": fisher_dropout.cases,
     "softmax_ce_hessian_vp": curvature.softmax_cases,
     "hvp_block": curvature.hvp_cases,
