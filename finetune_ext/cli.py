@@ -72,7 +72,8 @@ def _train(args: argparse.Namespace) -> int:
     except FloatingPointError as err:
         print(f"finetune-ext train: {err}", file=sys.stderr)
         return 1
-    print(json.dumps({k: summary[k] for k in ("steps", "best_val", "final_val", "test")}, indent=2))
+    keys = ("steps", "params_trainable", "params_total", "best_val", "final_val", "test")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
     return 0
 
 
