@@ -28,6 +28,13 @@ def append_row(path: Path, row: dict, fields: list[str]) -> None:
         writer.writerow(row)
 
 
+def record(path: Path, row: dict, fields: list[str], done: list[dict[str, str]]) -> None:
+    """Print a finished run's row, append it to the CSV and to ``done`` (the rows so far, as read back)."""
+    print(row, flush=True)
+    append_row(path, row, fields)
+    done.append({k: str(v) for k, v in row.items()})
+
+
 def mean_std(values: list[float], fmt: Callable[[float], str]) -> str:
     """``mean ± std (n)``, or ``value (1 seed)``; ``-`` for no values."""
     if not values:

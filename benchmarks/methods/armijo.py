@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from _sweep import append_row, load_rows, mean_std, minilm_path
+from _sweep import load_rows, mean_std, minilm_path, record
 
 from finetune_ext.train import TrainConfig, train
 from finetune_ext.train.data import shared_data_dir
@@ -102,10 +102,7 @@ def main() -> None:
         key = (variant, "-" if variant in ARMIJO else str(lr), str(seed))
         if any((r["variant"], r["lr"], r["seed"]) == key for r in done):
             return
-        row = run(variant, lr, seed, args)
-        print(row, flush=True)
-        append_row(csv_path, row, fields)
-        done.append({k: str(v) for k, v in row.items()})
+        record(csv_path, run(variant, lr, seed, args), fields, done)
 
     for lr in args.lrs:  # the AdamW sweep, first seed
         once("adamw", lr, args.seeds[0])

@@ -19,7 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from _sweep import append_row, load_rows, mean_std, minilm_path
+from _sweep import load_rows, mean_std, minilm_path, record
 
 from finetune_ext.train import TrainConfig, train
 from finetune_ext.train.data import shared_data_dir
@@ -88,9 +88,7 @@ def main() -> None:
                     "best_step": summary["best_val"]["step"],
                     "seconds": round(summary["train_seconds_this_session"], 1),
                 }  # fmt: skip
-                print(row, flush=True)
-                append_row(csv_path, row, FIELDS)
-                done.append({k: str(v) for k, v in row.items()})
+                record(csv_path, row, FIELDS, done)
     write_table(done, md_path)
     print(md_path.read_text())
 

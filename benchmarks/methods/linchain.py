@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _sweep import append_row, load_rows, mean_std, minilm_path
+from _sweep import load_rows, mean_std, minilm_path, record
 
 VARIANTS = {"lora": ("lora", {}), "linchain-k1": ("linchain", {"chain_length": 1}), "linchain-k3": ("linchain", {})}
 FIELDS = ["task", "variant", "seed", "steps", "metric", "value", "step_ms", "peak_mb", "trainable", "seconds"]
@@ -139,9 +139,7 @@ def main() -> None:
                         "task": task, "variant": variant, "seed": seed, "steps": fields["steps"], "metric": metric,
                         "value": round(res["test"][metric], 5), **{k: res[k] for k in FIELDS[6:]},
                     }  # fmt: skip
-                    print(row, flush=True)
-                    append_row(csv_path, row, FIELDS)
-                    done.append({k: str(v) for k, v in row.items()})
+                    record(csv_path, row, FIELDS, done)
     write_table(done, md_path)
     print(md_path.read_text())
 
