@@ -47,22 +47,10 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* g = reinterpret_cast<const scalar_t*>(t[0]) + start;
   scalar_t* m = adam ? reinterpret_cast<scalar_t*>(t[1]) + start : nullptr;
   scalar_t* v = adam ? reinterpret_cast<scalar_t*>(t[2]) + start : nullptr;
-  // 1 - beta in double first: 1 - 0.999f is off by 1e-5 relative.
-  const acc_t b1 = beta1, b2 = beta2, c2 = bc2, ep = eps, ob1 = 1.0 - beta1, ob2 = 1.0 - beta2;
+  const ArmijoConsts<acc_t> k(beta1, beta2, 1.0, bc2, eps);
   acc_t sum_p = 0, sum_g = 0;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const acc_t gj = static_cast<acc_t>(g[j]);
-    const acc_t g2 = gj * gj;
-    acc_t p = 1;
-    if (adam) {
-      const acc_t mj = b1 * static_cast<acc_t>(m[j]) + ob1 * gj;
-      const acc_t vj = b2 * static_cast<acc_t>(v[j]) + ob2 * g2;
-      m[j] = static_cast<scalar_t>(mj);
-      v[j] = static_cast<scalar_t>(vj);
-      p = armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
-    }
-    sum_p += g2 * p;
-    sum_g += g2;
+    armijo_moment_element(g[j], adam ? m + j : nullptr, adam ? v + j : nullptr, k, adam, sum_p, sum_g);
   }
   __shared__ double red[2][kThreads];
   red[0][threadIdx.x] = sum_p;
@@ -113,14 +101,9 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* w = reinterpret_cast<scalar_t*>(t[3]) + start;
   const acc_t ag = meta.alphas[2 * ti], am = meta.alphas[2 * ti + 1];
   const bool use_m = adam && meta.alphas[2 * ti + 1] != 0.0;
-  const acc_t c1 = bc1, c2 = bc2, ep = eps;
+  const ArmijoConsts<acc_t> k(0.0, 0.0, bc1, bc2, eps);
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    acc_t d = ag * static_cast<acc_t>(g[j]);
-    if (adam) {
-      if (use_m) d += am * (static_cast<acc_t>(m[j]) / c1);  // trials skip m: one read less
-      d *= armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
-    }
-    w[j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) + d);
+    armijo_update_element(w + j, g[j], use_m ? m + j : nullptr, adam ? v + j : nullptr, ag, am, k, adam, use_m);
   }
 }
 

@@ -91,4 +91,40 @@ FTX_HOST_DEVICE acc_t armijo_precond(acc_t v, acc_t bc2, acc_t eps) {
   return acc_t(1) / (sqrt(v / bc2) + eps);
 }
 
+// Adam's constants, 1 - beta computed in double first: 1 - 0.999f is off by 1e-5 relative.
+template <typename acc_t>
+struct ArmijoConsts {
+  acc_t b1, ob1, b2, ob2, c1, c2, eps;
+  FTX_HOST_DEVICE ArmijoConsts(double beta1, double beta2, double bc1, double bc2, double e)
+      : b1(beta1), ob1(1.0 - beta1), b2(beta2), ob2(1.0 - beta2), c1(bc1), c2(bc2), eps(e) {}
+};
+
+// One element of armijo_moments_: m, v updated in place (Adam); adds g^2 P and g^2 to the running sums.
+template <typename scalar_t, typename acc_t, typename sum_t>
+FTX_HOST_DEVICE void armijo_moment_element(scalar_t g_in, scalar_t* m, scalar_t* v, const ArmijoConsts<acc_t>& k,
+                                           bool adam, sum_t& sum_p, sum_t& sum_g) {
+  const acc_t g = static_cast<acc_t>(g_in);
+  const acc_t g2 = g * g;
+  acc_t p = 1;
+  if (adam) {
+    *m = static_cast<scalar_t>(k.b1 * static_cast<acc_t>(*m) + k.ob1 * g);
+    *v = static_cast<scalar_t>(k.b2 * static_cast<acc_t>(*v) + k.ob2 * g2);
+    p = armijo_precond<acc_t>(static_cast<acc_t>(*v), k.c2, k.eps);
+  }
+  sum_p += static_cast<sum_t>(g2 * p);
+  sum_g += static_cast<sum_t>(g2);
+}
+
+// One element of armijo_update_: w += (ag g + am m / bc1) P; trials (use_m false) do not read m.
+template <typename scalar_t, typename acc_t>
+FTX_HOST_DEVICE void armijo_update_element(scalar_t* w, scalar_t g, const scalar_t* m, const scalar_t* v, acc_t ag,
+                                           acc_t am, const ArmijoConsts<acc_t>& k, bool adam, bool use_m) {
+  acc_t d = ag * static_cast<acc_t>(g);
+  if (adam) {
+    if (use_m) d += am * (static_cast<acc_t>(*m) / k.c1);
+    d *= armijo_precond<acc_t>(static_cast<acc_t>(*v), k.c2, k.eps);
+  }
+  *w = static_cast<scalar_t>(static_cast<acc_t>(*w) + d);
+}
+
 }  // namespace finetune_ext

@@ -23,8 +23,7 @@ at::Tensor armijo_moments_cpu(at::TensorList grads, at::TensorList exp_avg, at::
   std::vector<double> partial(2 * chunks.size(), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "armijo_moments_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // 1 - beta in double first: 1 - 0.999f is off by 1e-5 relative.
-    const acc_t b1 = beta1, b2 = beta2, c2 = bc2, ep = eps, ob1 = 1.0 - beta1, ob2 = 1.0 - beta2;
+    const ArmijoConsts<acc_t> k(beta1, beta2, 1.0, bc2, eps);
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t i = chunks[c].tensor, s = chunks[c].start;
@@ -34,18 +33,7 @@ at::Tensor armijo_moments_cpu(at::TensorList grads, at::TensorList exp_avg, at::
         scalar_t* v = adam ? exp_avg_sq[i].mutable_data_ptr<scalar_t>() + s : nullptr;
         double sum_p = 0, sum_g = 0;
         for (int64_t j = 0; j < n; ++j) {
-          const acc_t gj = static_cast<acc_t>(g[j]);
-          const acc_t g2 = gj * gj;
-          acc_t p = 1;
-          if (adam) {
-            const acc_t mj = b1 * static_cast<acc_t>(m[j]) + ob1 * gj;
-            const acc_t vj = b2 * static_cast<acc_t>(v[j]) + ob2 * g2;
-            m[j] = static_cast<scalar_t>(mj);
-            v[j] = static_cast<scalar_t>(vj);
-            p = armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
-          }
-          sum_p += static_cast<double>(g2 * p);
-          sum_g += static_cast<double>(g2);
+          armijo_moment_element(g[j], adam ? m + j : nullptr, adam ? v + j : nullptr, k, adam, sum_p, sum_g);
         }
         partial[2 * c] = sum_p;
         partial[2 * c + 1] = sum_g;
@@ -69,7 +57,7 @@ void armijo_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   const std::vector<ArmijoChunk> chunks = armijo_chunks(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "armijo_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t c1 = bc1, c2 = bc2, ep = eps;
+    const ArmijoConsts<acc_t> k(0.0, 0.0, bc1, bc2, eps);
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t i = chunks[c].tensor, s = chunks[c].start;
@@ -81,12 +69,7 @@ void armijo_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
         const scalar_t* m = use_m ? exp_avg[i].const_data_ptr<scalar_t>() + s : nullptr;
         const scalar_t* v = adam ? exp_avg_sq[i].const_data_ptr<scalar_t>() + s : nullptr;
         for (int64_t j = 0; j < n; ++j) {
-          acc_t d = ag * static_cast<acc_t>(g[j]);
-          if (adam) {
-            if (use_m) d += am * (static_cast<acc_t>(m[j]) / c1);  // trials skip m: one read less
-            d *= armijo_precond<acc_t>(static_cast<acc_t>(v[j]), c2, ep);
-          }
-          w[j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) + d);
+          armijo_update_element(w + j, g[j], use_m ? m + j : nullptr, adam ? v + j : nullptr, ag, am, k, adam, use_m);
         }
       }
     });
