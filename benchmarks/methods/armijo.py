@@ -44,6 +44,7 @@ def to_target(records: list[dict], target: float, window: int = 10) -> tuple[int
 
 def run(variant: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
     method, options = ("armijo", ARMIJO[variant]) if variant in ARMIJO else ("adamw", {})
+    lr = lr if method == "adamw" else 5e-5  # the line search sets the step; --lr is unused but must be valid
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(
             model=minilm_path(), data=str(shared_data_dir() / "SST-2"), output_dir=out, method=method,
