@@ -51,7 +51,8 @@ def test_cli_run_with_bf16_and_accumulation(tmp_path, wikitext_slice, gpt2_token
         (["--data", "/no/such/data"], "data: no such file or folder '/no/such/data'"),
         (
             ["--method", "sgdx"],
-            "method: unknown 'sgdx'; available: ['adamw', 'gaussian-dropout', 'guided-dropout', 'linchain', 'lora']",
+            "method: unknown 'sgdx'; available: ['adamw', 'armijo', 'gaussian-dropout', 'guided-dropout', 'linchain', "
+            "'lora']",
         ),
         (["--block-size", "300"], "block_size: 300 exceeds the model's context 256"),
         (["--batch-size", "6", "--grad-accum", "4"], "batch_size: 6 must be divisible by grad_accum x processes"),
