@@ -9,7 +9,8 @@ Setup after the paper's "small" runs: a seeded sample of 500 SST-2 training sent
 the official defaults otherwise; ``adamsls``: the same with one block. ``adamw``: learning rates from
 ``--lrs`` are tried with the first seed, the best by held-out accuracy is run with every seed (linear decay,
 10 % warm-up). Reported per run: steps and seconds until the training loss, averaged over 10 steps, first
-falls below ``--target-loss``, and the dev accuracy of the selected and of the final model.
+falls below ``--target-loss``, the dev accuracy of the selected and of the final model, and for the line
+searches the mean number of backtracks per step and the smallest block step size at the last step.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from finetune_ext.train import TrainConfig, train
 from finetune_ext.train.data import shared_data_dir
 
 FIELDS = ["variant", "lr", "seed", "steps", "steps_to_target", "seconds_to_target", "seconds", "test_acc",
-          "test_acc_final"]  # fmt: skip
+          "test_acc_final", "val_acc", "backtracks", "step_size_last"]  # fmt: skip
 ARMIJO = {"plasls": {"c": 0.1}, "adamsls": {"c": 0.1, "blocks": "single"}}
 
 
@@ -55,18 +56,22 @@ def run(variant: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
         summary = train(cfg)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steps, seconds = to_target(records, args.target_loss)
+    train_rows = [r for r in records if r["split"] == "train"]
+    searched = method == "armijo"
     return {
         "variant": variant, "lr": lr if method == "adamw" else "-", "seed": seed, "steps": args.steps,
         "steps_to_target": steps, "seconds_to_target": seconds,
-        "seconds": round(sum(r["step_ms"] for r in records if r["split"] == "train") / 1e3, 1),
+        "seconds": round(sum(r["step_ms"] for r in train_rows) / 1e3, 1),
         "test_acc": round(summary["test"]["acc"], 5), "test_acc_final": round(summary["test_final"]["acc"], 5),
         "val_acc": summary["best_val"]["value"],
+        "backtracks": round(sum(r["backtracks"] for r in train_rows) / len(train_rows), 2) if searched else "-",
+        "step_size_last": f"{train_rows[-1]['step_size']:.3g}" if searched else "-",
     }  # fmt: skip
 
 
 def write_table(rows: list[dict], path: Path, best_lr: str) -> None:
-    lines = ["| variant | steps to target | seconds to target | dev acc (selected) | dev acc (final) | step time s |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| variant | steps to target | seconds to target | dev acc (selected) | dev acc (final) | step time s "
+             "| backtracks / step |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for variant in ("plasls", "adamsls", "adamw"):
         sel = [r for r in rows if r["variant"] == variant and (variant != "adamw" or r["lr"] == best_lr)]
         if not sel:
@@ -82,7 +87,8 @@ def write_table(rows: list[dict], path: Path, best_lr: str) -> None:
             f"| {mean_std(numbers('seconds_to_target'), lambda v: f'{v:.0f}')} "
             f"| {mean_std(numbers('test_acc'), lambda v: f'{100 * v:.1f}')} "
             f"| {mean_std(numbers('test_acc_final'), lambda v: f'{100 * v:.1f}')} "
-            f"| {mean_std([float(r['seconds']) / float(r['steps']) for r in sel], lambda v: f'{v:.2f}')} |"
+            f"| {mean_std([float(r['seconds']) / float(r['steps']) for r in sel], lambda v: f'{v:.2f}')} "
+            f"| {mean_std(numbers('backtracks'), lambda v: f'{v:.1f}')} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -97,13 +103,12 @@ def main() -> None:
     args = parser.parse_args()
     csv_path, md_path = Path(args.out + ".csv"), Path(args.out + ".md")
     done = load_rows(csv_path)
-    fields = [*FIELDS, "val_acc"]
 
     def once(variant: str, lr: float, seed: int) -> None:
         key = (variant, "-" if variant in ARMIJO else str(lr), str(seed))
         if any((r["variant"], r["lr"], r["seed"]) == key for r in done):
             return
-        record(csv_path, run(variant, lr, seed, args), fields, done)
+        record(csv_path, run(variant, lr, seed, args), FIELDS, done)
 
     for lr in args.lrs:  # the AdamW sweep, first seed
         once("adamw", lr, args.seeds[0])
