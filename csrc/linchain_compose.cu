@@ -41,13 +41,10 @@ __global__ void __launch_bounds__(kThreads)
 at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> linchain_compose_cuda(const at::Tensor& W, const std::optional<at::Tensor>& b) {
-  check_linchain_compose_args(W, b, c10::DeviceType::CUDA);
+  const LinchainTensors t = prepare_linchain_compose(W, b, c10::DeviceType::CUDA);
+  const at::Tensor &w = t.w, &bias = t.bias, &M = t.M, &beff = t.beff;
   const c10::cuda::CUDAGuard guard(W.device());
-  const at::Tensor w = W.contiguous();
-  const at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
   const int64_t n = W.size(0), k = W.size(1), r = W.size(2);
-  at::Tensor M = at::empty({n, r, r}, W.options());
-  at::Tensor beff = at::empty({n, r}, W.options());
   if (n == 0) return {M, beff};
   at::Tensor ws = at::empty({n * linchain_workspace(k, r)}, W.options().dtype(acc_type(W.scalar_type())));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -64,15 +61,10 @@ std::tuple<at::Tensor, at::Tensor> linchain_compose_cuda(const at::Tensor& W, co
 std::tuple<at::Tensor, at::Tensor> linchain_compose_backward_cuda(const at::Tensor& grad_M, const at::Tensor& grad_beff,
                                                                   const at::Tensor& W,
                                                                   const std::optional<at::Tensor>& b) {
-  check_linchain_compose_backward_args(grad_M, grad_beff, W, b, c10::DeviceType::CUDA);
+  const LinchainBackwardTensors t = prepare_linchain_compose_backward(grad_M, grad_beff, W, b, c10::DeviceType::CUDA);
+  const at::Tensor &w = t.w, &bias = t.bias, &gm = t.gM, &ge = t.gbeff, &gW = t.gW, &gb = t.gb;
   const c10::cuda::CUDAGuard guard(W.device());
   const int64_t n = W.size(0), k = W.size(1), r = W.size(2);
-  const at::Tensor w = W.contiguous();
-  const at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
-  const at::Tensor gm = grad_M.to(W.scalar_type()).contiguous();
-  const at::Tensor ge = grad_beff.to(W.scalar_type()).contiguous();
-  at::Tensor gW = at::empty(W.sizes(), W.options());
-  at::Tensor gb = b.has_value() ? at::empty(b->sizes(), W.options()) : at::empty({0}, W.options());
   if (n == 0) return {gW, gb};
   at::Tensor ws = at::empty({n * linchain_workspace(k, r)}, W.options().dtype(acc_type(W.scalar_type())));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -42,6 +43,38 @@ inline void check_linchain_compose_backward_args(const at::Tensor& grad_M, const
               " do not match W ", W.sizes());
   TORCH_CHECK(grad_M.device() == W.device() && grad_beff.device() == W.device(),
               "linchain_compose_backward: expected gradients on ", W.device());
+}
+
+// What both backends launch on, after the argument checks: contiguous inputs (bias undefined without b) and
+// uninitialised outputs of W's dtype.
+struct LinchainTensors {
+  at::Tensor w, bias, M, beff;
+};
+
+inline LinchainTensors prepare_linchain_compose(const at::Tensor& W, const std::optional<at::Tensor>& b,
+                                                c10::DeviceType device_type) {
+  check_linchain_compose_args(W, b, device_type);
+  const int64_t n = W.size(0), r = W.size(2);
+  return {W.contiguous(), b.has_value() ? b->contiguous() : at::Tensor(), at::empty({n, r, r}, W.options()),
+          at::empty({n, r}, W.options())};
+}
+
+// The same for the backward; gb is empty without b. The incoming gradients are cast to W's dtype.
+struct LinchainBackwardTensors {
+  at::Tensor w, bias, gM, gbeff, gW, gb;
+};
+
+inline LinchainBackwardTensors prepare_linchain_compose_backward(const at::Tensor& grad_M, const at::Tensor& grad_beff,
+                                                                 const at::Tensor& W,
+                                                                 const std::optional<at::Tensor>& b,
+                                                                 c10::DeviceType device_type) {
+  check_linchain_compose_backward_args(grad_M, grad_beff, W, b, device_type);
+  return {W.contiguous(),
+          b.has_value() ? b->contiguous() : at::Tensor(),
+          grad_M.to(W.scalar_type()).contiguous(),
+          grad_beff.to(W.scalar_type()).contiguous(),
+          at::empty(W.sizes(), W.options()),
+          b.has_value() ? at::empty(b->sizes(), W.options()) : at::empty({0}, W.options())};
 }
 
 // Accumulator elements one chain needs: prefix products and offsets P_0..P_{k-2}, c_0..c_{k-2}, plus two

@@ -114,12 +114,9 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor softmax_ce_hessian_vp_cuda(const at::Tensor& logits, const at::Tensor& V,
                                       const std::optional<at::Tensor>& labels, int64_t ignore_index) {
-  check_softmax_ce_hessian_vp_args(logits, V, labels, c10::DeviceType::CUDA);
+  const HessianVpTensors t = prepare_softmax_ce_hessian_vp(logits, V, labels, c10::DeviceType::CUDA);
+  const at::Tensor &z = t.logits, &v = t.V, &lab = t.labels, &out = t.out;
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor z = logits.contiguous();
-  const at::Tensor v = V.contiguous();
-  const at::Tensor lab = labels.has_value() ? labels->contiguous() : at::Tensor();
-  at::Tensor out = at::empty(V.sizes(), V.options());
   const int64_t m = V.size(0), n = V.size(1), c = V.size(2);
   if (out.numel() == 0) return out;
   const int64_t* lp = lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr;

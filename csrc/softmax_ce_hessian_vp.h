@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -33,6 +34,19 @@ inline void check_softmax_ce_hessian_vp_args(const at::Tensor& logits, const at:
     TORCH_CHECK(labels->device() == logits.device(), "softmax_ce_hessian_vp: expected labels on ", logits.device(),
                 ", got ", labels->device());
   }
+}
+
+// What both backends launch on: contiguous inputs and the uninitialised output, after the argument checks.
+struct HessianVpTensors {
+  at::Tensor logits, V, labels, out;  // labels undefined when not given
+};
+
+inline HessianVpTensors prepare_softmax_ce_hessian_vp(const at::Tensor& logits, const at::Tensor& V,
+                                                      const std::optional<at::Tensor>& labels,
+                                                      c10::DeviceType device_type) {
+  check_softmax_ce_hessian_vp_args(logits, V, labels, device_type);
+  return {logits.contiguous(), V.contiguous(), labels.has_value() ? labels->contiguous() : at::Tensor(),
+          at::empty(V.sizes(), V.options())};
 }
 
 }  // namespace finetune_ext

@@ -5,7 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -15,12 +14,9 @@ namespace finetune_ext {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> linchain_compose_cpu(const at::Tensor& W, const std::optional<at::Tensor>& b) {
-  check_linchain_compose_args(W, b, c10::DeviceType::CPU);
-  const at::Tensor w = W.contiguous();
-  const at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
+  const LinchainTensors t = prepare_linchain_compose(W, b, c10::DeviceType::CPU);
+  const at::Tensor &w = t.w, &bias = t.bias, &M = t.M, &beff = t.beff;
   const int64_t n = W.size(0), k = W.size(1), r = W.size(2);
-  at::Tensor M = at::empty({n, r, r}, W.options());
-  at::Tensor beff = at::empty({n, r}, W.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "linchain_compose_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -41,14 +37,9 @@ std::tuple<at::Tensor, at::Tensor> linchain_compose_cpu(const at::Tensor& W, con
 std::tuple<at::Tensor, at::Tensor> linchain_compose_backward_cpu(const at::Tensor& grad_M, const at::Tensor& grad_beff,
                                                                  const at::Tensor& W,
                                                                  const std::optional<at::Tensor>& b) {
-  check_linchain_compose_backward_args(grad_M, grad_beff, W, b, c10::DeviceType::CPU);
+  const LinchainBackwardTensors t = prepare_linchain_compose_backward(grad_M, grad_beff, W, b, c10::DeviceType::CPU);
+  const at::Tensor &w = t.w, &bias = t.bias, &gm = t.gM, &ge = t.gbeff, &gW = t.gW, &gb = t.gb;
   const int64_t n = W.size(0), k = W.size(1), r = W.size(2);
-  const at::Tensor w = W.contiguous();
-  const at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
-  const at::Tensor gm = grad_M.to(W.scalar_type()).contiguous();
-  const at::Tensor ge = grad_beff.to(W.scalar_type()).contiguous();
-  at::Tensor gW = at::empty(W.sizes(), W.options());
-  at::Tensor gb = b.has_value() ? at::empty(b->sizes(), W.options()) : at::empty({0}, W.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "linchain_compose_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* wp = w.const_data_ptr<scalar_t>();

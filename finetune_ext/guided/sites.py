@@ -37,6 +37,12 @@ class Site:
     unit_weight: str | None  # the weight whose rows (output units) feed the site, for per-unit rates
 
 
+def _projection_site(dropout: str, kind: str, proj: str, norm: str | None = None) -> Site:
+    """A site fed by the projection ``proj`` (module path; its output rows are the units) and an optional LayerNorm."""
+    norm_params = (f"{norm}.weight", f"{norm}.bias") if norm else ()
+    return Site(dropout, kind, (f"{proj}.weight", f"{proj}.bias", *norm_params), f"{proj}.weight")
+
+
 def _bert_sites(base: str, layers: int) -> list[Site]:
     emb = f"{base}embeddings."
     sites = [
@@ -60,24 +66,8 @@ def _bert_sites(base: str, layers: int) -> list[Site]:
         layer = f"{base}encoder.layer.{i}."
         qkv = tuple(f"{layer}attention.self.{m}.{t}" for m in ("query", "key", "value") for t in ("weight", "bias"))
         sites.append(Site(f"{layer}attention.self.dropout", "attn_probs", qkv, None))
-        ao = f"{layer}attention.output."
-        sites.append(
-            Site(
-                f"{ao}dropout",
-                "attn_output",
-                tuple(f"{ao}{t}" for t in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")),
-                f"{ao}dense.weight",
-            )
-        )
-        out = f"{layer}output."
-        sites.append(
-            Site(
-                f"{out}dropout",
-                "ffn_output",
-                tuple(f"{out}{t}" for t in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")),
-                f"{out}dense.weight",
-            )
-        )
+        for kind, prefix in (("attn_output", f"{layer}attention.output."), ("ffn_output", f"{layer}output.")):
+            sites.append(_projection_site(f"{prefix}dropout", kind, f"{prefix}dense", f"{prefix}LayerNorm"))
     return sites
 
 
@@ -88,22 +78,8 @@ def _gpt2_sites(base: str, layers: int) -> list[Site]:
         sites.append(
             Site(f"{h}attn.attn_dropout", "attn_probs", (f"{h}attn.c_attn.weight", f"{h}attn.c_attn.bias"), None)
         )
-        sites.append(
-            Site(
-                f"{h}attn.resid_dropout",
-                "attn_output",
-                (f"{h}attn.c_proj.weight", f"{h}attn.c_proj.bias"),
-                f"{h}attn.c_proj.weight",
-            )
-        )
-        sites.append(
-            Site(
-                f"{h}mlp.dropout",
-                "ffn_output",
-                (f"{h}mlp.c_proj.weight", f"{h}mlp.c_proj.bias"),
-                f"{h}mlp.c_proj.weight",
-            )
-        )
+        sites.append(_projection_site(f"{h}attn.resid_dropout", "attn_output", f"{h}attn.c_proj"))
+        sites.append(_projection_site(f"{h}mlp.dropout", "ffn_output", f"{h}mlp.c_proj"))
     return sites
 
 
