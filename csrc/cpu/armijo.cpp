@@ -50,6 +50,15 @@ at::Tensor armijo_moments_cpu(at::TensorList grads, at::TensorList exp_avg, at::
   return out;
 }
 
+// One chunk with the mode as template arguments, so the element loop has no branches and vectorises.
+template <bool kAdam, bool kUseM, typename scalar_t, typename acc_t>
+void armijo_update_chunk(scalar_t* w, const scalar_t* g, const scalar_t* m, const scalar_t* v, int64_t n, acc_t ag,
+                         acc_t am, const ArmijoConsts<acc_t>& k) {
+  for (int64_t j = 0; j < n; ++j) {
+    armijo_update_element(w + j, g[j], kUseM ? m + j : nullptr, kAdam ? v + j : nullptr, ag, am, k, kAdam, kUseM);
+  }
+}
+
 void armijo_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                        at::ArrayRef<double> alpha_g, at::ArrayRef<double> alpha_m, double bc1, double bc2, double eps,
                        bool adam) {
@@ -65,11 +74,16 @@ void armijo_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
         const acc_t ag = alpha_g[i], am = alpha_m[i];
         scalar_t* w = params[i].mutable_data_ptr<scalar_t>() + s;
         const scalar_t* g = grads[i].const_data_ptr<scalar_t>() + s;
-        const bool use_m = adam && alpha_m[i] != 0.0;
-        const scalar_t* m = use_m ? exp_avg[i].const_data_ptr<scalar_t>() + s : nullptr;
-        const scalar_t* v = adam ? exp_avg_sq[i].const_data_ptr<scalar_t>() + s : nullptr;
-        for (int64_t j = 0; j < n; ++j) {
-          armijo_update_element(w + j, g[j], use_m ? m + j : nullptr, adam ? v + j : nullptr, ag, am, k, adam, use_m);
+        if (!adam) {
+          armijo_update_chunk<false, false, scalar_t, acc_t>(w, g, nullptr, nullptr, n, ag, am, k);
+          continue;
+        }
+        const scalar_t* v = exp_avg_sq[i].const_data_ptr<scalar_t>() + s;
+        if (alpha_m[i] == 0.0) {  // trials do not read m
+          armijo_update_chunk<true, false, scalar_t, acc_t>(w, g, nullptr, v, n, ag, am, k);
+        } else {
+          armijo_update_chunk<true, true, scalar_t, acc_t>(w, g, exp_avg[i].const_data_ptr<scalar_t>() + s, v, n, ag,
+                                                           am, k);
         }
       }
     });

@@ -172,18 +172,19 @@ def append_csv(rows: list[Row], path: Path) -> None:
 def format_table(rows: list[Row]) -> str:
     """A plain-text table, one line per row, with the speedup over the ``reference`` provider."""
     ref = {(r.op, r.mode, r.shape, r.dtype): r.median_ms for r in rows if r.provider == "reference"}
-    header = (
-        f"{'op':<16}{'mode':<6}{'shape':<14}{'dtype':<10}{'provider':<11}"
-        f"{'ms':>10}{'GB/s':>10}{'peak MB':>9}{'vs ref':>8}"
-    )
+    names = ("op", "mode", "shape", "dtype", "provider")
+    text = [[str(getattr(r, n)) for n in names] for r in rows]
+    widths = [max([len(n), *(len(t[i]) for t in text)]) + 2 for i, n in enumerate(names)]
+    header = "".join(n.ljust(w) for n, w in zip(names, widths, strict=True))
+    header += f"{'ms':>10}{'GB/s':>10}{'peak MB':>9}{'vs ref':>8}"
     lines = [header, "-" * len(header)]
-    for r in rows:
+    for r, t in zip(rows, text, strict=True):
         base = ref.get((r.op, r.mode, r.shape, r.dtype))
         speed = f"{base / r.median_ms:.2f}x" if base else "-"
         peak = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-"
         lines.append(
-            f"{r.op:<16}{r.mode:<6}{r.shape:<14}{r.dtype:<10}{r.provider:<11}{r.median_ms:>10.4f}"
-            f"{r.gb_per_s:>10.1f}{peak:>9}{speed:>8}"
+            "".join(v.ljust(w) for v, w in zip(t, widths, strict=True))
+            + f"{r.median_ms:>10.4f}{r.gb_per_s:>10.1f}{peak:>9}{speed:>8}"
         )
     return "\n".join(lines)
 
