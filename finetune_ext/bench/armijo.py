@@ -40,8 +40,8 @@ def update_cases(
     g, m = [torch.randn_like(t) for t in w], [torch.randn_like(t) for t in w]
     v = [torch.rand_like(t) for t in w]
     n = len(w)
-    shape = (n, sum(t.numel() for t in w))
-    nbytes = 4 * shape[1]
+    shape = (sum(t.numel() for t in w),)  # all tensors together; the table counts elements, not tensors
+    nbytes = 4 * shape[0]
     bc = {"bias_correction1": 0.5, "bias_correction2": 0.1, "eps": 1e-8, "adam": True}
     blocks = [0] * n
 
