@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -21,6 +22,7 @@ namespace finetune_ext {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kIlp = 4;  // elements per thread in flight: all loads of a round are issued before any math
 
 // Per tensor: g, m, v, w pointers, numel, block; per chunk: tensor, start. Packed as int64.
 struct Meta {
@@ -35,22 +37,44 @@ at::Tensor pack_to_device(const std::vector<int64_t>& host, const at::Device& de
   return t.to(device, /*non_blocking=*/true);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kAdam>
 __global__ void __launch_bounds__(kThreads)
-    _armijo_moments_kernel(Meta meta, int64_t num_chunks, double beta1, double beta2, double bc2, double eps, bool adam,
+    _armijo_moments_kernel(Meta meta, int64_t num_chunks, double beta1, double beta2, double bc2, double eps,
                            double* partial, double* out, int64_t num_blocks, int* done) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x;
   const int64_t* t = meta.tensors + 6 * meta.chunks[2 * c];
   const int64_t start = meta.chunks[2 * c + 1];
   const int64_t n = min(kArmijoChunk, t[4] - start);
-  const scalar_t* g = reinterpret_cast<const scalar_t*>(t[0]) + start;
-  scalar_t* m = adam ? reinterpret_cast<scalar_t*>(t[1]) + start : nullptr;
-  scalar_t* v = adam ? reinterpret_cast<scalar_t*>(t[2]) + start : nullptr;
+  const scalar_t* __restrict__ g = reinterpret_cast<const scalar_t*>(t[0]) + start;
+  scalar_t* __restrict__ m = kAdam ? reinterpret_cast<scalar_t*>(t[1]) + start : nullptr;
+  scalar_t* __restrict__ v = kAdam ? reinterpret_cast<scalar_t*>(t[2]) + start : nullptr;
   const ArmijoConsts<acc_t> k(beta1, beta2, 1.0, bc2, eps);
   acc_t sum_p = 0, sum_g = 0;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    armijo_moment_element(g[j], adam ? m + j : nullptr, adam ? v + j : nullptr, k, adam, sum_p, sum_g);
+  for (int64_t base = threadIdx.x; base < n; base += kIlp * blockDim.x) {
+    scalar_t gr[kIlp], mr[kIlp], vr[kIlp];
+#pragma unroll
+    for (int i = 0; i < kIlp; ++i) {
+      const int64_t j = base + i * blockDim.x;
+      if (j < n) {
+        gr[i] = g[j];
+        if (kAdam) {
+          mr[i] = m[j];
+          vr[i] = v[j];
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kIlp; ++i) {
+      const int64_t j = base + i * blockDim.x;
+      if (j < n) {
+        armijo_moment_element(gr[i], mr + i, vr + i, k, kAdam, sum_p, sum_g);
+        if (kAdam) {
+          m[j] = mr[i];
+          v[j] = vr[i];
+        }
+      }
+    }
   }
   __shared__ double red[2][kThreads];
   red[0][threadIdx.x] = sum_p;
@@ -86,24 +110,40 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    _armijo_update_kernel(Meta meta, double bc1, double bc2, double eps, bool adam) {
+template <typename scalar_t, bool kAdam, bool kUseM>
+__global__ void __launch_bounds__(kThreads) _armijo_update_kernel(Meta meta, double bc1, double bc2, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x;
   const int64_t ti = meta.chunks[2 * c];
   const int64_t* t = meta.tensors + 6 * ti;
   const int64_t start = meta.chunks[2 * c + 1];
   const int64_t n = min(kArmijoChunk, t[4] - start);
-  const scalar_t* g = reinterpret_cast<const scalar_t*>(t[0]) + start;
-  const scalar_t* m = adam ? reinterpret_cast<const scalar_t*>(t[1]) + start : nullptr;
-  const scalar_t* v = adam ? reinterpret_cast<const scalar_t*>(t[2]) + start : nullptr;
-  scalar_t* w = reinterpret_cast<scalar_t*>(t[3]) + start;
   const acc_t ag = meta.alphas[2 * ti], am = meta.alphas[2 * ti + 1];
-  const bool use_m = adam && meta.alphas[2 * ti + 1] != 0.0;
+  const scalar_t* __restrict__ g = reinterpret_cast<const scalar_t*>(t[0]) + start;
+  const scalar_t* __restrict__ m = kUseM ? reinterpret_cast<const scalar_t*>(t[1]) + start : nullptr;
+  const scalar_t* __restrict__ v = kAdam ? reinterpret_cast<const scalar_t*>(t[2]) + start : nullptr;
+  scalar_t* __restrict__ w = reinterpret_cast<scalar_t*>(t[3]) + start;
   const ArmijoConsts<acc_t> k(0.0, 0.0, bc1, bc2, eps);
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    armijo_update_element(w + j, g[j], use_m ? m + j : nullptr, adam ? v + j : nullptr, ag, am, k, adam, use_m);
+  for (int64_t base = threadIdx.x; base < n; base += kIlp * blockDim.x) {
+    scalar_t wr[kIlp], gr[kIlp], mr[kIlp], vr[kIlp];
+#pragma unroll
+    for (int i = 0; i < kIlp; ++i) {
+      const int64_t j = base + i * blockDim.x;
+      if (j < n) {
+        wr[i] = w[j];
+        gr[i] = g[j];
+        if (kUseM) mr[i] = m[j];
+        if (kAdam) vr[i] = v[j];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kIlp; ++i) {
+      const int64_t j = base + i * blockDim.x;
+      if (j < n) {
+        armijo_update_element(wr + i, gr[i], mr + i, vr + i, ag, am, k, kAdam, kUseM);
+        w[j] = wr[i];
+      }
+    }
   }
 }
 
@@ -143,9 +183,10 @@ at::Tensor armijo_moments_cuda(at::TensorList grads, at::TensorList exp_avg, at:
   const Meta md{mp, mp + 6 * grads.size(), nullptr};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "armijo_moments_cuda", [&] {
-    _armijo_moments_kernel<scalar_t><<<num_chunks, kThreads, 0, stream>>>(
-        md, num_chunks, beta1, beta2, bc2, eps, adam, partial.mutable_data_ptr<double>(),
-        out.mutable_data_ptr<double>(), num_blocks, done.mutable_data_ptr<int>());
+    auto kernel = adam ? _armijo_moments_kernel<scalar_t, true> : _armijo_moments_kernel<scalar_t, false>;
+    kernel<<<num_chunks, kThreads, 0, stream>>>(md, num_chunks, beta1, beta2, bc2, eps,
+                                                partial.mutable_data_ptr<double>(), out.mutable_data_ptr<double>(),
+                                                num_blocks, done.mutable_data_ptr<int>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -166,9 +207,15 @@ void armijo_update_cuda(at::TensorList params, at::TensorList grads, at::TensorL
   const at::Tensor alphas = pack_to_device(bits, params[0].device());
   const int64_t* mp = meta.const_data_ptr<int64_t>();
   const Meta md{mp, mp + 6 * params.size(), reinterpret_cast<const double*>(alphas.const_data_ptr<int64_t>())};
+  // One instance per launch: m is read for every tensor when any alpha_m is nonzero (adding 0 * m, m finite,
+  // changes nothing), and not at all for trials.
+  const bool use_m = adam && std::any_of(alpha_m.begin(), alpha_m.end(), [](double a) { return a != 0.0; });
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "armijo_update_cuda", [&] {
-    _armijo_update_kernel<scalar_t><<<num_chunks, kThreads, 0, stream>>>(md, bc1, bc2, eps, adam);
+    auto kernel = !adam   ? _armijo_update_kernel<scalar_t, false, false>
+                  : use_m ? _armijo_update_kernel<scalar_t, true, true>
+                          : _armijo_update_kernel<scalar_t, true, false>;
+    kernel<<<num_chunks, kThreads, 0, stream>>>(md, bc1, bc2, eps);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
