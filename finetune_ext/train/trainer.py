@@ -41,7 +41,8 @@ from finetune_ext.train.methods import METHODS, MethodConfig, RunInfo, StepConte
 from finetune_ext.train.models import check_model_spec, load_model, load_tokenizer, max_positions, param_count
 
 # Fields that must match when resuming: changing them would not continue the same run.
-RESUME_KEYS = ("model", "data", "tokenizer", "method", "seed", "steps", "batch_size", "train_samples", "block_size")
+RESUME_KEYS = ("model", "data", "tokenizer", "method", "method_options", "seed", "steps", "batch_size", "train_samples",
+               "block_size")  # fmt: skip
 
 
 @dataclass
@@ -330,7 +331,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resume:
         state = checkpoint.load(found, model, ddp.rank)
         changed = {
-            k: (state["config"][k], getattr(cfg, k)) for k in RESUME_KEYS if state["config"][k] != getattr(cfg, k)
+            k: (state["config"].get(k), getattr(cfg, k))
+            for k in RESUME_KEYS
+            if state["config"].get(k) != getattr(cfg, k)
         }
         if changed:
             raise UserError(f"resume: options differ from the checkpoint's run (saved, given): {changed}")

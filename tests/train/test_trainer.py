@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune_ext.optim.method import ArmijoMethod
 from finetune_ext.testing import tolerance
 from finetune_ext.train import METHODS, TrainConfig, train
 from finetune_ext.train.methods import AdamW, linear_schedule
@@ -83,28 +84,37 @@ def test_bert_on_sst2_loss_falls(tmp_path, sst2_slice, gpt2_tokenizer) -> None:
     assert summary["best_val"] == {"metric": "acc", "value": best["acc"], "step": best["step"]}
 
 
-class _InterruptAt(AdamW):
-    """AdamW that sends itself SIGINT during step ``at`` (0: never), as Ctrl-C would."""
+def _interrupting(base: type) -> type:
+    """``base`` sending itself SIGINT during step ``at`` (a class attribute; 0: never), as Ctrl-C would."""
 
-    name = "adamw-interrupt-test"
+    class Interrupting(base):
+        name = f"{base.name}-interrupt-test"
+        at, calls = 0, 0
 
-    def __init__(self, at: int = 0) -> None:
-        self.at, self.calls = at, 0
+        def step(self, ctx):
+            type(self).calls += 1
+            if type(self).calls == self.at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().step(ctx)
 
-    def step(self, ctx):
-        self.calls += 1
-        if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return super().step(ctx)
+    return Interrupting
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, wikitext_slice, gpt2_tokenizer, monkeypatch):
-    monkeypatch.setitem(METHODS, _InterruptAt.name, _InterruptAt)
-    base = dict(
+@pytest.mark.parametrize(
+    ("base", "options", "changed"),
+    [(AdamW, {}, None), (ArmijoMethod, {"init_step_size": 0.01}, {"init_step_size": 0.02})],
+)
+def test_interrupted_and_resumed_run_equals_uninterrupted(
+    base, options, changed, tmp_path, wikitext_slice, gpt2_tokenizer, monkeypatch
+) -> None:
+    method = _interrupting(base)
+    monkeypatch.setitem(METHODS, method.name, method)
+    run = dict(
         model="config:gpt2-tiny",  # dropout on: the RNG state must be restored too
         tokenizer=gpt2_tokenizer,
         data=str(wikitext_slice),
-        method=_InterruptAt.name,
+        method=method.name,
+        method_options=options,
         steps=6,
         batch_size=4,
         grad_accum=2,
@@ -117,17 +127,22 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, wikitext_sli
         progress=False,
     )
     whole = tmp_path / "whole"
-    train(TrainConfig(**base, output_dir=str(whole)))
+    train(TrainConfig(**run, output_dir=str(whole)))
 
     parts = tmp_path / "parts"
+    method.at, method.calls = 3, 0
     with pytest.raises(KeyboardInterrupt, match="interrupted after step 3"):
-        train(TrainConfig(**base, output_dir=str(parts), method_options={"at": 3}))
+        train(TrainConfig(**run, output_dir=str(parts)))
+    method.at = 0
     assert (parts / "latest").read_text() == "checkpoint-0000003"
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        train(TrainConfig(**base, output_dir=str(parts)))
+        train(TrainConfig(**run, output_dir=str(parts)))
     with pytest.raises(ValueError, match=r"resume: options differ .*'seed': \(0, 1\)"):
-        train(TrainConfig(**{**base, "seed": 1}, output_dir=str(parts), resume=True))
-    train(TrainConfig(**base, output_dir=str(parts), resume=True))
+        train(TrainConfig(**{**run, "seed": 1}, output_dir=str(parts), resume=True))
+    if changed is not None:
+        with pytest.raises(ValueError, match=r"resume: options differ .*'method_options'"):
+            train(TrainConfig(**{**run, "method_options": changed}, output_dir=str(parts), resume=True))
+    train(TrainConfig(**run, output_dir=str(parts), resume=True))
 
     a, b = _final_weights(whole), _final_weights(parts)
     assert a.keys() == b.keys()
