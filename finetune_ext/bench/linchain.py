@@ -3,7 +3,8 @@
 Providers: ``reference`` (the official LinChain forward, mixer by mixer per token, as plain autograd ops),
 ``lora`` (plain PyTorch LoRA at the same rank, PEFT's formulation: base + scale * B(A(dropout(x)))),
 ``ext`` (``LinChainLinear``: chain composed by ``linchain_compose``, then the fused ``lora_linear``),
-``ext-lora`` (the fused op without a chain) and ``merged`` (the base layer alone: what a merged model runs).
+``ext-lora`` (the fused op without a chain), ``merged`` (the base layer alone: what a merged model runs) and,
+when ``peft`` is installed, ``peft`` (PEFT's ``lora.Linear`` at the same rank, what users would otherwise pick).
 Adapter dropout 0.05 everywhere. Sizes are element counts of x: tokens = size // d, for d = 768 (and 4096
 on GPU). The target: ``ext`` within 1.05x of ``lora`` on an H100 in bf16. GB/s is not meaningful here (0).
 """
@@ -30,6 +31,21 @@ def _adapter(base: nn.Linear, k: int) -> LinChainLinear:
     return layer
 
 
+def _peft(base: nn.Linear) -> tuple | None:
+    """PEFT's LoRA layer around ``base`` (B random, as for ours) and its trainable tensors; None without peft."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+    except ImportError:
+        return None
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=DROPOUT)
+    layer = PeftLinear(base, "default", config, r=RANK, lora_alpha=2 * RANK, lora_dropout=DROPOUT)
+    layer.to(device=base.weight.device, dtype=base.weight.dtype)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.02)
+    return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+
 def _providers(base: nn.Linear) -> dict[str, tuple]:
     """name -> (forward, trainable parameters whose gradients the backward computes, besides x's)."""
     chain, lora = _adapter(base, CHAIN), _adapter(base, 0)
@@ -43,13 +59,15 @@ def _providers(base: nn.Linear) -> dict[str, tuple]:
         return base(x) + scale * F.linear(F.linear(F.dropout(x, DROPOUT), lora.lora_A), lora.lora_B)
 
     chain_params, lora_params = list(chain.parameters(recurse=False)), list(lora.parameters(recurse=False))
-    return {
+    found = {
         "reference": (official, chain_params),
         "lora": (plain_lora, lora_params),
         "ext": (chain, chain_params),
         "ext-lora": (lora, lora_params),
         "merged": (base, []),
     }
+    peft_layer = _peft(base)
+    return found if peft_layer is None else {**found, "peft": peft_layer}
 
 
 def cases(device: torch.device, dtype: torch.dtype, sizes: list[int], providers: list[str] | None) -> Iterator[Case]:

@@ -223,3 +223,31 @@ def test_methods_train_gpt2_and_bert(tmp_path, wikitext_slice, gpt2_tokenizer, s
     assert out["steps"] == 4  # the new head trains with the adapters (modules_to_save)
     with pytest.raises(ValueError, match="chain_length: the lora method has no chain"):
         train(TrainConfig(**lm, method="lora", output_dir=str(tmp_path / "x"), method_options={"chain_length": 2}))
+
+
+@pytest.mark.parametrize("targets", [["c_attn", "c_fc"], "all-linear"])
+def test_lora_equals_peft_lora(targets) -> None:
+    """chain_length = 0 against PEFT's LoRA (the library users compare with) on GPT-2's Conv1D layers, float64:
+    the same A and B give the same logits and the same gradients for every adapter tensor."""
+    peft = pytest.importorskip("peft")
+    ours, theirs = _gpt2(torch.float64), _gpt2(torch.float64)
+    found = adapters.apply_linchain(ours, LinChainConfig(r=4, chain_length=0, alpha=8.0, target_modules=targets))
+    peft_targets = ["c_attn", "c_proj", "c_fc"] if targets == "all-linear" else targets  # PEFT skips lm_head too
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
+                                                        target_modules=peft_targets))  # fmt: skip
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    assert sorted(peft_layers) == sorted(found)
+    _randomise_B(ours)
+    with torch.no_grad():
+        for name, layer in found.items():
+            peft_layers[name].lora_A["default"].weight.copy_(layer.lora_A)
+            peft_layers[name].lora_B["default"].weight.copy_(layer.lora_B)
+    ids = _ids()
+    got, expected = ours(ids, labels=ids), theirs(input_ids=ids, labels=ids)
+    torch.testing.assert_close(got.logits, expected.logits, **tolerance(torch.float64))
+    got.loss.backward()
+    expected.loss.backward()
+    for name, layer in found.items():
+        for ours_p, theirs_p in ((layer.lora_A, peft_layers[name].lora_A["default"].weight),
+                                 (layer.lora_B, peft_layers[name].lora_B["default"].weight)):  # fmt: skip
+            torch.testing.assert_close(ours_p.grad, theirs_p.grad, **tolerance(torch.float64))

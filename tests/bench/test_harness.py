@@ -50,3 +50,15 @@ def test_cli_bench_and_errors(tmp_path, capsys) -> None:
     assert "providers: unknown ['nope']" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown op"):
         main(["bench", "--ops", "nope"])
+
+
+def test_lora_linear_cases_include_peft_when_installed() -> None:
+    """Every lora_linear provider runs forward + backward; PEFT's layer joins when peft is importable."""
+    pytest.importorskip("peft")
+    cases = list(bench.OPS["lora_linear"](torch.device("cpu"), torch.float32, [768 * 4], None))
+    assert {c.provider for c in cases} == {"reference", "lora", "ext", "ext-lora", "merged", "peft"}
+    for case in cases:
+        grads = case.fn()
+        assert grads[0].shape == (4, 768) and all(torch.isfinite(g).all() for g in grads), case.provider
+    peft_case = next(c for c in cases if c.provider == "peft")
+    assert len(peft_case.fn()) == 3  # gradients of x, lora_A, lora_B
