@@ -60,5 +60,5 @@ def test_lora_linear_cases_include_peft_when_installed() -> None:
     for case in cases:
         grads = case.fn()
         assert grads[0].shape == (4, 768) and all(torch.isfinite(g).all() for g in grads), case.provider
-    peft_case = next(c for c in cases if c.provider == "peft")
-    assert len(peft_case.fn()) == 3  # gradients of x, lora_A, lora_B
+        if case.provider == "peft":
+            assert len(grads) == 3  # gradients of x, lora_A, lora_B
