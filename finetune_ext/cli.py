@@ -1,11 +1,13 @@
-"""``finetune-ext``: command-line entry point (``train``, ``bench``, ``info``)."""
+"""``finetune-ext``: command-line entry point (``train``, ``methods``, ``bench``, ``info``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
+import typing
 from pathlib import Path
 
 DTYPES = {
@@ -47,25 +49,15 @@ def _bench(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import transformers
 
-    from finetune_ext.train import METHODS, TrainConfig, UserError, train
+    from finetune_ext.train import TrainConfig, train
+    from finetune_ext.train.options import parse_pairs
 
     transformers.logging.set_verbosity_error()  # our errors are one line; keep the library's chatter out
-
-    options = {}
-    for item in args.method_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"method-option: expected KEY=VALUE, got {item!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value  # a bare string
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**fields, method_options=options)
-    if config.method not in METHODS:
-        raise UserError(f"method: unknown {config.method!r}; available: {sorted(METHODS)}")
+    for name in [k for k in fields if k.endswith("_options")]:
+        fields[name] = parse_pairs(fields[name], name.removesuffix("s").replace("_", "-"))
     try:
-        summary = train(config)
+        summary = train(TrainConfig(**fields))
     except KeyboardInterrupt as err:
         print(f"finetune-ext train: {err or 'interrupted'}; continue with --resume", file=sys.stderr)
         return 130
@@ -77,6 +69,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods(args: argparse.Namespace) -> int:
+    from finetune_ext.train import registry
+
+    print(_catalogue_text(registry))
+    print("\npresets (--method NAME): " + "; ".join(
+        f"{name} = " + (", ".join(f"--{k} {v}" for k, v in parts.items()) or "the defaults")
+        for name, parts in registry.PRESETS.items()
+    ))  # fmt: skip
+    return 0
+
+
+def _catalogue_text(registry) -> str:
+    lines = []
+    for kind, name, doc, fields in registry.catalogue():
+        lines.append(f"--{kind} {name}: {doc}")
+        for field, tp, default, text in fields:
+            lines.append(f"    {field} ({tp}, default {default!r}): {text}")
+    return "\n".join(lines)
+
+
 def _info(args: argparse.Namespace) -> int:
     import finetune_ext
 
@@ -84,10 +96,32 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_defaults() -> dict:
-    from finetune_ext.train.trainer import TrainConfig
+def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+    """One option per field of dataclass ``config``, typed, with its help text (``--field-name``).
 
-    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    ``bool`` fields become flags (``--no-<name>`` for those that default to true); ``<kind>_options`` dicts
+    become repeatable ``--<kind>-option KEY=VALUE`` options, parsed later by the part's declared types.
+    """
+    from finetune_ext.train.options import field_types, parse_value, type_name
+
+    for f in dataclasses.fields(config):
+        tp, flag = field_types(config)[f.name], "--" + f.name.replace("_", "-")
+        text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
+        if f.name.endswith("_options"):
+            parser.add_argument(flag.removesuffix("s"), dest=f.name, action="append", default=[],
+                                metavar="KEY=VALUE", help=f"{text} (repeatable)")  # fmt: skip
+        elif tp is bool and f.default:
+            parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false", help=text)
+        elif tp is bool:
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            convert = functools.partial(parse_value, tp=tp, name=f.name)
+            convert.__name__ = type_name(tp)  # argparse names the type in its error message
+            required = f.default is dataclasses.MISSING
+            literal = next((a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is typing.Literal), None)
+            values = choices() if choices else typing.get_args(literal) if literal else None
+            parser.add_argument(flag, type=convert, required=required, default=None if required else f.default,
+                                metavar="{" + ",".join(values) + "}" if values else None, help=text)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,96 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-out", help="folder for the CSV and PNG files")
     b.set_defaults(func=_bench)
 
-    defaults = _train_defaults()  # one source of truth: TrainConfig
+    from finetune_ext.train import TrainConfig, registry
+
     t = sub.add_parser(
         "train",
-        help="fine-tune a model with one of the methods",
-        description="Fine-tune a Hugging Face model. Writes metrics.jsonl, curves.png, summary.json and "
-        "checkpoints into --output-dir. Runs data-parallel under torchrun.",
+        help="fine-tune a model: one stepper plus any transforms",
+        description="Fine-tune a Hugging Face model with one stepper (--optimizer) plus transforms (--dropout, "
+        "--adapter), each with its options (--<kind>-option KEY=VALUE), or a --method preset. Writes "
+        "metrics.jsonl, curves.png, summary.json and checkpoints into --output-dir. Runs data-parallel under "
+        "torchrun.",
+        epilog="parts and their options:\n" + _catalogue_text(registry),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument(
-        "--model",
-        required=True,
-        help="hub id, local folder, config:gpt2-tiny|gpt2-small|bert-tiny, or config:<config.json>",
-    )
-    t.add_argument(
-        "--data",
-        required=True,
-        help="wikitext-2 | wikitext-103 | sst2 (hub), or a folder with train/valid/test.txt or train.tsv + dev.tsv",
-    )
-    t.add_argument("--tokenizer", help="hub id or folder (default: the model's)")
-    t.add_argument("--method", default=defaults["method"], help="training method (default: adamw)")
-    t.add_argument(
-        "--method-option", action="append", default=[], metavar="KEY=VALUE", help="method-specific option (repeatable)"
-    )
-    t.add_argument(
-        "--output-dir", default=defaults["output_dir"], help="where metrics, plots, summary and checkpoints go"
-    )
-    t.add_argument(
-        "--seed", type=int, default=defaults["seed"], help="seed for initialisation, data order, subsets and dropout"
-    )
-    t.add_argument("--steps", type=int, default=defaults["steps"], help="optimizer steps")
-    t.add_argument(
-        "--batch-size",
-        type=int,
-        default=defaults["batch_size"],
-        help="sequences per optimizer step, over all processes",
-    )
-    t.add_argument("--grad-accum", type=int, default=defaults["grad_accum"], help="micro-batches per optimizer step")
-    t.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate")
-    t.add_argument(
-        "--weight-decay", type=float, default=defaults["weight_decay"], help="AdamW weight decay (matrices only)"
-    )
-    t.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=defaults["warmup_steps"],
-        help="linear warm-up steps, then linear decay to 0",
-    )
-    t.add_argument(
-        "--max-grad-norm", type=float, default=defaults["max_grad_norm"], help="gradient clipping norm (0: off)"
-    )
-    t.add_argument("--block-size", type=int, default=defaults["block_size"], help="tokens per language-modelling block")
-    t.add_argument(
-        "--max-length",
-        type=int,
-        default=defaults["max_length"],
-        help="tokens per classification example (padded/truncated)",
-    )
-    t.add_argument(
-        "--train-samples", type=float, help="low-data runs: a count (>= 1) or fraction (< 1) of the training set"
-    )
-    t.add_argument(
-        "--val-size",
-        type=float,
-        default=defaults["val_size"],
-        help="classification: held-out slice of train for model selection (count or fraction)",
-    )
-    t.add_argument(
-        "--eval-every", type=int, default=defaults["eval_every"], help="evaluate on the validation split every N steps"
-    )
-    t.add_argument("--eval-batch-size", type=int, default=defaults["eval_batch_size"], help="batch size for evaluation")
-    t.add_argument("--max-eval-batches", type=int, help="cap evaluation at N batches (quick runs)")
-    t.add_argument(
-        "--save-every", type=int, default=defaults["save_every"], help="checkpoint every N steps (and at the end)"
-    )
-    t.add_argument(
-        "--keep-checkpoints", type=int, default=defaults["keep_checkpoints"], help="how many checkpoints to keep"
-    )
-    t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds checkpoints")
-    t.add_argument("--bf16", action="store_true", help="bf16 autocast for forward passes")
-    t.add_argument(
-        "--device", default=defaults["device"], choices=["auto", "cpu", "cuda"], help="default: cuda if available"
-    )
-    t.add_argument(
-        "--select-metric",
-        choices=["loss", "acc"],
-        default=defaults["select_metric"],
-        help="validation metric that selects the reported model (default: loss for LM, acc for classification)",
-    )
-    t.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_config_arguments(t, TrainConfig)
     t.set_defaults(func=_train)
+
+    m = sub.add_parser("methods", help="every transform and stepper with its options, types and defaults")
+    m.set_defaults(func=_methods)
 
     i = sub.add_parser("info", help="what was built: CUDA kernels, archs, torch version")
     i.set_defaults(func=_info)

@@ -10,6 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from finetune_ext import ops
 from finetune_ext.adapters.config import LinChainConfig
+from finetune_ext.nn import keys
 
 
 class LinChainLinear(nn.Module):
@@ -18,11 +19,13 @@ class LinChainLinear(nn.Module):
 
     The chain is composed into ``M, beff`` once per model forward for all adapters (``linchain_compose``, set
     by the model-level hook in ``adapters.model``; composed here when the layer is called on its own), and the
-    layer runs as LoRA with ``A' = M A`` and a rank-space bias ``beff`` (``ops.lora_linear``).
+    layer runs as LoRA with ``A' = M A`` and a rank-space bias ``beff`` (``ops.lora_linear``). ``site`` keys the
+    adapter dropout's mask under ``finetune_ext.nn.keys.keyed``.
     """
 
-    def __init__(self, base: nn.Linear | Conv1D, config: LinChainConfig) -> None:
+    def __init__(self, base: nn.Linear | Conv1D, config: LinChainConfig, site: int = 0) -> None:
         super().__init__()
+        self.site = site
         if not isinstance(base, (nn.Linear, Conv1D)):
             raise TypeError(f"base: expected nn.Linear or Conv1D, got {type(base).__name__}")
         self.base_layer = base
@@ -96,6 +99,7 @@ class LinChainLinear(nn.Module):
             scale=self.scale,
             dropout_p=self.dropout,
             training=self.training,
+            seed=keys.site_seed(self.site),
         )
 
     @torch.no_grad()

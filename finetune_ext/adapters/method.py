@@ -1,46 +1,38 @@
-"""Training-loop methods ``linchain`` and ``lora``: adapters on the model, AdamW on the adapter parameters."""
+"""Adapter transforms ``--adapter lora|linchain``: freeze the model and wrap its linear layers in adapters."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 from torch import nn
 
-from finetune_ext.adapters.config import LinChainConfig
+from finetune_ext.adapters.config import LinChainConfig, LoRAConfig
 from finetune_ext.adapters.model import HEAD_NAMES, apply_linchain
-from finetune_ext.train.methods import AdamW, MethodConfig, RunInfo, register_method
+from finetune_ext.train.parts import RunContext, Transform
 
 
-@register_method
-class LinChainMethod(AdamW):
-    """LinChain adapters (``r``, ``chain_length``, ``alpha``, ...; see ``LinChainConfig``); a classifier's new
-    head is trained in full (``modules_to_save``), as PEFT does for sequence classification."""
+class LinChain(Transform):
+    """LinChain adapters W0 + (alpha/r)·B·M_k⋯M_1·A; a classifier's new head trains in full, as in PEFT."""
 
     name = "linchain"
-    default_chain = 3
+    Options = LinChainConfig
 
-    def __init__(self, **options: Any) -> None:
-        options.setdefault("chain_length", self.default_chain)
-        self.options = options
-        self.config = LinChainConfig(**options)  # validates now, before any data or model is loaded
+    def adapter_config(self) -> LinChainConfig:
+        return self.options
 
-    def setup(self, model: nn.Module, config: MethodConfig, total_steps: int, run: RunInfo | None = None) -> None:
-        adapter = self.config
-        if not adapter.modules_to_save and (run is None or run.task == "cls"):
+    def apply(self, model: nn.Module, run: RunContext) -> None:
+        config = self.adapter_config()
+        if not config.modules_to_save and run.task == "cls":
             heads = [n for n, _ in model.named_children() if n in HEAD_NAMES and n not in ("lm_head", "cls")]
-            adapter = LinChainConfig(**{**self.options, "modules_to_save": heads})
-        apply_linchain(model, adapter)
-        super().setup(model, config, total_steps, run)
+            config = dataclasses.replace(config, modules_to_save=heads)
+        apply_linchain(model, config)
 
 
-@register_method
-class LoRAMethod(LinChainMethod):
-    """LoRA: LinChain without mixers."""
+class LoRA(LinChain):
+    """LoRA adapters W0 + (alpha/r)·B·A (LinChain without mixers; PEFT's LoRA exactly)."""
 
     name = "lora"
-    default_chain = 0
+    Options = LoRAConfig
 
-    def __init__(self, **options: Any) -> None:
-        if options.get("chain_length", 0) != 0:
-            raise ValueError("chain_length: the lora method has no chain; use --method linchain")
-        super().__init__(**options)
+    def adapter_config(self) -> LinChainConfig:
+        return LinChainConfig(**dataclasses.asdict(self.options), chain_length=0)

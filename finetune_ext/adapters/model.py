@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from finetune_ext import ops
 from finetune_ext.adapters.config import LinChainConfig
 from finetune_ext.adapters.layer import LinChainLinear
+from finetune_ext.nn import keys, replace_module
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # First name components of output heads, which "all-linear" leaves alone (as PEFT does).
@@ -74,9 +75,7 @@ def apply_linchain(model: nn.Module, config: LinChainConfig) -> dict[str, LinCha
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, LinChainLinear(getattr(owner, child), config))
+        replace_module(model, name, LinChainLinear(model.get_submodule(name), config, site=keys.site_id(name)))
     for module in saved:
         for p in module.parameters():
             p.requires_grad_(True)
@@ -132,8 +131,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then put the base layers back in place of the adapters and remove the hooks."""
     for name, a in adapters(model).items():
         a.merge()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, a.base_layer)
+        replace_module(model, name, a.base_layer)
     state = model.__dict__.pop("_linchain", None)
     for h in state["hooks"] if state else ():
         h.remove()

@@ -1,12 +1,12 @@
-"""Guided dropout: Fisher-information-guided dropout rates (methods ``guided-dropout``, ``gaussian-dropout``)."""
+"""Guided dropout: Fisher-information-guided dropout rates (transforms ``--dropout guided|gaussian``)."""
 
 from finetune_ext.guided.fisher import FisherCache, empirical_fisher, mask_tokens
-from finetune_ext.guided.method import GaussianDropoutMethod, GuidedDropout, lm_twin
+from finetune_ext.guided.method import GaussianDropoutTransform, GuidedDropout, lm_twin
 from finetune_ext.guided.sites import Site, apply_rates, find_sites, linear_schedule, site_scores, unit_rates
 
 __all__ = [
     "FisherCache",
-    "GaussianDropoutMethod",
+    "GaussianDropoutTransform",
     "GuidedDropout",
     "Site",
     "apply_rates",

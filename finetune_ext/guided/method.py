@@ -1,18 +1,20 @@
-"""Training-loop methods: ``guided-dropout`` (Fisher-guided rates) and the ``gaussian-dropout`` baseline.
+"""Dropout transforms: ``--dropout guided`` (Fisher-guided rates) and the ``--dropout gaussian`` baseline.
 
 Guided dropout, faithful mode: diagonal empirical Fisher of the pre-training objective (masked LM for
 BERT-family encoders, causal LM for GPT-2) on ``fisher_samples`` training examples, per-site scores,
-rates linear from ``p_max`` (lowest Fisher) to 0, then AdamW. Offline there is no pre-training corpus, so
+rates linear from ``p_max`` (lowest Fisher) to 0. Offline there is no pre-training corpus, so
 the Fisher sample is drawn from the fine-tuning training split (a documented departure: the paper uses 1% of
 the pre-training corpus). A classifier's Fisher is computed on an LM-head twin that shares its encoder
 weights (BERT: ``BertForMaskedLM`` with a fresh transform layer and the decoder tied to the word embeddings,
 as the checkpoint of e.g. all-MiniLM-L6-v2 has no MLM head). ``per_unit=True`` (beyond the paper) gives each
 unit of the attention-output and FFN-output sites its own rate from the row-wise Fisher of the weight
-feeding it, with the site's rate as the mean.
+feeding it, with the site's rate as the mean. The Fisher is that of the model as the run starts: dropout
+transforms apply before adapters.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,8 +32,9 @@ from finetune_ext.guided.sites import (
     site_scores,
     unit_rates,
 )
-from finetune_ext.nn import GaussianDropout
-from finetune_ext.train.methods import AdamW, MethodConfig, RunInfo, register_method
+from finetune_ext.nn import GaussianDropout, keys, replace_module
+from finetune_ext.train.options import option
+from finetune_ext.train.parts import RunContext, Transform
 
 DEFAULT_CACHE = "~/.cache/finetune_ext/fisher"
 
@@ -55,7 +58,7 @@ def lm_twin(model: nn.Module) -> tuple[nn.Module, bool]:
 
 
 def fisher_samples(
-    run: RunInfo, causal: bool, n: int, seed: int, vocab: int
+    run: RunContext, causal: bool, n: int, seed: int, vocab: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` seeded training examples as (inputs, labels) for the causal-LM or masked-LM objective."""
     ids = run.train["input_ids"]
@@ -80,48 +83,52 @@ def fisher_samples(
     return out
 
 
-@register_method
-class GuidedDropout(AdamW):
-    """AdamW with dropout rates set from the Fisher information (Sharma et al., 2024)."""
+@dataclass
+class GuidedOptions:
+    p_max: float = option(P_MAX_OFFICIAL, "drop rate of the lowest-Fisher site (0.099 as in the official code)")
+    fisher_samples: int = option(256, "training examples in the Fisher estimate")
+    per_unit: bool = option(False, "per-unit rates from the row-wise Fisher (beyond the paper)")
+    fisher_cache: str | None = option(DEFAULT_CACHE, "folder caching Fisher estimates as safetensors (null: off)")
+    fisher_memory_mb: float = option(1024.0, "memory for per-sample gradients per chunk")
 
-    name = "guided-dropout"
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p_max < 1.0:
+            raise ValueError(f"p_max: expected a value in [0, 1), got {self.p_max}")
+        if self.fisher_samples < 1:
+            raise ValueError(f"fisher_samples: expected >= 1, got {self.fisher_samples}")
+        if self.fisher_memory_mb <= 0:
+            raise ValueError(f"fisher_memory_mb: expected > 0, got {self.fisher_memory_mb}")
 
-    def __init__(
-        self,
-        p_max: float = P_MAX_OFFICIAL,
-        fisher_samples: int = 256,
-        per_unit: bool = False,
-        fisher_cache: str | None = DEFAULT_CACHE,
-        fisher_memory_mb: float = 1024,
-    ) -> None:
-        if not 0.0 <= p_max < 1.0:
-            raise ValueError(f"p_max: expected a value in [0, 1), got {p_max}")
-        if fisher_samples < 1:
-            raise ValueError(f"fisher_samples: expected >= 1, got {fisher_samples}")
-        if fisher_memory_mb <= 0:
-            raise ValueError(f"fisher_memory_mb: expected > 0, got {fisher_memory_mb}")
-        self.p_max, self.n, self.per_unit, self.cache = p_max, fisher_samples, per_unit, fisher_cache
-        self.memory_mb = fisher_memory_mb
+
+class GuidedDropout(Transform):
+    """Dropout rates from the Fisher information of the pre-training objective (Sharma et al., 2024)."""
+
+    name = "guided"
+    Options = GuidedOptions
+
+    def __init__(self, options: GuidedOptions | None = None) -> None:
+        super().__init__(options)
         self.rates: dict[str, Any] = {}
 
-    def fisher(self, model: nn.Module, run: RunInfo) -> dict[str, torch.Tensor]:
+    def fisher(self, model: nn.Module, run: RunContext) -> dict[str, torch.Tensor]:
         """The Fisher of ``model``'s pre-training objective, from the cache when it holds it."""
+        o = self.options
         twin, causal = lm_twin(model)
         settings = {
             "objective": "clm" if causal else "mlm",
-            "n": self.n,
+            "n": o.fisher_samples,
             "seed": run.seed,
             "data": list(run.train["input_ids"].shape),
         }
-        cache = FisherCache(self.cache) if self.cache else None
+        cache = FisherCache(o.fisher_cache) if o.fisher_cache else None
         key = FisherCache.key(twin, **settings) if cache else ""
         if cache and (hit := cache.load(key)) is not None:
             return {k: v.to(next(model.parameters()).device) for k, v in hit.items()}
-        samples = fisher_samples(run, causal, self.n, run.seed, twin.config.vocab_size)
+        samples = fisher_samples(run, causal, o.fisher_samples, run.seed, twin.config.vocab_size)
         device = next(twin.parameters()).device
         # Per-sample gradients dominate the memory of a chunk: one fp32 copy of the parameters per sample.
         grad_bytes = 4 * sum(p.numel() for p in twin.parameters() if p.requires_grad)
-        chunk = max(1, int(self.memory_mb * 2**20 // grad_bytes))
+        chunk = max(1, int(o.fisher_memory_mb * 2**20 // grad_bytes))
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         pairs = [(x.to(device), y.to(device)) for x, y in samples[rank::world]]  # sums are all-reduced
         fisher = empirical_fisher(twin, pairs, causal=causal, chunk_size=chunk, progress=run.progress)
@@ -129,16 +136,14 @@ class GuidedDropout(AdamW):
             cache.save(key, fisher)
         return fisher
 
-    def setup(self, model: nn.Module, config: MethodConfig, total_steps: int, run: RunInfo | None = None) -> None:
-        if run is None:
-            raise ValueError("guided-dropout: needs the run's training data (use finetune_ext.train.train)")
+    def apply(self, model: nn.Module, run: RunContext) -> None:
         sites = find_sites(model)
         fisher = self.fisher(model, run)
-        site_p = linear_schedule(site_scores(sites, fisher), self.p_max)
+        site_p = linear_schedule(site_scores(sites, fisher), self.options.p_max)
         conv1d = model.config.model_type == "gpt2"
         rates: list[float | torch.Tensor] = []
         for site, p in zip(sites, site_p.tolist(), strict=True):
-            if self.per_unit and site.unit_weight is not None:
+            if self.options.per_unit and site.unit_weight is not None:
                 rates.append(unit_rates(p, row_fisher(fisher[site.unit_weight], conv1d)).float())
             else:
                 rates.append(p)
@@ -146,26 +151,27 @@ class GuidedDropout(AdamW):
         self.rates = {
             s.name: (r.tolist() if isinstance(r, torch.Tensor) else r) for s, r in zip(sites, rates, strict=True)
         }
-        super().setup(model, config, total_steps, run)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rates": self.rates}
+        return {"rates": self.rates}
 
 
-@register_method
-class GaussianDropoutMethod(AdamW):
+@dataclass
+class GaussianOptions:
+    p: float = option(0.1, "the Bernoulli rate whose variance the noise matches: N(1, p/(1-p))")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p < 1.0:
+            raise ValueError(f"p: expected a value in [0, 1), got {self.p}")
+
+
+class GaussianDropoutTransform(Transform):
     """Baseline: multiplicative Gaussian noise N(1, p/(1-p)) at the hidden-state sites (off at evaluation)."""
 
-    name = "gaussian-dropout"
+    name = "gaussian"
+    Options = GaussianOptions
 
-    def __init__(self, p: float = 0.1) -> None:
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"p: expected a value in [0, 1), got {p}")
-        self.p = p
-
-    def setup(self, model: nn.Module, config: MethodConfig, total_steps: int, run: RunInfo | None = None) -> None:
+    def apply(self, model: nn.Module, run: RunContext) -> None:
         for site in find_sites(model):
             if site.kind != "attn_probs":
-                parent, _, child = site.name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, GaussianDropout(self.p))
-        super().setup(model, config, total_steps, run)
+                replace_module(model, site.name, GaussianDropout(self.options.p, site=keys.site_id(site.name)))

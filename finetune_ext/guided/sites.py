@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from finetune_ext.nn import FisherDropout
+from finetune_ext.nn import FisherDropout, keys, replace_module
 
 P_MAX_OFFICIAL = 0.099  # glue_bert_ours.py: p = 0.099 - 0.00275 * rank over BERT-base's 37 sites
 
@@ -138,9 +138,7 @@ def row_fisher(fisher: torch.Tensor, module_weight_is_conv1d: bool) -> torch.Ten
 def apply_rates(model: nn.Module, sites: list[Site], rates: list[float | torch.Tensor]) -> None:
     """Set each site's rate: ``p`` of attention-probability dropouts, ``FisherDropout`` modules elsewhere."""
     for site, p in zip(sites, rates, strict=True):
-        parent_name, _, child = site.name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        module = getattr(parent, child)
+        module = model.get_submodule(site.name)
         if site.kind == "attn_probs":
             if isinstance(p, torch.Tensor) and p.numel() > 1:
                 raise ValueError(
@@ -150,4 +148,5 @@ def apply_rates(model: nn.Module, sites: list[Site], rates: list[float | torch.T
         elif isinstance(module, FisherDropout):
             module.set_p(p)
         else:
-            setattr(parent, child, FisherDropout(p).to(next(model.parameters()).device))
+            dropout = FisherDropout(p, site=keys.site_id(site.name))
+            replace_module(model, site.name, dropout.to(next(model.parameters()).device))

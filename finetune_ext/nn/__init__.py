@@ -1,5 +1,15 @@
-"""Modules built on the fused ops."""
+"""Modules built on the fused ops, and the helpers that place them in a model."""
+
+from torch import nn
 
 from finetune_ext.nn.dropout import FisherDropout, GaussianDropout
 
-__all__ = ["FisherDropout", "GaussianDropout"]
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (``"transformer.h.0.mlp.dropout"``); returns it."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+    return module
+
+
+__all__ = ["FisherDropout", "GaussianDropout", "replace_module"]

@@ -13,8 +13,11 @@ Fixed quirks: trials see every other block at ``w0`` (the official code had alre
 the joint test uses the sum of ``gᵀPg`` over all blocks (the code used the last block's); no parameter copy is
 kept: backtracking moves the searched block from its last trial by the difference of step sizes, and the final
 step undoes the trial in the same update (``armijo_update_``; rounding differs from ``w0 - eta d`` in the
-last bits). Every closure re-evaluation restores the RNG state of the first one (CPU and CUDA), so dropout
-masks are identical; under DDP each loss is all-reduced before the test, so all ranks decide alike.
+last bits). Every hyperparameter lives in the parameter groups, so ``state_dict`` saves them.
+
+The closure must draw the same randomness at every evaluation (evaluate under
+``finetune_ext.nn.keys.keyed(seed, step)``, as the trainer's ``StepContext`` does) and, under DDP, return the
+loss averaged over the ranks (``finetune_ext.train.distributed.mean_across_ranks``), so all ranks decide alike.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from finetune_ext import ops
 
@@ -47,9 +49,10 @@ class BlockArmijo(torch.optim.Optimizer):
         init_step_size: every block's first step size. joint_steps: steps searched jointly at the start (6).
         betas, eps: Adam's. backend: kernels (``"ext"``), ``"reference"`` loops, or ``"auto"``.
 
-    The closure returns the mini-batch loss as a tensor. ``step`` zeroes the gradients first; if the loss
-    requires grad it calls ``backward``, and a closure that ran ``backward`` itself (gradient accumulation)
-    returns a detached loss instead. Trials call the closure under ``torch.no_grad``.
+    The closure returns the mini-batch loss as a tensor, the same masks at every call (see the module
+    docstring). ``step`` zeroes the gradients first; if the loss requires grad it calls ``backward``, and a
+    closure that ran ``backward`` itself (gradient accumulation) returns a detached loss instead. Trials call
+    the closure under ``torch.no_grad``.
     """
 
     def __init__(
@@ -93,24 +96,18 @@ class BlockArmijo(torch.optim.Optimizer):
                 if id(p) in seen:
                     raise ValueError(f"blocks: a parameter appears in more than one block ({g['name']})")
                 seen.add(id(p))
-        defaults = dict(step_size=init_step_size, step=0)  # "step": the global step count, kept in every block
-        super().__init__(groups, defaults)
-        self.options = dict(
-            direction=direction, c=c, beta_b=beta_b, gamma=gamma, reset=reset, strategy=strategy,
-            max_backtracks=max_backtracks, init_step_size=init_step_size, n_batches_per_epoch=n_batches_per_epoch,
-            joint_steps=joint_steps, betas=betas, eps=eps, backend=backend,
+        # "step": the global step count, kept in every block; the search options are the same in every block.
+        defaults = dict(
+            step_size=init_step_size, step=0, direction=direction, c=c, beta_b=beta_b, gamma=gamma, reset=reset,
+            strategy=strategy, max_backtracks=max_backtracks, init_step_size=init_step_size,
+            n_batches_per_epoch=n_batches_per_epoch, joint_steps=joint_steps, betas=tuple(betas), eps=eps,
+            backend=backend,
         )  # fmt: skip
+        super().__init__(groups, defaults)
         self.last: dict[str, Any] = {}
 
     # ---- closure evaluation -------------------------------------------------------------------------
-    def _rng_snapshot(self) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return torch.get_rng_state(), cuda
-
-    def _evaluate(self, closure: Callable, rng, grad: bool) -> float:
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state_all(rng[1])
+    def _evaluate(self, closure: Callable, grad: bool) -> float:
         if grad:
             self.zero_grad(set_to_none=True)
         with torch.enable_grad() if grad else torch.no_grad():
@@ -120,12 +117,7 @@ class BlockArmijo(torch.optim.Optimizer):
             raise ValueError(f"closure: expected a scalar loss tensor, got {shape}")
         if grad and loss.requires_grad:
             loss.backward()
-        value = loss.detach().double().reshape(())
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            value = value.to(_comm_device())
-            dist.all_reduce(value)
-            value /= dist.get_world_size()
-        return float(value)
+        return float(loss.detach())
 
     # ---- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -134,9 +126,8 @@ class BlockArmijo(torch.optim.Optimizer):
         closure's first evaluation fails (non-scalar or non-finite loss)."""
         if closure is None:
             raise ValueError("closure: BlockArmijo needs a closure that returns the mini-batch loss")
-        o = self.options
-        rng = self._rng_snapshot()
-        loss0 = self._evaluate(closure, rng, grad=True)
+        o = self.param_groups[0]
+        loss0 = self._evaluate(closure, grad=True)
         if not math.isfinite(loss0):
             raise ValueError(f"closure: the loss is {loss0}; parameters left unchanged")
         t = self.param_groups[0]["step"]
@@ -169,7 +160,7 @@ class BlockArmijo(torch.optim.Optimizer):
             rhs = sum(pp[b] for b in blocks)
             for k in range(o["max_backtracks"]):
                 move(blocks, eta)
-                trial = self._evaluate(closure, rng, grad=False)
+                trial = self._evaluate(closure, grad=False)
                 if math.isfinite(trial) and loss0 - trial >= o["c"] * eta * rhs:
                     accepted.append({"blocks": blocks, "eta": eta, "loss": trial, "rhs": rhs})
                     return eta, k
@@ -251,7 +242,3 @@ def _as_group(block, i: int) -> dict[str, Any]:
     if not all(isinstance(p, torch.Tensor) and p.requires_grad for p in params):
         raise ValueError(f"blocks: block {name!r} must hold tensors that require grad")
     return {"params": params, "name": name}
-
-
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

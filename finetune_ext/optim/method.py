@@ -1,40 +1,66 @@
-"""Training-loop method ``armijo``: ``BlockArmijo`` over the model's blocks (PLASLS), or one block (AdamSLS)."""
+"""The stepper ``--optimizer armijo``: ``BlockArmijo`` over the model's blocks (PLASLS), or one block (AdamSLS)."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from finetune_ext.optim.block_armijo import BlockArmijo
 from finetune_ext.optim.blocks import blocks_from_model
-from finetune_ext.train.methods import Method, MethodConfig, RunInfo, StepContext, register_method
+from finetune_ext.train.options import option
+from finetune_ext.train.parts import RunContext, StepContext, Stepper
 
 
-@register_method
-class ArmijoMethod(Method):
-    """Per-block Armijo line search; the step size comes from the search, so ``--lr`` is not used.
+@dataclass
+class ArmijoOptions:
+    blocks: Literal["auto", "single"] = option(
+        "auto", "'auto': embeddings, each layers_per_block layers, head (PLASLS); 'single': one block (AdamSLS)"
+    )
+    layers_per_block: int = option(1, "transformer layers per block (blocks=auto)")
+    direction: Literal["adam", "sgd"] = option("adam", "Adam-preconditioned direction with momentum, or SGD")
+    c: float = option(0.1, "Armijo constant in (0, 1)")
+    beta_b: float = option(0.9, "backtracking factor in (0, 1)")
+    gamma: float = option(2.0, "SLS reset factor >= 1: step sizes grow by gamma^(1/n_batches_per_epoch)")
+    reset: Literal["sls", "keep", "init"] = option("sls", "step-size reset before each search")
+    strategy: Literal["cycle", "all", "joint"] = option("cycle", "which blocks each step searches")
+    max_backtracks: int = option(100, "trials per search before the 1e-6 fallback step")
+    init_step_size: float = option(0.1, "every block's first step size")
+    n_batches_per_epoch: int = option(500, "the SLS reset's exponent denominator")
+    joint_steps: int = option(6, "steps searched jointly at the start")
+    beta1: float = option(0.9, "Adam's first-moment decay")
+    beta2: float = option(0.999, "Adam's second-moment decay")
+    eps: float = option(1e-8, "Adam's epsilon")
 
-    Options: ``blocks`` (``"auto"``: embeddings, each ``layers_per_block`` layers, head; ``"single"``: one block,
-    i.e. AdamSLS), ``layers_per_block``, and every ``BlockArmijo`` argument (``c``, ``beta_b``, ``gamma``,
-    ``strategy``, ``direction``, ``init_step_size``, ``max_backtracks``, ``n_batches_per_epoch``, ...).
-    """
+    def __post_init__(self) -> None:
+        if self.blocks not in ("auto", "single"):
+            raise ValueError(f"blocks: expected 'auto' or 'single', got {self.blocks!r}")
+        if self.layers_per_block < 1:
+            raise ValueError(f"layers_per_block: expected >= 1, got {self.layers_per_block}")
+        BlockArmijo([[torch.zeros(1, requires_grad=True)]], **self.optimizer_kwargs())  # its own checks, now
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        kw = dataclasses.asdict(self)
+        for key in ("blocks", "layers_per_block", "beta1", "beta2"):
+            del kw[key]
+        return {**kw, "betas": (self.beta1, self.beta2)}
+
+
+class Armijo(Stepper):
+    """Per-block Armijo line search around Adam's direction (PLASLS/AdamSLS); --lr is not used."""
 
     name = "armijo"
+    Options = ArmijoOptions
 
-    def __init__(self, blocks: str = "auto", layers_per_block: int = 1, **options: Any) -> None:
-        if blocks not in ("auto", "single"):
-            raise ValueError(f"blocks: expected 'auto' or 'single', got {blocks!r}")
-        self.blocks, self.layers_per_block, self.options = blocks, layers_per_block, options
-        BlockArmijo([[torch.zeros(1, requires_grad=True)]], **options)  # validate the options now
-
-    def setup(self, model: nn.Module, config: MethodConfig, total_steps: int, run: RunInfo | None = None) -> None:
-        if self.blocks == "single":
+    def setup(self, model: nn.Module, run: RunContext) -> None:
+        if self.options.blocks == "single":
             groups = [{"name": "all", "params": [p for p in model.parameters() if p.requires_grad]}]
         else:
-            groups = blocks_from_model(model, self.layers_per_block)
-        self.optimizer = BlockArmijo(groups, betas=config.betas, eps=config.eps, **self.options)
+            groups = blocks_from_model(model, self.options.layers_per_block)
+        self.optimizer = BlockArmijo(groups, **self.options.optimizer_kwargs())
 
     def step(self, ctx: StepContext) -> dict[str, float]:
         def closure() -> torch.Tensor:

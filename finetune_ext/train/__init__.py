@@ -1,17 +1,7 @@
-"""Training loop, data loading, methods and checkpoints (``finetune-ext train``)."""
+"""Training loop, data loading, training parts and checkpoints (``finetune-ext train``)."""
 
 from finetune_ext.train.errors import UserError
-from finetune_ext.train.methods import METHODS, Method, MethodConfig, StepContext, register_method
-from finetune_ext.train.trainer import TrainConfig, evaluate, train
+from finetune_ext.train.parts import RunContext, StepContext, Stepper, Transform
+from finetune_ext.train.trainer import TrainConfig, build_parts, train
 
-__all__ = [
-    "METHODS",
-    "Method",
-    "MethodConfig",
-    "StepContext",
-    "TrainConfig",
-    "UserError",
-    "evaluate",
-    "register_method",
-    "train",
-]
+__all__ = ["RunContext", "StepContext", "Stepper", "TrainConfig", "Transform", "UserError", "build_parts", "train"]

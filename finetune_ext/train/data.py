@@ -195,3 +195,48 @@ def _hold_out(rows: list, val_size: float, seed: int) -> tuple[list, list]:
 def _batched(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+class Stream:
+    """Training examples in a seeded order, epoch after epoch: step k takes examples [k*B, (k+1)*B).
+
+    The order depends only on (seed, epoch), so the data position is the step number and resuming at
+    step k reads exactly what an uninterrupted run reads.
+    """
+
+    def __init__(self, n: int, batch: int, seed: int) -> None:
+        self.n, self.batch, self.seed = n, batch, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> torch.Tensor:
+        pos = torch.arange(step * self.batch, (step + 1) * self.batch)
+        epochs, offsets = pos // self.n, pos % self.n
+        return torch.stack([self._perm(int(e))[int(o)] for e, o in zip(epochs, offsets, strict=True)])
+
+
+def make_batch(split: dict[str, torch.Tensor], idx: torch.Tensor, task: str, device: torch.device) -> dict:
+    """The examples ``idx`` of ``split`` on ``device``, with ``labels`` (the inputs themselves for LM)."""
+    batch = {k: v[idx].to(device, non_blocking=True) for k, v in split.items()}
+    if task == "lm":
+        batch["labels"] = batch["input_ids"]
+    return batch
+
+
+def micro_batches(
+    split: dict[str, torch.Tensor],
+    idx: torch.Tensor,
+    task: str,
+    device: torch.device,
+    accum: int,
+    rank: int,
+    world: int,
+) -> list[dict]:
+    """This process's share of a step's examples ``idx``: ``accum`` micro-batches, each split across ranks."""
+    micro = len(idx) // accum
+    per_rank = micro // world
+    return [make_batch(split, idx[m * micro + rank * per_rank :][:per_rank], task, device) for m in range(accum)]

@@ -221,7 +221,7 @@ def test_methods_train_gpt2_and_bert(tmp_path, wikitext_slice, gpt2_tokenizer, s
     )  # fmt: skip
     out = train(TrainConfig(**cls, method="linchain", output_dir=str(tmp_path / "cls"), method_options={"r": 2}))
     assert out["steps"] == 4  # the new head trains with the adapters (modules_to_save)
-    with pytest.raises(ValueError, match="chain_length: the lora method has no chain"):
+    with pytest.raises(ValueError, match="method-option: lora has no option 'chain_length'"):
         train(TrainConfig(**lm, method="lora", output_dir=str(tmp_path / "x"), method_options={"chain_length": 2}))
 
 

@@ -130,7 +130,7 @@ def test_guided_dropout_method_on_gpt2_with_cache(tmp_path, wikitext_slice, gpt2
     train(TrainConfig(**cfg, output_dir=str(tmp_path / "b"), method_options=options))
     assert calls == []  # the second run reused the cached Fisher
     state = torch.load(tmp_path / "b" / "checkpoint-0000003" / "state.pt", weights_only=False)
-    rates = state["method"]["rates"]
+    rates = state["parts"]["guided"]["rates"]
     assert len(rates) == 7 and max(v for v in rates.values() if isinstance(v, float)) == pytest.approx(0.099)
     assert isinstance(rates["transformer.h.0.mlp.dropout"], list)  # per-unit
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from finetune_ext.cli import build_parser, main
-from finetune_ext.train.trainer import TrainConfig
+from finetune_ext.train import TrainConfig, options, registry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,12 +23,36 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_help_documents_every_option() -> None:
+def test_help_documents_every_option_and_part() -> None:
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
     dests = {a.dest for a in train._actions if a.dest != "help"}
-    assert dests == {f for f in TrainConfig.__dataclass_fields__ if f != "method_options"} | {"method_option"}
+    assert dests == set(TrainConfig.__dataclass_fields__)
     assert all(a.help for a in train._actions)
+    text = train.format_help()
+    for kind, names in registry.PARTS.items():
+        for name in names:
+            assert f"--{kind} {name}:" in text
+    assert "init_step_size (float, default 0.1)" in text and "--adapter-option KEY=VALUE" in text
+
+
+def test_methods_lists_parts_options_and_presets(capsys) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "--adapter linchain: LinChain adapters" in out
+    assert "    chain_length (int, default 3): number of r x r mixers" in out
+    assert "--optimizer armijo: Per-block Armijo" in out and "linchain = --adapter linchain" in out
+
+
+def test_option_values_are_parsed_by_their_declared_type() -> None:
+    from finetune_ext.adapters.config import LinChainConfig
+
+    built = options.build(LinChainConfig, {"r": "4", "mixer_bias": "false", "target_modules": "c_attn,c_fc"}, "x")
+    assert (built.r, built.mixer_bias, built.target_modules) == (4, False, ["c_attn", "c_fc"])
+    assert options.build(LinChainConfig, {"target_modules": '["q", "v"]'}, "x").target_modules == ["q", "v"]
+    assert options.build(LinChainConfig, {"target_modules": r".*\.c_attn"}, "x").target_modules == r".*\.c_attn"
+    with pytest.raises(ValueError, match="init: expected one of 'kaiming', 'identity', got 'xavier'"):
+        options.build(LinChainConfig, {"init": "xavier"}, "x")
 
 
 def test_cli_run_with_bf16_and_accumulation(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
@@ -51,19 +75,29 @@ def test_cli_run_with_bf16_and_accumulation(tmp_path, wikitext_slice, gpt2_token
         (["--data", "/no/such/data"], "data: no such file or folder '/no/such/data'"),
         (
             ["--method", "sgdx"],
-            "method: unknown 'sgdx'; available: ['adamw', 'armijo', 'gaussian-dropout', 'guided-dropout', 'linchain', "
-            "'lora']",
+            "method: unknown 'sgdx'; available: adamw, lora, linchain, guided-dropout, gaussian-dropout, armijo",
         ),
+        (["--adapter", "lorax"], "adapter: unknown 'lorax'; available: none, lora, linchain"),
+        (["--adapter", "lora", "--adapter-option", "r=x"], "adapter-option (lora): r: expected int, got 'x'"),
+        (
+            ["--optimizer-option", "nope=1"],
+            "optimizer-option (adamw): unknown option(s) nope; valid: beta1, beta2, eps",
+        ),
+        (["--dropout-option", "p=0.1"], "dropout-option: dropout 'standard' takes no options, got p"),
+        (["--method", "lora", "--adapter", "linchain"], "adapter: --method lora uses adapter 'lora'; got 'linchain'"),
         (["--block-size", "300"], "block_size: 300 exceeds the model's context 256"),
         (["--batch-size", "6", "--grad-accum", "4"], "batch_size: 6 must be divisible by grad_accum x processes"),
         (["--resume"], "resume: no checkpoint in"),
         (["--method-option", "oops"], "method-option: expected KEY=VALUE, got 'oops'"),
-        (["--method-option", "bogus=1"], "method-option: adamw takes no arguments"),
+        (["--method-option", "bogus=1"], "method-option: adamw has no option 'bogus'; valid: beta1, beta2, eps"),
         (
             ["--method", "guided-dropout", "--method-option", "bogus=1"],
-            "method-option: guided-dropout got an unexpected keyword argument 'bogus'",
+            "method-option: guided-dropout has no option 'bogus'; valid: beta1, beta2, eps, fisher_cache",
         ),
-        (["--method", "guided-dropout", "--method-option", "p_max=1.5"], r"p_max: expected a value in [0, 1), got 1.5"),
+        (
+            ["--method", "guided-dropout", "--method-option", "p_max=1.5"],
+            "dropout-option (guided): p_max: expected a value in [0, 1), got 1.5",
+        ),
     ],
 )
 def test_user_mistakes_give_one_line(tmp_path, wikitext_slice, gpt2_tokenizer, args, message, capsys) -> None:

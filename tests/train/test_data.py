@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune_ext.train import TrainConfig, UserError, evaluate
+from finetune_ext.train import UserError
 from finetune_ext.train.data import load_splits
+from finetune_ext.train.distributed import Dist
+from finetune_ext.train.metrics import evaluate
 from finetune_ext.train.models import load_model, load_tokenizer
-from finetune_ext.train.trainer import _Dist
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,8 @@ def test_perplexity_is_exp_of_mean_token_nll(wikitext_slice, tokenizer) -> None:
         str(wikitext_slice), tokenizer, block_size=16, max_length=0, train_samples=None, val_size=0, seed=0
     )
     model = load_model("config:gpt2-tiny", "lm", tokenizer).eval()
-    cfg = TrainConfig(model="", data="", eval_batch_size=7)
-    got = evaluate(model, splits.val, "lm", cfg, torch.device("cpu"), _Dist(), nullcontext)
+    got = evaluate(model, splits.val, "lm", batch_size=7, max_batches=None, device=torch.device("cpu"), ddp=Dist(),
+                   autocast=nullcontext)  # fmt: skip
     with torch.no_grad():
         logits = model(input_ids=splits.val["input_ids"]).logits.double()
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), splits.val["input_ids"][:, 1:].reshape(-1))

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_ext.optim.method import ArmijoMethod
+from finetune_ext.optim.method import Armijo
 from finetune_ext.testing import tolerance
-from finetune_ext.train import METHODS, TrainConfig, train
-from finetune_ext.train.methods import AdamW, linear_schedule
+from finetune_ext.train import TrainConfig, train
+from finetune_ext.train.adamw import AdamW, linear_schedule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,37 +84,33 @@ def test_bert_on_sst2_loss_falls(tmp_path, sst2_slice, gpt2_tokenizer) -> None:
     assert summary["best_val"] == {"metric": "acc", "value": best["acc"], "step": best["step"]}
 
 
-def _interrupting(base: type) -> type:
-    """``base`` sending itself SIGINT during step ``at`` (a class attribute; 0: never), as Ctrl-C would."""
+def _interrupt_during_call(monkeypatch, stepper: type, at: list[int]) -> None:
+    """``stepper.step`` sends SIGINT to this process during step number ``at[0]`` (0: never), as Ctrl-C would."""
+    step = stepper.step
 
-    class Interrupting(base):
-        name = f"{base.name}-interrupt-test"
-        at, calls = 0, 0
+    def interrupting(self, ctx):
+        if ctx.step + 1 == at[0]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, ctx)
 
-        def step(self, ctx):
-            type(self).calls += 1
-            if type(self).calls == self.at:
-                os.kill(os.getpid(), signal.SIGINT)
-            return super().step(ctx)
-
-    return Interrupting
+    monkeypatch.setattr(stepper, "step", interrupting)
 
 
 @pytest.mark.parametrize(
-    ("base", "options", "changed"),
-    [(AdamW, {}, None), (ArmijoMethod, {"init_step_size": 0.01}, {"init_step_size": 0.02})],
+    ("stepper", "options", "changed"),
+    [(AdamW, {}, None), (Armijo, {"init_step_size": 0.01}, {"init_step_size": 0.02})],
 )
 def test_interrupted_and_resumed_run_equals_uninterrupted(
-    base, options, changed, tmp_path, wikitext_slice, gpt2_tokenizer, monkeypatch
+    stepper, options, changed, tmp_path, wikitext_slice, gpt2_tokenizer, monkeypatch
 ) -> None:
-    method = _interrupting(base)
-    monkeypatch.setitem(METHODS, method.name, method)
+    at = [0]
+    _interrupt_during_call(monkeypatch, stepper, at)
     run = dict(
-        model="config:gpt2-tiny",  # dropout on: the RNG state must be restored too
+        model="config:gpt2-tiny",  # dropout on: the masks must be keyed by the step
         tokenizer=gpt2_tokenizer,
         data=str(wikitext_slice),
-        method=method.name,
-        method_options=options,
+        optimizer=stepper.name,
+        optimizer_options=options,
         steps=6,
         batch_size=4,
         grad_accum=2,
@@ -130,27 +126,31 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     train(TrainConfig(**run, output_dir=str(whole)))
 
     parts = tmp_path / "parts"
-    method.at, method.calls = 3, 0
+    at[0] = 3
     with pytest.raises(KeyboardInterrupt, match="interrupted after step 3"):
         train(TrainConfig(**run, output_dir=str(parts)))
-    method.at = 0
+    at[0] = 0
     assert (parts / "latest").read_text() == "checkpoint-0000003"
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(TrainConfig(**run, output_dir=str(parts)))
     with pytest.raises(ValueError, match=r"resume: options differ .*'seed': \(0, 1\)"):
         train(TrainConfig(**{**run, "seed": 1}, output_dir=str(parts), resume=True))
     if changed is not None:
-        with pytest.raises(ValueError, match=r"resume: options differ .*'method_options'"):
-            train(TrainConfig(**{**run, "method_options": changed}, output_dir=str(parts), resume=True))
+        with pytest.raises(ValueError, match=r"resume: options differ .*'parts'"):
+            train(TrainConfig(**{**run, "optimizer_options": changed}, output_dir=str(parts), resume=True))
     train(TrainConfig(**run, output_dir=str(parts), resume=True))
+    _assert_same_run(whole, parts)
 
-    a, b = _final_weights(whole), _final_weights(parts)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    untimed = [[{k: v for k, v in r.items() if k != "step_ms"} for r in _records(o, "train")] for o in (whole, parts)]
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical final weights, train records (but for the timing) and validation losses."""
+    wa, wb = _final_weights(a), _final_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    untimed = [[{k: v for k, v in r.items() if k != "step_ms"} for r in _records(o, "train")] for o in (a, b)]
     assert untimed[0] == untimed[1]
-    assert [r["loss"] for r in _records(whole, "val")] == [r["loss"] for r in _records(parts, "val")]
+    assert [r["loss"] for r in _records(a, "val")] == [r["loss"] for r in _records(b, "val")]
 
 
 def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, gpt2_no_dropout) -> None:

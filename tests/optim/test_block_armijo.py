@@ -1,5 +1,5 @@
-"""BlockArmijo: kernels against the reference loops, the Armijo condition on a quadratic, identical
-re-evaluations, state round trip, identical decisions across gloo ranks, bad input, the training method."""
+"""BlockArmijo: the Armijo condition on a quadratic, identical re-evaluations under a key, state round trip,
+identical decisions across gloo ranks, bad input, the training stepper."""
 
 from __future__ import annotations
 
@@ -11,92 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from finetune_ext import ops, reference
+from finetune_ext.nn import keys
 from finetune_ext.optim import BlockArmijo, blocks_from_model
-from finetune_ext.testing import assert_within_2x_reference, tolerance
+from finetune_ext.testing import tolerance
 from finetune_ext.train import TrainConfig, train
-from tests.conftest import DEVICES
-
-SHAPES = [(70_001,), (3, 5), (64, 129), (1,), (2, 3, 4)]  # 70,001 spans two chunks
-
-
-def _lists(device, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def make(fn):
-        return [fn(s).to(device=device, dtype=dtype) for s in SHAPES]
-
-    grads = make(lambda s: torch.randn(s, generator=g))
-    m = make(lambda s: 0.1 * torch.randn(s, generator=g))
-    v = make(lambda s: 0.01 * torch.rand(s, generator=g) + 1e-6)
-    w = make(lambda s: torch.randn(s, generator=g))
-    return w, grads, m, v
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("adam", [True, False])
-def test_moments_match_reference(device, dtype, adam) -> None:
-    _, grads, m, v = _lists(device, dtype)
-    block_of = [0, 2, 2, 1, 0]
-    kw = dict(betas=(0.9, 0.999), bias_correction2=1 - 0.999**3, eps=1e-8, adam=adam)
-    m_ref, v_ref = [t.clone() for t in m], [t.clone() for t in v]
-    m64, v64 = ([t.to(torch.float64, copy=True) for t in ts] for ts in (m, v))
-    sums = ops.armijo_moments_(grads, m, v, block_of, 3, backend="ext", **kw)
-    sums_ref = ops.armijo_moments_(grads, m_ref, v_ref, block_of, 3, backend="reference", **kw)
-    exact = reference.armijo_moments_([g.double() for g in grads], m64, v64, block_of, 3, 0.9, 0.999,
-                                      kw["bias_correction2"], 1e-8, adam)  # fmt: skip
-    assert sums.dtype == torch.float64 and sums.shape == (3, 2) and sums.device.type == device
-    if dtype == torch.float64:  # the reference is the exact sum here: the table's float64 tolerance
-        torch.testing.assert_close(sums, exact, **tolerance(torch.float64))
-    else:  # float32 sums of the kernel against the reference's, both against float64
-        assert_within_2x_reference(sums.float(), sums_ref.float(), exact)
-    for a, b, e in zip(m + v, m_ref + v_ref, m64 + v64, strict=True):
-        if dtype == torch.bfloat16:  # the reference rounds twice (mul_, then add_), the kernel once
-            assert_within_2x_reference(a, b, e)
-        else:
-            torch.testing.assert_close(a, b, **tolerance(dtype))
-    if not adam:
-        torch.testing.assert_close(sums[:, 0], sums[:, 1], **tolerance(torch.float64))  # P = 1
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("adam", [True, False])
-def test_update_matches_reference_and_foreach(device, dtype, adam) -> None:
-    w, grads, m, v = _lists(device, dtype)
-    alpha_g = [0.1, -0.2, 0.0, 0.3, -1.0]
-    alpha_m = [-0.01, 0.0, -0.02, 0.5, 0.1]
-    kw = dict(bias_correction1=1 - 0.9**3, bias_correction2=1 - 0.999**3, eps=1e-8, adam=adam)
-    w_ref, w_each = [t.clone() for t in w], [t.clone() for t in w]
-    ops.armijo_update_(w, grads, m, v, alpha_g, alpha_m, backend="ext", **kw)
-    ops.armijo_update_(w_ref, grads, m, v, alpha_g, alpha_m, backend="reference", **kw)
-    reference.armijo_update_foreach_(w_each, grads, m, v, alpha_g, alpha_m, *kw.values())
-    if dtype == torch.bfloat16:  # the references round every intermediate to bfloat16, the kernel only w
-        w64 = [t.double() for t in _lists(device, dtype)[0]]  # the starting point again
-        lists64 = [[t.double() for t in ts] for ts in (grads, m, v)]
-        reference.armijo_update_(w64, *lists64, alpha_g, alpha_m, *kw.values())
-        for a, b, c, e in zip(w, w_ref, w_each, w64, strict=True):
-            assert_within_2x_reference(a, b, e)
-            assert_within_2x_reference(a, c, e)
-        return
-    for a, b, c in zip(w, w_ref, w_each, strict=True):
-        torch.testing.assert_close(a, b, **tolerance(dtype))
-        torch.testing.assert_close(c, b, **tolerance(dtype))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_kernel_opcheck_and_bad_input(device) -> None:
-    w, grads, m, v = _lists(device, torch.float32)
-    args = (grads, m, v, [0] * 5, 1, 0.9, 0.999, 0.5, 1e-8, True)
-    torch.library.opcheck(torch.ops.finetune_ext.armijo_moments_, args, test_utils=("test_schema", "test_faketensor"))
-    with pytest.raises(RuntimeError, match=r"armijo_moments_: block_of\[1\] = 3 is outside \[0, 2\)"):
-        torch.ops.finetune_ext.armijo_moments_(grads, m, v, [0, 3, 0, 0, 0], 2, 0.9, 0.999, 0.5, 1e-8, True)
-    with pytest.raises(RuntimeError, match=r"armijo_update_: expected exp_avg\[1\] of shape \[3, 5\], got \[64, 129\]"):
-        torch.ops.finetune_ext.armijo_update_(w, grads, [m[0], m[2], m[1], m[3], m[4]], v, [0.0] * 5, [0.0] * 5,
-                                              1.0, 1.0, 1e-8, True)  # fmt: skip
-    with pytest.raises(ValueError, match="block_of: expected 5 entries"):
-        ops.armijo_moments_(grads, m, v, [0], 1)
+from finetune_ext.train.distributed import mean_across_ranks
 
 
 def _quadratic(n=12, seed=0, coupled=True):
@@ -125,7 +44,7 @@ def _quadratic(n=12, seed=0, coupled=True):
 def test_quadratic_armijo_condition_and_minimiser(strategy, direction, coupled) -> None:
     f, blocks, w_star = _quadratic(coupled=coupled)
     opt = BlockArmijo([[b] for b in blocks], strategy=strategy, direction=direction, init_step_size=1.0)
-    c = opt.options["c"]
+    c = opt.param_groups[0]["c"]
     for _ in range(400):
         w0 = [b.detach().clone() for b in blocks]
         opt.step(lambda: f(*blocks))
@@ -147,12 +66,13 @@ def test_quadratic_armijo_condition_and_minimiser(strategy, direction, coupled) 
     torch.testing.assert_close(torch.cat([b.detach() for b in blocks]), w_star, atol=1e-4, rtol=0)
 
 
-def test_reevaluations_see_identical_randomness() -> None:
+def test_reevaluations_under_a_key_see_identical_randomness() -> None:
     f, blocks, _ = _quadratic()
     draws: list[torch.Tensor] = []
 
     def closure():
-        draws.append(torch.rand(4))  # stands for dropout masks
+        with keys.keyed(0, opt.param_groups[0]["step"]):  # (seed, step), as the trainer keys each evaluation
+            draws.append(torch.rand(4))  # stands for dropout masks
         return f(*blocks) * (1 + 0.01 * draws[-1].sum())
 
     opt = BlockArmijo([[b] for b in blocks], init_step_size=10.0)  # forces backtracking
@@ -169,8 +89,9 @@ def test_state_dict_round_trip_is_exact() -> None:
         opt.step(lambda: f(*blocks))
     saved = opt.state_dict()
     twin_blocks = [b.detach().clone().requires_grad_(True) for b in blocks]
-    twin = BlockArmijo([[b] for b in twin_blocks])
+    twin = BlockArmijo([[b] for b in twin_blocks], c=0.3, strategy="all")  # the state brings its hyperparameters
     twin.load_state_dict(saved)
+    assert (twin.param_groups[0]["c"], twin.param_groups[1]["strategy"]) == (0.1, "cycle")
     for _ in range(5):
         opt.step(lambda: f(*blocks))
         twin.step(lambda: f(*twin_blocks))
@@ -205,7 +126,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
             for b in blocks:
                 dist.all_reduce(b.grad)
                 b.grad /= world
-        return loss.detach()
+        return torch.tensor(mean_across_ranks(loss))  # all ranks test the same loss
 
     for _ in range(15):
         opt.step(closure)

@@ -1,0 +1,54 @@
+"""Explicit Philox keys for random layers: derived from ``(run seed, step, micro-batch, rank)`` and a site.
+
+Inside ``keyed(seed, step, micro, rank)`` every random layer of ours keys its Philox stream by
+``site_seed(site)``, a hash of the evaluation key and the layer's site id (``site_id(module name)``), and the
+torch generators are seeded from the same key for the model's own randomness (``nn.Dropout``, attention-
+probability dropout). Evaluating a batch twice under the same key therefore draws the same masks, without
+saving or restoring generator states; outside ``keyed`` the layers draw keys from the default generator.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+
+_MASK = (1 << 64) - 1
+_current: ContextVar[int | None] = ContextVar("finetune_ext_key", default=None)
+
+
+def mix(*words: int) -> int:
+    """A 63-bit hash of integers (SplitMix64 finaliser, folded word by word)."""
+    h = 0x9E3779B97F4A7C15
+    for w in words:
+        h = (h ^ (w & _MASK)) & _MASK
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK
+        h ^= h >> 31
+    return h >> 1
+
+
+def site_id(name: str) -> int:
+    """A stable id for a random layer from its dotted module name."""
+    return zlib.crc32(name.encode())
+
+
+@contextmanager
+def keyed(*stream: int) -> Iterator[int]:
+    """Key every random layer (and seed the torch generators) from ``stream`` for the enclosed code."""
+    key = mix(*stream)
+    token = _current.set(key)
+    torch.manual_seed(key)
+    try:
+        yield key
+    finally:
+        _current.reset(token)
+
+
+def site_seed(site: int) -> int | None:
+    """The Philox seed of layer ``site`` under the current key; ``None`` outside ``keyed``."""
+    key = _current.get()
+    return None if key is None else mix(key, site)

@@ -1,0 +1,93 @@
+"""Process group and signals: the device and rank of this process, cross-rank means, deferred Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from finetune_ext.train.errors import UserError
+
+
+@dataclass
+class Dist:
+    """This process's place in the run: rank, world size, local rank (one process: 0, 1, 0)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
+    """Join the ``torchrun`` process group if there is one (NCCL on GPUs, gloo on CPU); pick the device."""
+    if device_arg not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device: expected auto, cpu or cuda, got {device_arg!r}")
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda requested but no CUDA device is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    if world == 1:
+        return Dist(), torch.device("cuda" if use_cuda else "cpu")
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local), torch.device(f"cuda:{local}" if use_cuda else "cpu")
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar over all processes (the value itself without a process group), as a host float."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().clone().double()
+        if dist.get_backend() == "nccl" and value.device.type != "cuda":
+            value = value.cuda()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+class Interrupt:
+    """Defers SIGINT/SIGTERM to the end of the current step, so a checkpoint can be written there.
+
+    A second signal interrupts at once. Under DDP the flag is all-reduced every step so that all
+    processes stop after the same step.
+    """
+
+    def __init__(self, ddp: Dist, device: torch.device) -> None:
+        self.ddp, self.device, self.requested, self.previous = ddp, device, False, {}
+
+    def __enter__(self) -> Interrupt:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        self.requested = True
+
+    def stop_now(self) -> bool:
+        if self.ddp.world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *_: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

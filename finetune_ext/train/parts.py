@@ -1,0 +1,140 @@
+"""The two kinds of training parts. A run is one ``Stepper`` plus any ``Transform``s.
+
+* A ``Transform`` changes the model before training (adapters, dropout schedules, perturbations) and may hook
+  each step; its hooks receive the stepper, so a transform can read the optimizer's state.
+* A ``Stepper`` owns the optimizer step. It sees the step's batch through a ``StepContext`` and may evaluate
+  it as often as it needs (line searches) or evaluate the validation split (``RunContext.evaluate_val``); the
+  test split is never handed to a part.
+
+Each part declares ``Options``, a dataclass of ``finetune_ext.train.options.option`` fields, and is listed in
+``finetune_ext.train.registry``. Parts that draw random numbers take their Philox keys from
+``finetune_ext.nn.keys``, which the ``StepContext`` sets from ``(run seed, step, micro-batch, rank)`` for
+every evaluation of the batch, so re-evaluations draw the same masks and resume is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from finetune_ext.nn import keys
+from finetune_ext.train.distributed import mean_across_ranks
+
+
+@dataclass
+class NoOptions:
+    """A part without options."""
+
+
+@dataclass
+class OptimSettings:
+    """The run's optimizer settings (``--lr``, ``--weight-decay``, ...), shared by every stepper."""
+
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    max_grad_norm: float
+
+
+@dataclass
+class RunContext:
+    """What a part may know about the run besides the model. The test split is deliberately absent."""
+
+    task: str  # "lm" or "cls"
+    tokenizer: Any
+    train: dict[str, torch.Tensor]
+    val: dict[str, torch.Tensor]
+    evaluate_val: Callable[[nn.Module], dict[str, float]]  # loss/acc/ppl of a model on the validation split
+    seed: int
+    total_steps: int
+    optim: OptimSettings
+    output_dir: str
+    progress: bool = True
+
+
+@dataclass
+class StepContext:
+    """One optimizer step's batch and the means to evaluate it, with identical randomness every time."""
+
+    model: nn.Module  # DDP-wrapped under torchrun
+    micro_batches: list[dict[str, torch.Tensor]]
+    autocast: Callable[[], Any]
+    step: int  # 0-based index of this optimizer step
+    seed: int
+    rank: int = 0
+
+    def _key(self, micro: int):
+        return keys.keyed(self.seed, self.step, micro, self.rank)
+
+    def forward_backward(self) -> float:
+        """Accumulate gradients of the mean loss over the micro-batches; the mean loss across ranks."""
+        total = torch.zeros((), device=self.micro_batches[0]["input_ids"].device)
+        n = len(self.micro_batches)
+        for i, batch in enumerate(self.micro_batches):
+            sync = i == n - 1 or not hasattr(self.model, "no_sync")
+            with nullcontext() if sync else self.model.no_sync(), self.autocast(), self._key(i):
+                loss = self.model(**batch).loss / n
+            loss.backward()
+            total += loss.detach().float()
+        return mean_across_ranks(total)
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        """The mean loss of this step's batch at the current weights, without gradients (same masks)."""
+        total = torch.zeros((), device=self.micro_batches[0]["input_ids"].device)
+        for i, batch in enumerate(self.micro_batches):
+            with self.autocast(), self._key(i):
+                total += self.model(**batch).loss.float() / len(self.micro_batches)
+        return mean_across_ranks(total)
+
+
+class Part(ABC):
+    """A training part, built from its options; ``state_dict`` is saved in every checkpoint."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027  (stateless parts keep nothing)
+        pass
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+
+class Stepper(Part):
+    """Owns the optimizer step."""
+
+    @abstractmethod
+    def setup(self, model: nn.Module, run: RunContext) -> None:
+        """Build the optimizer over the model's trainable parameters (after every transform applied)."""
+
+    @abstractmethod
+    def step(self, ctx: StepContext) -> dict[str, float]:
+        """Do one optimizer step; return at least ``{"loss": ...}`` (host floats) for logging."""
+
+
+class Transform(Part):
+    """Changes the model before training; may hook each optimizer step."""
+
+    @abstractmethod
+    def apply(self, model: nn.Module, run: RunContext) -> None:
+        """Change ``model`` in place, before the stepper is set up."""
+
+    def before_step(self, step: int, stepper: Stepper) -> None:
+        """Called before each optimizer step (``step`` is 0-based)."""
+
+    def after_step(self, step: int, stepper: Stepper) -> None:
+        """Called after each optimizer step."""
