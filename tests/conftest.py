@@ -1,9 +1,14 @@
-"""Shared fixtures. Tests marked ``cuda`` skip, with the reason, where no GPU or no CUDA kernels exist."""
+"""Shared fixtures: devices (tests marked ``cuda`` skip, with the reason, where no GPU or no CUDA kernels exist)
+and small real-data slices of WikiText-2 and SST-2 from the shared data folder."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from transformers import BertTokenizerFast
 
 import finetune_ext
 
@@ -41,3 +46,52 @@ def shared_data(*parts: str):
     if not path.exists():
         pytest.skip(f"shared data not found: {path} (set FINETUNE_EXT_DATA to the folder of WikiText-2/SST-2)")
     return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer() -> str:
+    return str(shared_data("gpt2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def wikitext_slice(tmp_path_factory) -> Path:
+    """The first lines of WikiText-2's train/valid/test files."""
+    src = shared_data("wikitext-2")
+    out = tmp_path_factory.mktemp("wikitext")
+    for split, lines in (("train", 300), ("valid", 60), ("test", 60)):
+        text = (src / f"{split}.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+        (out / f"{split}.txt").write_text("".join(text[:lines]), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def sst2_slice(tmp_path_factory) -> Path:
+    """The first 600 training sentences and 120 dev sentences of SST-2."""
+    src = shared_data("SST-2")
+    out = tmp_path_factory.mktemp("sst2")
+    for split, rows in (("train", 600), ("dev", 120)):
+        lines = (src / f"{split}.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+        (out / f"{split}.tsv").write_text("".join(lines[: rows + 1]), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_no_dropout(tmp_path_factory) -> str:
+    """A 2-layer GPT-2 configuration without dropout (runs on different process counts then agree)."""
+    path = tmp_path_factory.mktemp("cfg") / "config.json"
+    config = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+    config |= {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    path.write_text(json.dumps(config))
+    return f"config:{path}"
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer(tmp_path_factory, sst2_slice) -> str:
+    """A WordPiece tokenizer over the SST-2 slice's words (the shared data has no BERT vocabulary)."""
+    words = sorted(
+        {w for line in (sst2_slice / "train.tsv").read_text().splitlines()[1:] for w in line.split("\t")[0].split()}
+    )
+    folder = tmp_path_factory.mktemp("bert-tok")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    return str(folder)

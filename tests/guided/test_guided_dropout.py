@@ -163,9 +163,9 @@ def test_gaussian_dropout_module() -> None:
 
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match=r"p_max: expected a value in \[0, 1\), got 1.0"):
-        guided.GuidedDropout(p_max=1.0)
+        guided.GuidedOptions(p_max=1.0)
     with pytest.raises(ValueError, match="fisher_samples: expected >= 1, got 0"):
-        guided.GuidedDropout(fisher_samples=0)
+        guided.GuidedOptions(fisher_samples=0)
     with pytest.raises(ValueError, match="site maps for 'bert' and 'gpt2' models, got model_type None"):
         guided.find_sites(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="samples: expected at least one sample"):
@@ -200,7 +200,7 @@ def test_fisher_under_two_gloo_processes_equals_one_process(tmp_path, wikitext_s
         res = subprocess.run([*prefix, *args, *cache], env=env, capture_output=True, text=True, check=False)
         assert res.returncode == 0, res.stderr[-2000:]
         state = torch.load(out / "checkpoint-0000001" / "state.pt", weights_only=False)
-        rates[name] = state["method"]["rates"]
+        rates[name] = state["parts"]["guided"]["rates"]
         (file,) = (out / "cache").glob("*.safetensors")  # written by rank 0 after the all-reduce
         fisher[name] = load_file(str(file))
         assert json.loads((out / "summary.json").read_text())["processes"] == (1 if name == "one" else 2)
