@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "common/philox.h"  // FTX_HOST_DEVICE
+#include "common/host_device.h"
 
 namespace finetune_ext {
 

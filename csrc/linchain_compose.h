@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <optional>
 
-#include "common/philox.h"  // FTX_HOST_DEVICE
+#include "common/host_device.h"
 
 namespace finetune_ext {
 

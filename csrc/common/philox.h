@@ -5,15 +5,13 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FTX_HOST_DEVICE __host__ __device__ __forceinline__
-#define FTX_UNROLL _Pragma("unroll")
-#else
-#define FTX_HOST_DEVICE inline
-#define FTX_UNROLL
-#endif
+#include "host_device.h"
 
 namespace finetune_ext {
+
+// Philox4x32 multipliers and Weyl key increments.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 
 struct Philox4 {
   uint32_t v[4];
@@ -30,20 +28,24 @@ FTX_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
+// One Philox round on the counter (c0, c1, c2, c3) with round key (k0, k1). The CPU kernel calls it over
+// arrays of counters so that the compiler vectorises the rounds.
+FTX_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  uint32_t hi0, hi1;
+  const uint32_t lo0 = mulhilo32(kPhiloxM0, c0, &hi0);
+  const uint32_t lo1 = mulhilo32(kPhiloxM1, c2, &hi1);
+  c0 = hi1 ^ c1 ^ k0;
+  c1 = lo1;
+  c2 = hi0 ^ c3 ^ k1;
+  c3 = lo0;
+}
+
 FTX_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
   FTX_UNROLL
   for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo32(kM0, c0, &hi0);
-    const uint32_t lo1 = mulhilo32(kM1, c2, &hi1);
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-    k0 += kW0;
-    k1 += kW1;
+    philox_round(c0, c1, c2, c3, k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
   }
   return Philox4{{c0, c1, c2, c3}};
 }

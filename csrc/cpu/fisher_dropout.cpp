@@ -28,18 +28,9 @@ void philox_block(PhiloxSeed s, int64_t first_group, int64_t count, float* u) {
   }
   uint32_t k0 = static_cast<uint32_t>(s.seed), k1 = static_cast<uint32_t>(s.seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    for (int64_t j = 0; j < count; ++j) {
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[j];
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[j];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[j] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[j] ^ k1;
-      c1[j] = static_cast<uint32_t>(p1);
-      c3[j] = static_cast<uint32_t>(p0);
-      c0[j] = n0;
-      c2[j] = n2;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    for (int64_t j = 0; j < count; ++j) philox_round(c0[j], c1[j], c2[j], c3[j], k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
   }
   for (int64_t j = 0; j < count; ++j) {
     u[4 * j] = philox_uniform(c0[j]);

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from finetune_ext.ops.softmax_ce_hessian import softmax_ce_hessian_vp
+from finetune_ext.ops.softmax_ce_hessian_vp import softmax_ce_hessian_vp
 
 Tensors = tuple[torch.Tensor, ...]
 LossFn = Callable[[Tensors], torch.Tensor]

@@ -7,9 +7,27 @@ missing. Autograd is registered next to each public function in ``finetune_ext/o
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 LIB = torch.library.Library("finetune_ext", "DEF")
+Backend = Literal["auto", "ext", "reference"]  # every public op's backend= argument
+_SEED_MAX = 2**63 - 1
+
+
+def philox_key(seed: int | None, offset: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The CPU int64 tensor ``[seed, offset]`` that keys the kernels' Philox streams; ``seed=None`` draws one
+    from ``generator`` (default: the CPU default generator)."""
+    if not 0 <= offset <= _SEED_MAX:
+        raise ValueError(f"offset: expected an integer in [0, 2**63), got {offset}")
+    if seed is None:
+        drawn = torch.randint(0, _SEED_MAX, (1,), dtype=torch.int64, generator=generator)
+        return torch.cat([drawn, torch.tensor([offset], dtype=torch.int64)])
+    if not 0 <= seed <= _SEED_MAX:
+        raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed}")
+    return torch.tensor([seed, offset], dtype=torch.int64)
+
 
 # y = residual + x * m / keep, m ~ Bernoulli(keep) from Philox keyed by seed = (seed, offset), a CPU int64[2].
 # keep: float32 of shape [] / [1] (one site) or [x.size(-1)] (per feature). Output is contiguous.

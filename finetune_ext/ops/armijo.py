@@ -9,14 +9,11 @@ the parameters is kept) and the final momentum step. Not differentiable (optimiz
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
 from finetune_ext import reference
-from finetune_ext.ops._library import check_backend, use_kernel
-
-Backend = Literal["auto", "ext", "reference"]
+from finetune_ext.ops._library import Backend, check_backend, use_kernel
 
 
 def armijo_moments_(

@@ -9,16 +9,13 @@ bit-identical masks for the same key and shape.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
 from finetune_ext import reference
-from finetune_ext.ops._library import check_backend, use_kernel
+from finetune_ext.ops._library import Backend, check_backend, philox_key, use_kernel
 
-Backend = Literal["auto", "ext", "reference"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_SEED_MAX = 2**63 - 1
 
 
 def fisher_dropout(
@@ -56,7 +53,7 @@ def fisher_dropout(
     keep_t = _check_args(x, keep, residual, check_keep)
     if not training:
         return x if residual is None else residual + x
-    seed_t = _philox_key(seed, offset, generator)
+    seed_t = philox_key(seed, offset, generator)
     if not use_kernel("fisher_dropout", backend, x.device):
         return reference.fisher_dropout(x, keep_t, residual, seed=int(seed_t[0]), offset=int(seed_t[1]))
     return torch.ops.finetune_ext.fisher_dropout(x, keep_t, residual, seed_t)
@@ -101,18 +98,6 @@ def _check_args(
                 f"residual: expected dtype {x.dtype} on {x.device} (like x), got {residual.dtype} on {residual.device}"
             )
     return keep_t
-
-
-def _philox_key(seed: int | None, offset: int, generator: torch.Generator | None) -> torch.Tensor:
-    """The CPU int64 tensor ``[seed, offset]`` that keys the kernels' Philox streams."""
-    if not 0 <= offset <= _SEED_MAX:
-        raise ValueError(f"offset: expected an integer in [0, 2**63), got {offset}")
-    if seed is None:
-        drawn = torch.randint(0, _SEED_MAX, (1,), dtype=torch.int64, generator=generator)
-        return torch.cat([drawn, torch.tensor([offset], dtype=torch.int64)])
-    if not 0 <= seed <= _SEED_MAX:
-        raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed}")
-    return torch.tensor([seed, offset], dtype=torch.int64)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -9,15 +9,10 @@ only the ``[tokens, r]`` rank-space activations are saved.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from finetune_ext import reference
-from finetune_ext.ops._library import check_backend, use_kernel
-from finetune_ext.ops.fisher_dropout import _philox_key
-
-Backend = Literal["auto", "ext", "reference"]
+from finetune_ext.ops._library import Backend, check_backend, philox_key, use_kernel
 
 
 def linchain_compose(
@@ -99,7 +94,7 @@ def lora_linear(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
     drop = training and dropout_p > 0.0
-    key = _philox_key(seed, 0, generator) if drop else torch.zeros(2, dtype=torch.int64)
+    key = philox_key(seed, 0, generator) if drop else torch.zeros(2, dtype=torch.int64)
     keep = torch.full((), 1.0 - dropout_p, dtype=torch.float32, device=x.device) if drop else None
     base_grad = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
     if base_grad and backend == "ext":

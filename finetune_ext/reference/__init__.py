@@ -4,7 +4,7 @@ from finetune_ext.reference.armijo import armijo_moments_, armijo_update_, armij
 from finetune_ext.reference.fisher_dropout import dropout_mask, fisher_dropout, fisher_dropout_eager
 from finetune_ext.reference.linchain import linchain_chain, linchain_compose, lora_linear
 from finetune_ext.reference.philox import philox4x32_10, philox_uniform
-from finetune_ext.reference.softmax_ce_hessian import softmax_ce_hessian_vp
+from finetune_ext.reference.softmax_ce_hessian_vp import softmax_ce_hessian_vp
 
 __all__ = [
     "armijo_moments_",

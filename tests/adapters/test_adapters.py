@@ -15,8 +15,6 @@ from finetune_ext.adapters import LinChainConfig, LinChainLinear
 from finetune_ext.testing import tolerance
 from finetune_ext.train import TrainConfig, train
 
-MERGE_RTOL = 1e-4  # the merge criterion (fp32)
-
 
 def _gpt2(dtype=torch.float32) -> GPT2LMHeadModel:
     torch.manual_seed(0)
@@ -120,18 +118,14 @@ def test_merge_unmerge_and_unload(make, k) -> None:
     adapted = model(ids).logits
     assert (adapted - make()(ids).logits).abs().max() > 1e-3  # the adapters do something
     adapters.merge(model)
-    torch.testing.assert_close(
-        model(ids).logits, adapted, rtol=MERGE_RTOL, atol=MERGE_RTOL * adapted.abs().max().item()
-    )
+    torch.testing.assert_close(model(ids).logits, adapted, **tolerance("merge", adapted.abs().max().item()))
     adapters.unmerge(model)
     for n, p in model.named_parameters():
         if "base_layer" in n:
             torch.testing.assert_close(p, weights[n], **tolerance(torch.float32))
     plain = adapters.merge_and_unload(model)
     assert not adapters.adapters(plain) and not hasattr(plain, "_linchain")
-    torch.testing.assert_close(
-        plain(ids).logits, adapted, rtol=MERGE_RTOL, atol=MERGE_RTOL * adapted.abs().max().item()
-    )
+    torch.testing.assert_close(plain(ids).logits, adapted, **tolerance("merge", adapted.abs().max().item()))
 
 
 def test_merge_adds_a_bias_to_a_bias_free_linear() -> None:
@@ -143,7 +137,7 @@ def test_merge_adds_a_bias_to_a_bias_free_linear() -> None:
     y = model(x)
     adapters.merge(model)
     assert model[0].base_layer.bias is not None
-    torch.testing.assert_close(model(x), y, rtol=MERGE_RTOL, atol=MERGE_RTOL * y.abs().max().item())
+    torch.testing.assert_close(model(x), y, **tolerance("merge", y.abs().max().item()))
     adapters.unmerge(model)
     assert model[0].base_layer.bias is None
 

@@ -12,7 +12,7 @@ from finetune_ext.curvature import flatten, unflatten
 from finetune_ext.testing import tolerance
 from tests.curvature.cases import CASES, gpt2_block_case
 
-RTOL, ATOL = 1e-5, 1e-8  # float64 against a dense Hessian (curvlinops' compare_matmat)
+DENSE = tolerance("dense_curvature")
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -56,25 +56,25 @@ def test_hvp_matches_dense_hessian(case, mode) -> None:
     V = _vectors(case, 5)
     HV = curvature.hvp(case.loss_fn, case.params, V, mode=mode)
     expected = flatten(V) @ _dense_hessian(case)
-    torch.testing.assert_close(flatten(HV), expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(flatten(HV), expected, **DENSE)
 
 
 def test_ggn_matches_explicit_jt_h_j(case) -> None:
     V = _vectors(case, 4)
     GV = curvature.ggn_vp(case.output_fn, case.params, V)
-    torch.testing.assert_close(flatten(GV), flatten(V) @ _dense_ggn(case), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(flatten(GV), flatten(V) @ _dense_ggn(case), **DENSE)
 
 
 def test_symmetry_and_chunking(case) -> None:
     V = _vectors(case, 6, seed=3)
     full = curvature.hvp(case.loss_fn, case.params, V)
     chunked = curvature.hvp(case.loss_fn, case.params, V, chunk_size=4)
-    torch.testing.assert_close(flatten(chunked), flatten(full), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(flatten(chunked), flatten(full), **DENSE)
     U, HU = flatten(V), flatten(full)
     gram = U @ HU.T  # uᵢᵀ H vⱼ
-    torch.testing.assert_close(gram, gram.T, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(gram, gram.T, **DENSE)
     G = flatten(curvature.ggn_vp(case.output_fn, case.params, V, chunk_size=5))
-    torch.testing.assert_close(U @ G.T, (U @ G.T).T, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(U @ G.T, (U @ G.T).T, **DENSE)
     assert torch.linalg.eigvalsh(_dense_ggn(case)).min() > -1e-10  # GGN is positive semi-definite
 
 
@@ -89,7 +89,7 @@ def test_ignored_rows_drop_out_of_the_ggn() -> None:
 
     full = curvature.ggn_vp(case.output_fn, case.params, V, labels=labels)
     kept = curvature.ggn_vp(kept_output, case.params, V)
-    torch.testing.assert_close(flatten(full), flatten(kept), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(flatten(full), flatten(kept), **DENSE)
 
 
 def test_sketch_trace_and_lanczos(case) -> None:
@@ -97,12 +97,12 @@ def test_sketch_trace_and_lanczos(case) -> None:
     matvec = partial(curvature.hvp, case.loss_fn, case.params)
     S, SH = curvature.sketch(matvec, case.params, k=4, seed=2)
     assert set(S.unique().tolist()) <= {-1.0, 1.0}
-    torch.testing.assert_close(SH, S @ H, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(SH, S @ H, **DENSE)
     estimate, stderr = curvature.hutchinson_trace(matvec, case.params, num_samples=200, seed=0)
     assert abs(estimate - H.trace().item()) <= 4 * stderr
     n = H.shape[0]
     top = curvature.lanczos(matvec, case.params, k=3, iters=n, seed=0)
-    torch.testing.assert_close(top, torch.linalg.eigvalsh(H).flip(0)[:3], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(top, torch.linalg.eigvalsh(H).flip(0)[:3], **tolerance("lanczos"))
 
 
 def test_for_model_restores_attention_and_mode() -> None:

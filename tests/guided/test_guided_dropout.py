@@ -17,17 +17,16 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 from finetune_ext import guided
 from finetune_ext.guided import sites as site_mod
 from finetune_ext.nn import FisherDropout, GaussianDropout
-from finetune_ext.testing.tolerances import TOLERANCES
+from finetune_ext.testing import tolerance
 from finetune_ext.train import TrainConfig, train
 
 # Fisher entries are ~1e-8: the table's float32 atol (1e-6) would accept anything, so the absolute part is
-# the table's rtol times each tensor's largest entry (squared gradients near 0 are float32 denormals).
-FP32_RTOL = TOLERANCES[torch.float32][1]
+# scaled by each tensor's largest entry (squared gradients near 0 are float32 denormals).
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
     scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=FP32_RTOL, atol=FP32_RTOL * scale, msg=msg or None)
+    torch.testing.assert_close(actual, expected, **tolerance(torch.float32, scale), msg=msg or None)
 
 
 def _tiny_gpt2() -> GPT2LMHeadModel:

@@ -30,7 +30,7 @@ def test_reference_is_the_autograd_hessian_of_cross_entropy() -> None:
             h = torch.autograd.functional.hessian(lambda z, n=n: F.cross_entropy(z[None], labels[n : n + 1]), logits[n])
             expected = h @ V[k, n] if keep[n] else torch.zeros(9, dtype=torch.float64)
             got = reference.softmax_ce_hessian_vp(logits, V, labels)[k, n]
-            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got, expected, **tolerance(torch.float64))
 
 
 @pytest.mark.parametrize("device", DEVICES)

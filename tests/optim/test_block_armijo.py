@@ -63,7 +63,7 @@ def test_quadratic_armijo_condition_and_minimiser(strategy, direction, coupled) 
                 rhs += float((g * g * P).sum())
             decrease = float(f(*w0) - f(*trial))
             assert decrease >= c * acc["eta"] * rhs * (1 - 1e-9), (acc, decrease)
-    torch.testing.assert_close(torch.cat([b.detach() for b in blocks]), w_star, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat([b.detach() for b in blocks]), w_star, **tolerance("quadratic_minimiser"))
 
 
 def test_reevaluations_under_a_key_see_identical_randomness() -> None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from finetune_ext import reference
-from finetune_ext.ops._library import check_backend, use_kernel
-from finetune_ext.ops.fisher_dropout import Backend
+from finetune_ext.ops._library import Backend, check_backend, use_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
