@@ -1,15 +1,15 @@
 """Op microbenchmarks: ``finetune-ext bench`` or ``python -m finetune_ext.cli bench``."""
 
-from finetune_ext.bench import armijo, curvature, fisher_dropout, linchain
+from finetune_ext.bench import armijo, curvature, fisher_dropout, lora_linear, softmax_ce_hessian_vp
 from finetune_ext.bench.harness import Case, Row, append_csv, format_table, plot_speedup, run
 
 OPS = {
     "armijo_update": armijo.update_cases,
     "armijo_step": armijo.step_cases,
     "fisher_dropout": fisher_dropout.cases,
-    "softmax_ce_hessian_vp": curvature.softmax_cases,
+    "softmax_ce_hessian_vp": softmax_ce_hessian_vp.cases,
     "hvp_block": curvature.hvp_cases,
-    "lora_linear": linchain.cases,
+    "lora_linear": lora_linear.cases,
 }
 DEFAULT_SIZES = {"cpu": [1 << 16, 1 << 18, 1 << 20, 1 << 22], "cuda": [1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 28]}
 

@@ -1,7 +1,8 @@
 """Benchmark harness shared by every op: time providers over a sweep, write long-format CSV, table and plots.
 
-Timing: ``warmup`` untimed calls, then ``reps`` timed calls (CUDA events on GPU, ``perf_counter`` after a
-sync on CPU); we report the median and the 20th/80th percentiles. Peak memory is the CUDA allocator's
+Timing: ``warmup`` untimed calls, then ``reps`` timed blocks of calls through ``torch.utils.benchmark.Timer``
+(synchronised at the block ends on GPU); we report the median and the 20th/80th percentiles of the per-call
+times. Peak memory is the CUDA allocator's
 peak during the timed calls above what was allocated before; on CPU it is not measured (left empty).
 """
 
@@ -11,13 +12,14 @@ import csv
 import datetime as dt
 import statistics
 import subprocess
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.benchmark as benchmark
 
+BLOCK_S = 2e-3  # a timed block lasts about this long
 CSV_FIELDS = [
     "op", "mode", "provider", "shape", "numel", "dtype", "device", "device_name",
     "median_ms", "p20_ms", "p80_ms", "gb_per_s", "peak_mb", "commit", "timestamp",
@@ -91,25 +93,17 @@ def git_commit() -> str:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> list[float]:
-    """Per-call wall times in milliseconds after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    """Milliseconds per call in each of ``reps`` blocks, after ``warmup`` calls (``torch.utils.benchmark``).
+
+    A block runs enough calls to last about ``BLOCK_S`` (one call for slow ones), and the timer synchronises
+    CUDA at its ends, so launch overhead and host-device syncs do not dominate short kernels.
+    """
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    if warmup > 0:
+        timer.timeit(warmup)
+    once = timer.timeit(1).median
+    number = max(1, int(BLOCK_S / max(once, 1e-9)))
+    return [timer.timeit(number).median * 1e3 for _ in range(reps)]
 
 
 def measure(case: Case, warmup: int, reps: int, commit: str) -> Row:
