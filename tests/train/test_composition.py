@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune_ext.train import StepContext, TrainConfig, Transform, registry, train
+from finetune_ext.train.adamw import AdamW
 from finetune_ext.train.options import option
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,3 +143,23 @@ def test_ctx_reevaluation_draws_the_same_masks(wikitext_slice, gpt2_tokenizer) -
     assert ctx.loss() == first == ctx.loss()
     other = StepContext(model, ctx.micro_batches, ctx.autocast, 4, 0)
     assert other.loss() != first  # another step draws other masks
+
+
+class ValidatingAdamW(AdamW):
+    """Test stepper: AdamW that evaluates the validation split before its first step."""
+
+    name = "validating"
+    seen: ClassVar[list[dict]] = []
+
+    def setup(self, model, run) -> None:
+        super().setup(model, run)
+        type(self).seen = [run.evaluate_val(model)]
+        assert not hasattr(run, "test")  # the test split stays out of the parts' reach
+
+
+def test_a_stepper_may_evaluate_the_validation_split(tmp_path, monkeypatch, wikitext_slice, gpt2_tokenizer) -> None:
+    monkeypatch.setitem(registry.PARTS["optimizer"], "validating", "tests.train.test_composition:ValidatingAdamW")
+    cfg = _config("config:gpt2-tiny", wikitext_slice, gpt2_tokenizer, tmp_path / "v", "standard", "none", "validating")
+    summary = train(cfg)
+    (before,) = ValidatingAdamW.seen
+    assert set(before) == {"loss", "acc", "ppl"} and before["loss"] > summary["final_val"]["loss"]
