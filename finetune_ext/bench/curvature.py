@@ -1,7 +1,8 @@
 """Cases for the curvature layer, ``hvp_block``: 16 products w.r.t. one GPT-2 block (GPT-2 small at batch
-8 x 512 on GPU; a 2-layer, 128-wide GPT-2 at 2 x 64 on CPU), fp32. ``gradient`` is one plain gradient (the unit of the targets: exact HVPs
-<= 5x, GGN <= 3x of it), ``reference`` a double-backward loop over the vectors, ``exact`` batched
-forward-over-reverse, ``ggn`` the batched Gauss-Newton product with the fused kernel. ``sizes`` is unused.
+8 x 512 on GPU; a 2-layer, 128-wide GPT-2 at 2 x 64 on CPU), fp32. ``gradient`` is one plain gradient (the
+unit of the targets: exact HVPs <= 5x, GGN <= 3x of it), ``reference`` a double-backward loop over the vectors,
+``exact`` batched forward-over-reverse, ``ggn`` the batched Gauss-Newton product with the fused kernel.
+``sizes`` is unused.
 """
 
 from __future__ import annotations
