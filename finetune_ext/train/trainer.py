@@ -96,28 +96,36 @@ class TrainConfig:
 
 @dataclass
 class Parts:
-    """The run's transforms (in application order) and stepper, and what was chosen, options resolved."""
+    """The run's parts by kind (no entry for a kind's no-op choice) and what was chosen, options resolved."""
 
-    transforms: list[Transform]
-    stepper: Stepper
+    by_kind: dict[str, Transform | Stepper]
     chosen: dict[str, dict[str, Any]]  # kind -> {"name": ..., "options": {...}}
+
+    @property
+    def transforms(self) -> list[Transform]:
+        """In application order."""
+        return [self.by_kind[k] for k in registry.TRANSFORM_KINDS if k in self.by_kind]
+
+    @property
+    def stepper(self) -> Stepper:
+        return self.by_kind[registry.STEPPER_KIND]
 
 
 def build_parts(cfg: TrainConfig) -> Parts:
     """One part per kind from ``--<kind>`` / ``--<kind>-option`` and the ``--method`` preset, validated."""
     names, routed = registry.expand_preset(cfg.method or "adamw", cfg.method_options)
-    built: dict[str, Any] = {}
-    chosen = {}
+    parts = Parts({}, {})
     for kind in registry.PARTS:
         given = getattr(cfg, kind)
         preset = registry.PRESETS.get(cfg.method or "", {}).get(kind)
         if given is not None and preset is not None and given != preset:
             raise UserError(f"{kind}: --method {cfg.method} uses {kind} {preset!r}; got {given!r}")
         name = given or names[kind]
-        built[kind] = registry.build(kind, name, {**routed[kind], **getattr(cfg, f"{kind}_options")})
-        chosen[kind] = {"name": name, "options": built[kind].options_dict() if built[kind] else {}}
-    transforms = [built[k] for k in registry.TRANSFORM_KINDS if built[k] is not None]
-    return Parts(transforms, built[registry.STEPPER_KIND], chosen)
+        part = registry.build(kind, name, {**routed[kind], **getattr(cfg, f"{kind}_options")})
+        parts.chosen[kind] = {"name": name, "options": part.options_dict() if part else {}}
+        if part is not None:
+            parts.by_kind[kind] = part
+    return parts
 
 
 def _check_config(cfg: TrainConfig, world: int) -> None:
@@ -289,12 +297,11 @@ def _save(run: _Run) -> None:
     checkpoint.write_rng(run.out, run.step, run.ddp.rank)
     run.ddp.barrier()
     if run.ddp.main:
-        parts = [*run.parts.transforms, run.parts.stepper]
         state = {
             "step": run.step,
             "best": run.best,
             "best_state": run.best_state,
-            "parts": {part.name: part.state_dict() for part in parts},
+            "parts": {kind: part.state_dict() for kind, part in run.parts.by_kind.items()},
             "config": _config_record(run),
         }
         checkpoint.commit(run.out, run.step, run.model, state, run.cfg.keep_checkpoints)
@@ -308,8 +315,8 @@ def _restore(run: _Run, folder: Path) -> None:
     changed = {k: (saved.get(k), given[k]) for k in (*RESUME_KEYS, "parts") if saved.get(k) != given[k]}
     if changed:
         raise UserError(f"resume: options differ from the checkpoint's run (saved, given): {changed}")
-    for part in [*run.parts.transforms, run.parts.stepper]:
-        part.load_state_dict(state["parts"][part.name])
+    for kind, part in run.parts.by_kind.items():
+        part.load_state_dict(state["parts"][kind])
     run.step, run.best, run.best_state = state["step"], state["best"], state.get("best_state")
 
 

@@ -129,7 +129,7 @@ def test_guided_dropout_method_on_gpt2_with_cache(tmp_path, wikitext_slice, gpt2
     train(TrainConfig(**cfg, output_dir=str(tmp_path / "b"), method_options=options))
     assert calls == []  # the second run reused the cached Fisher
     state = torch.load(tmp_path / "b" / "checkpoint-0000003" / "state.pt", weights_only=False)
-    rates = state["parts"]["guided"]["rates"]
+    rates = state["parts"]["dropout"]["rates"]
     assert len(rates) == 7 and max(v for v in rates.values() if isinstance(v, float)) == pytest.approx(0.099)
     assert isinstance(rates["transformer.h.0.mlp.dropout"], list)  # per-unit
 
@@ -199,7 +199,7 @@ def test_fisher_under_two_gloo_processes_equals_one_process(tmp_path, wikitext_s
         res = subprocess.run([*prefix, *args, *cache], env=env, capture_output=True, text=True, check=False)
         assert res.returncode == 0, res.stderr[-2000:]
         state = torch.load(out / "checkpoint-0000001" / "state.pt", weights_only=False)
-        rates[name] = state["parts"]["guided"]["rates"]
+        rates[name] = state["parts"]["dropout"]["rates"]
         (file,) = (out / "cache").glob("*.safetensors")  # written by rank 0 after the all-reduce
         fisher[name] = load_file(str(file))
         assert json.loads((out / "summary.json").read_text())["processes"] == (1 if name == "one" else 2)
