@@ -1,0 +1,119 @@
+"""LiFT's constraint rows: the trainable weights as one flat vector, ``H_wλ`` columns, and rows of ``H_ww``
+from a compact SR1 matrix (no n x n matrix is formed) or from exact Hessian-vector products."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from finetune_ext import curvature
+
+
+class FlatParams:
+    """The trainable parameters as one vector: ``block[i]`` is the λ block of coordinate ``i`` (-1: not
+    regularized), ``sizes[b]`` the regularized element count N_b of block ``b``.
+
+    ``groups`` is one list of parameters per λ block; within a block matrices (``dim >= 2``) are regularized,
+    biases and norms are not.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[torch.nn.Parameter]]) -> None:
+        self.params = [p for g in groups for p in g]
+        labels = []
+        for b, group in enumerate(groups):
+            for p in group:
+                labels.append(torch.full((p.numel(),), b if p.dim() >= 2 else -1, dtype=torch.long))
+        self.block = torch.cat(labels)
+        self.sizes = torch.bincount(self.block[self.block >= 0], minlength=len(groups)).double()
+        self.numel = self.block.numel()
+
+    def values(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).double().cpu() for p in self.params])
+
+    def grads(self) -> torch.Tensor:
+        return torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double().cpu()
+            for p in self.params
+        ])  # fmt: skip
+
+    @torch.no_grad()
+    def add_(self, delta: torch.Tensor) -> None:
+        """``w += delta`` for a flat ``delta`` (CPU float64), in each parameter's dtype and device."""
+        offset = 0
+        for p in self.params:
+            p.add_(delta[offset : offset + p.numel()].view_as(p).to(p.dtype).to(p.device))
+            offset += p.numel()
+
+    def unflatten(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A flat ``[m, n]`` batch of vectors as one ``[m, *p.shape]`` tensor per parameter."""
+        out, offset = [], 0
+        for p in self.params:
+            out.append(flat[:, offset : offset + p.numel()].reshape(-1, *p.shape).to(p.dtype).to(p.device))
+            offset += p.numel()
+        return tuple(out)
+
+
+def h_wlambda(flat: FlatParams, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of ``H_wλ = ∂(∇_w f)/∂λ``: ``2 w_i / N_b`` in column ``b`` of coordinate ``i``'s block."""
+    out = torch.zeros(len(idx), len(flat.sizes), dtype=torch.float64)
+    blocks = flat.block[idx]
+    reg = blocks >= 0
+    out[reg.nonzero().squeeze(1), blocks[reg]] = 2 * w[idx[reg]] / flat.sizes[blocks[reg]]
+    return out
+
+
+class CompactSR1:
+    """``B = I + Ψ M⁻¹ Ψᵀ`` (Byrd, Nocedal and Schnabel 1994, B₀ = I) from pairs ``S, Y`` (``[K, n]``, one pair
+    per row), with ``Ψ = Y − S`` and ``M = D + L + Lᵀ − SᵀS`` (D, L: the diagonal and strict lower triangle of
+    SᵀY). Pairs are taken in order and skipped, as in the standard SR1 rule, when
+    ``|sᵀ(y − B s)| < skip_tol · ‖s‖ · ‖y − B s‖`` for the matrix built from the pairs kept so far.
+    """
+
+    def __init__(self, S: torch.Tensor, Y: torch.Tensor, skip_tol: float = 1e-8) -> None:
+        if S.shape != Y.shape or S.dim() != 2:
+            raise ValueError(f"S, Y: expected two [K, n] tensors of one shape, got {list(S.shape)}, {list(Y.shape)}")
+        self.S, self.Y = S.double(), Y.double()
+        self.kept: list[int] = []
+        for j in range(len(S)):
+            s, y = self.S[j], self.Y[j]
+            r = y - self._times(s)
+            if (r @ s).abs() >= skip_tol * s.norm() * r.norm() and r.norm() > 0:
+                self.kept.append(j)
+        self._factor()
+
+    def _factor(self) -> None:
+        S, Y = self.S[self.kept], self.Y[self.kept]
+        self.psi = Y - S  # [K', n]
+        SY = S @ Y.T
+        M = torch.diag(torch.diagonal(SY)) + torch.tril(SY, -1) + torch.tril(SY, -1).T - S @ S.T
+        self.m_inv = torch.linalg.inv(M) if len(self.kept) else M
+
+    def _times(self, v: torch.Tensor) -> torch.Tensor:
+        """``B v`` with the pairs kept so far."""
+        if not self.kept:
+            return v.clone()
+        self._factor()
+        return v + self.psi.T @ (self.m_inv @ (self.psi @ v))
+
+    def rows(self, idx: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """``B[idx][:, cols]`` (all columns when ``cols`` is None), ``[len(idx), len(cols)]``."""
+        cols = torch.arange(self.S.shape[1]) if cols is None else cols
+        out = (self.psi[:, idx].T @ self.m_inv) @ self.psi[:, cols]
+        out += (idx[:, None] == cols[None, :]).double()
+        return out
+
+
+def hvp_rows(
+    loss_fn: Callable, params: Sequence[torch.Tensor], flat: FlatParams, idx: torch.Tensor, chunk_size: int = 32
+) -> torch.Tensor:
+    """Exact rows ``idx`` of the Hessian of ``loss_fn`` w.r.t. ``params`` (``[len(idx), n]``, float64 on CPU),
+    by batched Hessian-vector products with the unit vectors (the Hessian is symmetric: ``H e_i`` is row i)."""
+    rows = []
+    for start in range(0, len(idx), chunk_size):
+        part = idx[start : start + chunk_size]
+        E = torch.zeros(len(part), flat.numel, dtype=torch.float64)
+        E[torch.arange(len(part)), part] = 1.0
+        HV = curvature.hvp(loss_fn, params, flat.unflatten(E))
+        rows.append(torch.cat([h.reshape(len(part), -1).double().cpu() for h in HV], dim=1))
+    return torch.cat(rows)
