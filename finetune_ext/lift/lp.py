@@ -92,6 +92,22 @@ class LPSolver:
         objective = float(c @ d) if d is not None else float("nan")
         return LPResult(d, objective, status, time.perf_counter() - start)
 
+    def state_dict(self) -> dict:
+        """The warm-start basis (plain integers), so that a resumed run solves exactly as an uninterrupted one."""
+        if self._basis is None:
+            return {}
+        status = [[int(x) for x in self._basis.col_status], [int(x) for x in self._basis.row_status]]
+        return {"shape": self._shape, "status": status}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._shape, self._basis = None, None
+        if state:
+            basis = highspy.HighsBasis()
+            basis.col_status = [highspy.HighsBasisStatus(x) for x in state["status"][0]]
+            basis.row_status = [highspy.HighsBasisStatus(x) for x in state["status"][1]]
+            basis.valid = True
+            self._shape, self._basis = tuple(state["shape"]), basis
+
 
 def lp_direction(
     c: np.ndarray | torch.Tensor,

@@ -38,11 +38,11 @@ class FlatParams:
         ])  # fmt: skip
 
     @torch.no_grad()
-    def add_(self, delta: torch.Tensor) -> None:
-        """``w += delta`` for a flat ``delta`` (CPU float64), in each parameter's dtype and device."""
+    def set_(self, values: torch.Tensor) -> None:
+        """``w = values`` for a flat ``values`` (CPU float64), in each parameter's dtype and device."""
         offset = 0
         for p in self.params:
-            p.add_(delta[offset : offset + p.numel()].view_as(p).to(p.dtype).to(p.device))
+            p.copy_(values[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
     def unflatten(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -65,9 +65,9 @@ def h_wlambda(flat: FlatParams, w: torch.Tensor, idx: torch.Tensor) -> torch.Ten
 
 class CompactSR1:
     """``B = I + Ψ M⁻¹ Ψᵀ`` (Byrd, Nocedal and Schnabel 1994, B₀ = I) from pairs ``S, Y`` (``[K, n]``, one pair
-    per row), with ``Ψ = Y − S`` and ``M = D + L + Lᵀ − SᵀS`` (D, L: the diagonal and strict lower triangle of
+    per row), with ``Ψ = Y - S`` and ``M = D + L + Lᵀ - SᵀS`` (D, L: the diagonal and strict lower triangle of
     SᵀY). Pairs are taken in order and skipped, as in the standard SR1 rule, when
-    ``|sᵀ(y − B s)| < skip_tol · ‖s‖ · ‖y − B s‖`` for the matrix built from the pairs kept so far.
+    ``|sᵀ(y - B s)| < skip_tol · ‖s‖ · ‖y - B s‖`` for the matrix built from the pairs kept so far.
     """
 
     def __init__(self, S: torch.Tensor, Y: torch.Tensor, skip_tol: float = 1e-8) -> None:

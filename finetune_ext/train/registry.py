@@ -30,6 +30,7 @@ PARTS: dict[str, dict[str, str | None]] = {
     "optimizer": {
         "adamw": "finetune_ext.train.adamw:AdamW",
         "armijo": "finetune_ext.optim.method:Armijo",
+        "lift": "finetune_ext.lift.stepper:LiFT",
     },
 }
 TRANSFORM_KINDS = ("dropout", "adapter")
@@ -44,6 +45,7 @@ PRESETS: dict[str, dict[str, str]] = {
     "guided-dropout": {"dropout": "guided"},
     "gaussian-dropout": {"dropout": "gaussian"},
     "armijo": {"optimizer": "armijo"},
+    "lift": {"optimizer": "lift"},
 }
 
 

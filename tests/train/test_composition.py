@@ -27,6 +27,7 @@ SMALL = {  # options that keep each part quick on tiny models
     "lora": {"r": 2},
     "linchain": {"r": 2, "chain_length": 2},
     "armijo": {"init_step_size": 0.01},
+    "lift": {"warmup_steps": 2, "rows": 8, "columns": 64, "val_batches": 1, "line_evals": 5},
 }
 COMBINATIONS = list(itertools.product(*(registry.PARTS[k] for k in ("dropout", "adapter", "optimizer"))))
 
@@ -56,7 +57,8 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 def _train_records(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "step_ms"} for r in rows if r["split"] == "train"]
+    timing = ("_ms", "_seconds")
+    return [{k: v for k, v in r.items() if not k.endswith(timing)} for r in rows if r["split"] == "train"]
 
 
 def _check_combination(cfg: TrainConfig, tmp_path: Path) -> None:

@@ -1,0 +1,293 @@
+"""The stepper ``--optimizer lift``: AdamW warm-up rounds on selected blocks with per-block L2 strengths λ, each
+round closed by one LP step on weights and λ jointly (methods.md §1.4).
+
+Lower level ``f(w, λ) = L_train(w) + Σ_b λ_b ‖W_b‖² / N_b`` over each selected block's matrices (explicit in
+the gradient, not decoupled decay); upper level ``F = L_val(w)``. Every ``warmup_steps`` AdamW steps on f
+(SR1 pairs recorded on a fixed schedule), the round: ``g_val = ∇_w F`` on ``val_batches`` validation batches;
+``rows`` constraint rows sampled among regularized coordinates; ``columns`` coordinates with the largest
+``|g_val|``; the LP ``min g_valᵀ d_J`` s.t. ``|H_S[:, J + λ] d| <= delta``, ``|d| <= box`` (HiGHS); then
+``d /= ‖d‖``, a golden-section search for ``t`` on F (the run's validation evaluation), ``w += t d_w`` and
+``λ = max(0, λ + t d_λ)``. An LP without a usable point skips the update and logs the status.
+
+Choices where the public material is silent (all options): λ starts at ``lambda_init`` for every block; the
+warm-up uses ``--lr`` with the run's linear schedule; the SR1 pairs of a round are differences of consecutive
+(weights, ∇f) records within that round (B₀ = I); exact rows (``curvature=hvp``) are of f on one training
+batch of ``hvp_batch`` examples, in eval mode.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from finetune_ext import curvature
+from finetune_ext.lift.lp import LPSolver
+from finetune_ext.lift.rows import CompactSR1, FlatParams, h_wlambda, hvp_rows
+from finetune_ext.lift.search import golden_section
+from finetune_ext.nn import keys
+from finetune_ext.train.adamw import linear_schedule
+from finetune_ext.train.data import make_batch
+from finetune_ext.train.errors import UserError
+from finetune_ext.train.options import option
+from finetune_ext.train.parts import RunContext, StepContext, Stepper
+
+_LAYER = re.compile(r"^(.*?\.(?:layer|h|layers|block))\.(\d+)\.")
+
+
+@dataclass
+class LiFTOptions:
+    blocks: str = option("last:2", "trainable transformer layers, 'last:K' or indices '10,11'; the rest is frozen")
+    warmup_steps: int = option(50, "AdamW steps on f per round; each round ends with one LP step")
+    lambda_init: float = option(1e-2, "initial L2 strength of every selected block (>= 0)")
+    rows: int = option(256, "constraint rows k sampled among the regularized coordinates")
+    columns: int = option(20000, "coordinates with the largest |validation gradient| in the LP (others: d_w = 0)")
+    delta: float = option(1e-4, "half-width of the training-optimality tube |H d| <= delta")
+    box: float = option(1.0, "box |d_i| <= box of the LP")
+    curvature: Literal["sr1", "hvp"] = option("sr1", "H_ww rows: compact SR1 from the warm-up, or exact HVPs")
+    pairs: int = option(50, "SR1 pairs recorded per round (at most 50)")
+    hvp_batch: int = option(8, "training examples of the exact Hessian rows (curvature=hvp)")
+    val_batches: int | None = option(None, "validation batches for the validation gradient (null: all)")
+    val_batch_size: int = option(8, "examples per validation-gradient batch")
+    line_first: float = option(0.1, "first trial step of the line search")
+    line_tol: float = option(1e-4, "golden-section tolerance, relative to line_first")
+    line_evals: int = option(25, "validation evaluations per line search, at most")
+    lp_time_limit: float | None = option(None, "HiGHS time limit per LP in seconds (null: none)")
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"last:\d+|\d+(,\d+)*", self.blocks):
+            raise ValueError(f"blocks: expected 'last:K' or comma-separated layer indices, got {self.blocks!r}")
+        for name in ("warmup_steps", "rows", "columns", "hvp_batch", "val_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if not 1 <= self.pairs <= 50:
+            raise ValueError(f"pairs: expected 1..50, got {self.pairs}")
+        for name in ("delta", "box", "line_first", "line_tol"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if self.lambda_init < 0:
+            raise ValueError(f"lambda_init: expected >= 0, got {self.lambda_init}")
+        if self.line_evals < 3:
+            raise ValueError(f"line_evals: expected >= 3, got {self.line_evals}")
+
+
+def select_layers(model: nn.Module, spec: str) -> dict[int, list[tuple[str, nn.Parameter]]]:
+    """The trainable parameters of the layers ``spec`` names (``last:K`` or ``i,j``), by layer index."""
+    layers: dict[int, list[tuple[str, nn.Parameter]]] = {}
+    for name, p in model.named_parameters():
+        if (match := _LAYER.match(name)) and p.requires_grad:
+            layers.setdefault(int(match.group(2)), []).append((name, p))
+    if not layers:
+        raise UserError("optimizer-option (lift): blocks: the model has no trainable transformer layers")
+    if spec.startswith("last:"):
+        k = int(spec.removeprefix("last:"))
+        if not 1 <= k <= len(layers):
+            raise UserError(f"optimizer-option (lift): blocks: expected last:1..last:{len(layers)}, got {spec!r}")
+        return {i: layers[i] for i in sorted(layers)[-k:]}
+    wanted = [int(i) for i in spec.split(",")]
+    unknown = [i for i in wanted if i not in layers]
+    if unknown:
+        raise UserError(f"optimizer-option (lift): blocks: no layer {unknown}; the model has 0..{max(layers)}")
+    return {i: layers[i] for i in sorted(set(wanted))}
+
+
+class LiFT(Stepper):
+    """LiFT: AdamW warm-up on selected blocks, then an LP (HiGHS) step on weights and per-block L2 strengths."""
+
+    name = "lift"
+    Options = LiFTOptions
+
+    def setup(self, model: nn.Module, run: RunContext) -> None:
+        o = self.options
+        if len(run.val["input_ids"]) == 0:
+            raise UserError("optimizer-option (lift): LiFT needs a validation split; it is empty")
+        layers = select_layers(model, o.blocks)
+        chosen = {id(p) for params in layers.values() for _, p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+        self.names = [n for params in layers.values() for n, _ in params]
+        self.flat = FlatParams([[p for _, p in params] for params in layers.values()])
+        candidates = int((self.flat.block >= 0).sum())
+        if o.columns > self.flat.numel:
+            raise UserError(
+                f"optimizer-option (lift): columns: expected <= {self.flat.numel} (trainable), got {o.columns}"
+            )
+        if o.rows > candidates:
+            raise UserError(f"optimizer-option (lift): rows: expected <= {candidates} (regularized), got {o.rows}")
+        self.model, self.run, self.settings = model, run, run.optim
+        self.lam = torch.full((len(layers),), o.lambda_init, dtype=torch.float64)
+        self.optimizer = torch.optim.AdamW(self.flat.params, lr=run.optim.lr, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_schedule(run.optim.warmup_steps, run.total_steps)
+        )
+        self.solver = LPSolver()
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # (w, ∇f) of this round
+        self.history: list[dict[str, Any]] = []  # one entry per round
+
+    # ---- the warm-up step --------------------------------------------------------------------------------
+    def step(self, ctx: StepContext) -> dict[str, float]:
+        o = self.options
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = ctx.forward_backward()
+        penalty = self._add_penalty_grad()
+        out: dict[str, Any] = {"loss": loss + penalty, "penalty": penalty, "lr": self.scheduler.get_last_lr()[0]}
+        every = max(1, o.warmup_steps // (o.pairs + 1))
+        if (ctx.step % o.warmup_steps) % every == 0:
+            self.records = [*self.records, (self.flat.values(), self.flat.grads())][-(o.pairs + 1) :]
+        if self.settings.max_grad_norm > 0:
+            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.flat.params, self.settings.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        if (ctx.step + 1) % o.warmup_steps == 0:
+            out |= self._round(ctx.step)
+            self.records = []
+        return out
+
+    @torch.no_grad()
+    def _add_penalty_grad(self) -> float:
+        """Add ``∇ Σ λ_b ‖W_b‖²/N_b`` to the gradients; return the penalty's value."""
+        total, offset = 0.0, 0
+        for p in self.flat.params:
+            b = int(self.flat.block[offset])
+            offset += p.numel()
+            if b < 0:
+                continue
+            scale = float(self.lam[b] / self.flat.sizes[b])
+            total += scale * float(p.double().pow(2).sum())
+            if p.grad is not None:
+                p.grad.add_(p, alpha=2 * scale)
+        return total
+
+    # ---- the LP round ------------------------------------------------------------------------------------
+    def _round(self, step: int) -> dict[str, Any]:
+        o, r = self.options, len(self.history)
+        was_training = self.model.training
+        self.model.eval()
+        g_val = self._val_gradient()
+        J = torch.topk(g_val.abs(), o.columns).indices.sort().values
+        regularized = (self.flat.block >= 0).nonzero().squeeze(1)
+        pick = torch.randperm(len(regularized), generator=torch.Generator().manual_seed(keys.mix(self.run.seed, r)))
+        S = regularized[pick[: o.rows]].sort().values
+        w0 = self.flat.values()
+        A = torch.cat([self._h_rows(S, J), h_wlambda(self.flat, w0, S)], dim=1)
+        c = torch.cat([g_val[J], torch.zeros(len(self.lam), dtype=torch.float64)])
+        result = self._solve(c, A)
+        entry: dict[str, Any] = {"lift_round": r + 1, "lift_lp_status": result.status}
+        entry |= {"lift_lp_seconds": result.seconds, "lift_rows": len(S), "lift_cols": len(c)}
+        if result.usable and float(torch.as_tensor(result.d).norm()) > 0:
+            entry |= self._move(torch.as_tensor(result.d), J, w0)
+        entry |= {f"lift_lambda_{b}": float(v) for b, v in enumerate(self.lam)}
+        self.model.train(was_training)
+        self.history.append(entry)
+        self._plot()
+        return entry
+
+    def _val_gradient(self) -> torch.Tensor:
+        """``∇_w L_val`` (unregularized, eval mode) over ``val_batches`` batches, averaged over ranks."""
+        o, val = self.options, self.run.val
+        device = self.flat.params[0].device
+        starts = list(range(0, len(val["input_ids"]), o.val_batch_size))[: o.val_batches]
+        self.optimizer.zero_grad(set_to_none=True)
+        for start in starts:
+            batch = make_batch(val, torch.arange(start, min(start + o.val_batch_size, len(val["input_ids"]))),
+                               self.run.task, device)  # fmt: skip
+            (self.model(**batch).loss / len(starts)).backward()
+        g = self.flat.grads()
+        self.optimizer.zero_grad(set_to_none=True)
+        if dist.is_available() and dist.is_initialized():
+            g = g.to(device)
+            dist.all_reduce(g)
+            g = (g / dist.get_world_size()).cpu()
+        return g
+
+    def _h_rows(self, S: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+        """Rows ``S`` of ``H_ww`` of f on the columns ``J``."""
+        if self.options.curvature == "sr1":
+            if len(self.records) < 2:
+                return (S[:, None] == J[None, :]).double()  # no pair yet: B = I
+            W, G = (torch.stack(x) for x in zip(*self.records, strict=True))
+            return CompactSR1(W[1:] - W[:-1], G[1:] - G[:-1]).rows(S, J)
+        n = min(self.options.hvp_batch, len(self.run.train["input_ids"]))
+        batch = make_batch(self.run.train, torch.arange(n), self.run.task, self.flat.params[0].device)
+        model, names = self.model, self.names
+
+        def loss_fn(ps):
+            return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), kwargs=batch).loss
+
+        with curvature.eager_attention(model):
+            rows = hvp_rows(loss_fn, tuple(p.detach() for p in self.flat.params), self.flat, S)[:, J]
+        diagonal = S[:, None] == J[None, :]  # the penalty's Hessian: 2 λ_b / N_b on regularized coordinates
+        b = self.flat.block[S]
+        return rows + diagonal.double() * (2 * self.lam[b] / self.flat.sizes[b])[:, None]
+
+    def _solve(self, c: torch.Tensor, A: torch.Tensor):
+        """The LP on rank 0; every rank gets its direction (or none)."""
+        o = self.options
+        result = self.solver.solve(c, A, o.delta, o.box, o.lp_time_limit) if _rank() == 0 else None
+        if dist.is_available() and dist.is_initialized():
+            box = [result]
+            dist.broadcast_object_list(box, src=0)
+            result = box[0]
+        return result
+
+    def _move(self, d: torch.Tensor, J: torch.Tensor, w0: torch.Tensor) -> dict[str, Any]:
+        """Normalise ``d``, search the step on F, apply it to w and λ."""
+        o = self.options
+        d = d / d.norm()
+        direction = torch.zeros(self.flat.numel, dtype=torch.float64)
+        direction[J] = d[: len(J)]
+
+        def F(t: float) -> float:
+            self.flat.set_(w0 + t * direction)
+            return self.run.evaluate_val(self.model)["loss"]
+
+        search = golden_section(F, first=o.line_first, tol=o.line_tol, max_evals=o.line_evals)
+        self.flat.set_(w0 + search.t * direction)
+        self.lam = (self.lam + search.t * d[len(J) :]).clamp_min(0.0)
+        return {"lift_t": search.t, "lift_val_before": search.start, "lift_val_after": search.value,
+                "lift_evals": search.evaluations}  # fmt: skip
+
+    def _plot(self) -> None:
+        if _rank() != 0:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [e["lift_round"] for e in self.history]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for b in range(len(self.lam)):
+            ax1.plot(rounds, [e[f"lift_lambda_{b}"] for e in self.history], "o-", ms=3, label=f"block {b}")
+        ax1.set_xlabel("round")
+        ax1.set_ylabel("λ")
+        ax1.legend()
+        moved = [(e["lift_round"], e["lift_val_after"]) for e in self.history if "lift_val_after" in e]
+        if moved:
+            ax2.plot(*zip(*moved, strict=True), "o-", ms=3)
+        ax2.set_xlabel("round")
+        ax2.set_ylabel("validation loss after the LP step")
+        fig.tight_layout()
+        fig.savefig(f"{self.run.output_dir}/lift.png", dpi=110)
+        plt.close(fig)
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "lambda": self.lam.clone(), "records": list(self.records), "history": list(self.history),
+                "lp": self.solver.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.lam = state["lambda"].clone()
+        self.records, self.history = list(state["records"]), list(state["history"])
+        self.solver.load_state_dict(state["lp"])
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
