@@ -1,0 +1,102 @@
+"""The LiFT stepper end to end on a tiny GPT-2: rounds move λ and lower the validation loss on an overfit-prone
+slice, an LP without a usable point leaves weights and λ alone, bad options give one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_ext.cli import main
+from finetune_ext.lift import LPResult, LPSolver, stepper
+from finetune_ext.testing import tolerance
+from finetune_ext.train import TrainConfig, train
+
+OPTIONS = {"warmup_steps": 3, "rows": 16, "columns": 256, "val_batches": 2, "line_evals": 8, "lambda_init": 0.05}
+
+
+def _config(out: Path, wikitext_slice, gpt2_tokenizer, model: str, **options) -> TrainConfig:
+    return TrainConfig(
+        model=model, tokenizer=gpt2_tokenizer, data=str(wikitext_slice), output_dir=str(out), steps=6,
+        batch_size=4, lr=3e-3, block_size=32, train_samples=8, eval_every=6, save_every=6, max_eval_batches=2,
+        eval_batch_size=8, progress=False, optimizer="lift", optimizer_options={**OPTIONS, **options},
+    )  # fmt: skip
+
+
+def _rounds(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "lift_round" in r]
+
+
+def test_rounds_move_lambda_and_lower_the_validation_loss(tmp_path, wikitext_slice, gpt2_tokenizer,
+                                                          gpt2_no_dropout) -> None:  # fmt: skip
+    summary = train(_config(tmp_path / "run", wikitext_slice, gpt2_tokenizer, gpt2_no_dropout))
+    rounds = _rounds(tmp_path / "run")
+    assert [r["lift_round"] for r in rounds] == [1, 2] and all(r["lift_lp_status"] == "Optimal" for r in rounds)
+    for r in rounds:
+        assert r["lift_t"] > 0 and r["lift_val_after"] < r["lift_val_before"] and r["lift_evals"] <= 8
+        assert (r["lift_rows"], r["lift_cols"]) == (16, 256 + 2)  # two blocks: two λ columns
+    lambdas = [(r["lift_lambda_0"], r["lift_lambda_1"]) for r in rounds]
+    assert lambdas[0] != (0.05, 0.05) and min(min(pair) for pair in lambdas) >= 0.0
+    assert (tmp_path / "run" / "lift.png").read_bytes()[:4] == b"\x89PNG"
+    frozen = [k for k in summary["config"]["parts"]["optimizer"]["options"]]
+    assert "blocks" in frozen and summary["params_trainable"] < summary["params_total"]
+
+
+def test_an_unusable_lp_leaves_weights_and_lambda_unchanged(tmp_path, wikitext_slice, gpt2_tokenizer,
+                                                            gpt2_no_dropout, monkeypatch) -> None:  # fmt: skip
+    moved: list[dict] = []
+    monkeypatch.setattr(
+        LPSolver, "solve", lambda self, *a, **k: LPResult(None, float("nan"), "Time limit reached", 1.0)
+    )
+    original = __import__("finetune_ext.lift.stepper", fromlist=["LiFT"]).LiFT._move
+    monkeypatch.setattr("finetune_ext.lift.stepper.LiFT._move", lambda self, *a: moved.append(1) or original(self, *a))
+    train(_config(tmp_path / "run", wikitext_slice, gpt2_tokenizer, gpt2_no_dropout, warmup_steps=6))
+    (entry,) = _rounds(tmp_path / "run")
+    assert entry["lift_lp_status"] == "Time limit reached" and "lift_t" not in entry and moved == []
+    assert (entry["lift_lambda_0"], entry["lift_lambda_1"]) == (0.05, 0.05)
+
+
+def test_the_round_applies_exactly_the_searched_step(tmp_path, wikitext_slice, gpt2_tokenizer, gpt2_no_dropout):
+    """Weights after a round = weights before + t* d on the chosen columns only (others untouched)."""
+    seen = {}
+    original = stepper.LiFT._move
+
+    def spy(self, d, J, w0):
+        out = original(self, d, J, w0)
+        seen.update(w0=w0, w1=self.flat.values(), J=J, t=out["lift_t"], d=d / d.norm())
+        return out
+
+    cfg = _config(tmp_path / "run", wikitext_slice, gpt2_tokenizer, gpt2_no_dropout, warmup_steps=6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stepper.LiFT, "_move", spy)
+        train(cfg)
+    step = seen["w1"] - seen["w0"]
+    outside = torch.ones_like(step, dtype=torch.bool)
+    outside[seen["J"]] = False
+    assert torch.equal(step[outside], torch.zeros_like(step[outside]))
+    expected = seen["t"] * seen["d"][: len(seen["J"])]
+    scale = seen["w0"].abs().max().item()  # the weights are float32: their rounding is relative to their size
+    torch.testing.assert_close(step[seen["J"]], expected, **tolerance(torch.float32, scale))
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("blocks=7", "blocks: no layer [7]; the model has 0..1"),
+        ("blocks=last:3", "blocks: expected last:1..last:2, got 'last:3'"),
+        ("columns=100000000", "columns: expected <= "),
+        ("rows=100000000", "rows: expected <= "),
+        ("delta=0", "delta: expected > 0, got 0.0"),
+        ("curvature=exact", "curvature: expected one of 'sr1', 'hvp', got 'exact'"),
+    ],
+)
+def test_bad_options_give_one_line(option, message, tmp_path, wikitext_slice, gpt2_tokenizer, capsys) -> None:
+    args = ["train", "--model", "config:gpt2-tiny", "--tokenizer", gpt2_tokenizer, "--data", str(wikitext_slice),
+            "--optimizer", "lift", "--optimizer-option", option, "--output-dir", str(tmp_path / "run"), "--steps", "1",
+            "--block-size", "32", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
