@@ -17,7 +17,6 @@ batch of ``hvp_batch`` examples, in eval mode.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,13 +29,12 @@ from finetune_ext.lift.lp import LPSolver
 from finetune_ext.lift.rows import CompactSR1, FlatParams, h_wlambda, hvp_rows
 from finetune_ext.lift.search import golden_section
 from finetune_ext.nn import keys
+from finetune_ext.optim.blocks import check_layer_spec, train_only
 from finetune_ext.train.adamw import linear_schedule
 from finetune_ext.train.data import make_batch
 from finetune_ext.train.errors import UserError
 from finetune_ext.train.options import option
 from finetune_ext.train.parts import RunContext, StepContext, Stepper
-
-_LAYER = re.compile(r"^(.*?\.(?:layer|h|layers|block))\.(\d+)\.")
 
 
 @dataclass
@@ -59,8 +57,7 @@ class LiFTOptions:
     lp_time_limit: float | None = option(None, "HiGHS time limit per LP in seconds (null: none)")
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"last:\d+|\d+(,\d+)*", self.blocks):
-            raise ValueError(f"blocks: expected 'last:K' or comma-separated layer indices, got {self.blocks!r}")
+        check_layer_spec(self.blocks, "blocks")
         for name in ("warmup_steps", "rows", "columns", "hvp_batch", "val_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
@@ -75,26 +72,6 @@ class LiFTOptions:
             raise ValueError(f"line_evals: expected >= 3, got {self.line_evals}")
 
 
-def select_layers(model: nn.Module, spec: str) -> dict[int, list[tuple[str, nn.Parameter]]]:
-    """The trainable parameters of the layers ``spec`` names (``last:K`` or ``i,j``), by layer index."""
-    layers: dict[int, list[tuple[str, nn.Parameter]]] = {}
-    for name, p in model.named_parameters():
-        if (match := _LAYER.match(name)) and p.requires_grad:
-            layers.setdefault(int(match.group(2)), []).append((name, p))
-    if not layers:
-        raise UserError("optimizer-option (lift): blocks: the model has no trainable transformer layers")
-    if spec.startswith("last:"):
-        k = int(spec.removeprefix("last:"))
-        if not 1 <= k <= len(layers):
-            raise UserError(f"optimizer-option (lift): blocks: expected last:1..last:{len(layers)}, got {spec!r}")
-        return {i: layers[i] for i in sorted(layers)[-k:]}
-    wanted = [int(i) for i in spec.split(",")]
-    unknown = [i for i in wanted if i not in layers]
-    if unknown:
-        raise UserError(f"optimizer-option (lift): blocks: no layer {unknown}; the model has 0..{max(layers)}")
-    return {i: layers[i] for i in sorted(set(wanted))}
-
-
 class LiFT(Stepper):
     """LiFT: AdamW warm-up on selected blocks, then an LP (HiGHS) step on weights and per-block L2 strengths."""
 
@@ -105,10 +82,7 @@ class LiFT(Stepper):
         o = self.options
         if len(run.val["input_ids"]) == 0:
             raise UserError("optimizer-option (lift): LiFT needs a validation split; it is empty")
-        layers = select_layers(model, o.blocks)
-        chosen = {id(p) for params in layers.values() for _, p in params}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in chosen)
+        layers = train_only(model, o.blocks, "optimizer-option (lift): blocks")
         self.names = [n for params in layers.values() for n, _ in params]
         self.flat = FlatParams([[p for _, p in params] for params in layers.values()])
         candidates = int((self.flat.block >= 0).sum())

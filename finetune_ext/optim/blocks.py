@@ -7,6 +7,8 @@ import re
 
 from torch import nn
 
+from finetune_ext.train.errors import UserError
+
 _LAYER = re.compile(r"^(.*?\.(?:layer|h|layers|block))\.(\d+)\.")
 
 
@@ -39,3 +41,42 @@ def blocks_from_model(model: nn.Module, layers_per_block: int = 1) -> list[dict]
     if not out:
         raise ValueError("model: no parameter requires grad, so there is nothing to optimise")
     return out
+
+
+def check_layer_spec(spec: str, what: str = "layers") -> None:
+    """``spec`` is ``"last:K"`` or comma-separated layer indices (``"10,11"``)."""
+    if not re.fullmatch(r"last:\d+|\d+(,\d+)*", spec):
+        raise UserError(f"{what}: expected 'last:K' or comma-separated layer indices, got {spec!r}")
+
+
+def select_layers(model: nn.Module, spec: str, what: str = "layers") -> dict[int, list[tuple[str, nn.Parameter]]]:
+    """The trainable ``(name, parameter)`` pairs of the transformer layers ``spec`` names, by layer index.
+
+    ``spec`` is ``"last:K"`` (the last K layers) or comma-separated indices (``"10,11"``); ``what`` names the
+    option in error messages.
+    """
+    layers: dict[int, list[tuple[str, nn.Parameter]]] = {}
+    for name, p in model.named_parameters():
+        if (match := _LAYER.match(name)) and p.requires_grad:
+            layers.setdefault(int(match.group(2)), []).append((name, p))
+    if not layers:
+        raise UserError(f"{what}: the model has no trainable transformer layers")
+    check_layer_spec(spec, what)
+    if spec.startswith("last:"):
+        k = int(spec.removeprefix("last:"))
+        if not 1 <= k <= len(layers):
+            raise UserError(f"{what}: expected last:1..last:{len(layers)}, got {spec!r}")
+        return {i: layers[i] for i in sorted(layers)[-k:]}
+    unknown = [i for i in map(int, spec.split(",")) if i not in layers]
+    if unknown:
+        raise UserError(f"{what}: no layer {unknown}; the model has 0..{max(layers)}")
+    return {i: layers[i] for i in sorted(set(map(int, spec.split(","))))}
+
+
+def train_only(model: nn.Module, spec: str, what: str = "layers") -> dict[int, list[tuple[str, nn.Parameter]]]:
+    """Freeze every parameter but those of the layers ``spec`` names (see ``select_layers``); returns those."""
+    layers = select_layers(model, spec, what)
+    chosen = {id(p) for params in layers.values() for _, p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    return layers

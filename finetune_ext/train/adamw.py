@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune_ext.optim.blocks import check_layer_spec, train_only
 from finetune_ext.train.options import option
 from finetune_ext.train.parts import RunContext, StepContext, Stepper
 
@@ -39,6 +40,7 @@ class AdamWOptions:
     beta1: float = option(0.9, "Adam's first-moment decay")
     beta2: float = option(0.999, "Adam's second-moment decay")
     eps: float = option(1e-8, "Adam's epsilon")
+    layers: str | None = option(None, "train only these transformer layers, 'last:K' or '10,11' (null: all)")
 
     def __post_init__(self) -> None:
         for name in ("beta1", "beta2"):
@@ -46,6 +48,8 @@ class AdamWOptions:
                 raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(self, name)}")
         if not self.eps > 0:
             raise ValueError(f"eps: expected > 0, got {self.eps}")
+        if self.layers is not None:
+            check_layer_spec(self.layers, "layers")
 
 
 class AdamW(Stepper):
@@ -56,6 +60,8 @@ class AdamW(Stepper):
 
     def setup(self, model: nn.Module, run: RunContext) -> None:
         o, self.settings = self.options, run.optim
+        if o.layers is not None:
+            train_only(model, o.layers, "optimizer-option (adamw): layers")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             decay_groups(model, run.optim.weight_decay), lr=run.optim.lr, betas=(o.beta1, o.beta2), eps=o.eps

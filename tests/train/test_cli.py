@@ -75,7 +75,7 @@ def test_cli_run_with_bf16_and_accumulation(tmp_path, wikitext_slice, gpt2_token
         (["--data", "/no/such/data"], "data: no such file or folder '/no/such/data'"),
         (
             ["--method", "sgdx"],
-            "method: unknown 'sgdx'; available: adamw, lora, linchain, guided-dropout, gaussian-dropout, armijo",
+            "method: unknown 'sgdx'; available: adamw, lora, linchain, guided-dropout, gaussian-dropout, armijo, lift",
         ),
         (["--adapter", "lorax"], "adapter: unknown 'lorax'; available: none, lora, linchain"),
         (["--adapter", "lora", "--adapter-option", "r=x"], "adapter-option (lora): r: expected int, got 'x'"),
