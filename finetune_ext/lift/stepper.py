@@ -6,7 +6,7 @@ the gradient, not decoupled decay); upper level ``F = L_val(w)``. Every ``warmup
 (SR1 pairs recorded on a fixed schedule), the round: ``g_val = ∇_w F`` on ``val_batches`` validation batches;
 ``rows`` constraint rows sampled among regularized coordinates; ``columns`` coordinates with the largest
 ``|g_val|``; the LP ``min g_valᵀ d_J`` s.t. ``|H_S[:, J + λ] d| <= delta``, ``|d| <= box`` (HiGHS); then
-``d /= ‖d‖``, a golden-section search for ``t`` on F (the run's validation evaluation), ``w += t d_w`` and
+``d /= ‖d‖``, a golden-section search for ``t`` on F (on the same validation batches), ``w += t d_w`` and
 ``λ = max(0, λ + t d_λ)``. An LP without a usable point skips the update and logs the status.
 
 Choices where the public material is silent (all options): λ starts at ``lambda_init`` for every block; the
@@ -49,8 +49,8 @@ class LiFTOptions:
     curvature: Literal["sr1", "hvp"] = option("sr1", "H_ww rows: compact SR1 from the warm-up, or exact HVPs")
     pairs: int = option(50, "SR1 pairs recorded per round (at most 50)")
     hvp_batch: int = option(8, "training examples of the exact Hessian rows (curvature=hvp)")
-    val_batches: int | None = option(None, "validation batches for the validation gradient (null: all)")
-    val_batch_size: int = option(8, "examples per validation-gradient batch")
+    val_batches: int | None = option(None, "validation batches for F and its gradient (null: all)")
+    val_batch_size: int = option(8, "examples per validation batch")
     line_first: float = option(0.1, "first trial step of the line search")
     line_tol: float = option(1e-4, "golden-section tolerance, relative to line_first")
     line_evals: int = option(25, "validation evaluations per line search, at most")
@@ -160,23 +160,32 @@ class LiFT(Stepper):
         self._plot()
         return entry
 
-    def _val_gradient(self) -> torch.Tensor:
-        """``∇_w L_val`` (unregularized, eval mode) over ``val_batches`` batches, averaged over ranks."""
+    def _val_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The first ``val_batches`` validation batches: where F and its gradient are evaluated."""
         o, val = self.options, self.run.val
+        n = len(val["input_ids"])
+        starts = list(range(0, n, o.val_batch_size))[: o.val_batches]
         device = self.flat.params[0].device
-        starts = list(range(0, len(val["input_ids"]), o.val_batch_size))[: o.val_batches]
+        return [make_batch(val, torch.arange(s, min(s + o.val_batch_size, n)), self.run.task, device) for s in starts]
+
+    def _val_gradient(self) -> torch.Tensor:
+        """``∇_w F`` (unregularized, eval mode), averaged over ranks."""
+        batches = self._val_batches()
         self.optimizer.zero_grad(set_to_none=True)
-        for start in starts:
-            batch = make_batch(val, torch.arange(start, min(start + o.val_batch_size, len(val["input_ids"]))),
-                               self.run.task, device)  # fmt: skip
-            (self.model(**batch).loss / len(starts)).backward()
+        for batch in batches:
+            (self.model(**batch).loss / len(batches)).backward()
         g = self.flat.grads()
         self.optimizer.zero_grad(set_to_none=True)
         if dist.is_available() and dist.is_initialized():
-            g = g.to(device)
+            g = g.to(self.flat.params[0].device)
             dist.all_reduce(g)
             g = (g / dist.get_world_size()).cpu()
         return g
+
+    @torch.no_grad()
+    def _val_loss(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        """F: the mean validation loss over ``batches`` (the same on every rank)."""
+        return sum(float(self.model(**b).loss) for b in batches) / len(batches)
 
     def _h_rows(self, S: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
         """Rows ``S`` of ``H_ww`` of f on the columns ``J``."""
@@ -215,9 +224,11 @@ class LiFT(Stepper):
         direction = torch.zeros(self.flat.numel, dtype=torch.float64)
         direction[J] = d[: len(J)]
 
+        batches = self._val_batches()
+
         def F(t: float) -> float:
             self.flat.set_(w0 + t * direction)
-            return self.run.evaluate_val(self.model)["loss"]
+            return self._val_loss(batches)
 
         search = golden_section(F, first=o.line_first, tol=o.line_tol, max_evals=o.line_evals)
         self.flat.set_(w0 + search.t * direction)

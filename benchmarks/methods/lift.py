@@ -1,0 +1,175 @@
+"""LiFT vs AdamW (weight decay swept) vs fixed explicit L2, fine-tuning the last 2 blocks of a small pretrained GPT-2
+on an overfit-prone WikiText-2 slice; test perplexity of each run's best-validation checkpoint.
+
+    python benchmarks/methods/lift.py --seeds 0 1 2
+
+No GPT-2 weights are reachable offline, so the base is pretrained here with our own trainer (cached under
+``--work``/base, not committed): a 4-layer, 256-wide GPT-2 (GPT-2 tokenizer) on the sentences of SST-2, CoLA,
+MRPC, RTE and STS-B (not WikiText), ``--pretrain-steps`` steps. Fine-tuning: ``--train-blocks`` blocks of 64
+tokens of WikiText-2 train (about 50k tokens), ``--steps`` steps of batch 8 (several epochs); validation (model
+selection, every ``--steps``/5 steps) and test perplexity on the first ``--eval-batches`` batches of 16 blocks of
+WikiText-2 valid and test (CPU budget: every forward pays the 50,257-word head). LiFT's F and its gradient use the
+first 8 validation batches of 8 blocks. Methods, all on layers 2-3 only: AdamW with decoupled weight decay 0,
+0.01, 0.1; explicit L2 fixed at LiFT's initial λ (LiFT without a round); LiFT (rounds of ``--warmup`` steps,
+``--rows`` SR1 rows, ``--columns`` columns). Rows go to the CSV as runs end; finished (method, seed) pairs are
+skipped on restart; the table and plot are rewritten at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from _sweep import load_rows, mean_std, record
+
+from finetune_ext.train import TrainConfig, train
+from finetune_ext.train.data import shared_data_dir
+
+FIELDS = ["method", "seed", "steps", "test_ppl", "test_ppl_final", "best_step", "val_loss", "lambda", "seconds"]
+BASE = {"model_type": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 256, "n_positions": 128}
+SENTENCE_COLUMNS = {  # GLUE file -> columns holding sentences
+    "SST-2": ["sentence"], "CoLA": [3], "MRPC": ["#1 String", "#2 String"], "RTE": ["sentence1", "sentence2"],
+    "STS-B": ["sentence1", "sentence2"],
+}  # fmt: skip
+
+
+def glue_sentences(split: str) -> list[str]:
+    """Every sentence of the GLUE folders' ``split`` file (CoLA has no header: column 3)."""
+    out = []
+    for task, columns in SENTENCE_COLUMNS.items():
+        path = shared_data_dir() / task / f"{split}.tsv"
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        header = rows[0] if isinstance(columns[0], str) else None
+        idx = [header.index(c) for c in columns] if header else columns
+        out += [row[i].strip() for row in rows[1 if header else 0 :] for i in idx if len(row) > max(idx)]
+    return [s for s in out if s]
+
+
+def pretrain(work: Path, steps: int) -> str:
+    """The cached base model folder, pretrained on GLUE sentences if it is not there yet."""
+    base = work / "base"
+    if (base / "config.json").exists():
+        return str(base)
+    corpus = work / "glue-text"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for split, source in (("train", "train"), ("valid", "dev"), ("test", "dev")):
+        (corpus / f"{split}.txt").write_text("\n".join(glue_sentences(source)) + "\n", encoding="utf-8")
+    config = work / "base-config.json"
+    config.write_text(json.dumps(BASE))
+    out = work / "pretrain"
+    cfg = TrainConfig(model=f"config:{config}", tokenizer=str(shared_data_dir() / "gpt2-tokenizer"), data=str(corpus),
+                      output_dir=str(out), steps=steps, batch_size=16, block_size=64, lr=1e-3,
+                      warmup_steps=steps // 20, eval_every=max(1, steps // 5), save_every=max(1, steps // 5),
+                      max_eval_batches=20, resume=(out / "latest").exists())  # fmt: skip
+    train(cfg)
+    export(out, base)
+    return str(base)
+
+
+def export(run: Path, base: Path) -> None:
+    """A Hugging Face model folder from a run's latest checkpoint."""
+    from safetensors.torch import load_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in BASE.items() if k != "model_type"}, vocab_size=50257))
+    load_model(model, str(run / (run / "latest").read_text().strip() / "model.safetensors"))
+    model.save_pretrained(base)
+
+
+def methods(args: argparse.Namespace) -> dict[str, dict]:
+    lift = {"blocks": "last:2", "lambda_init": args.lambda_init, "val_batches": 8, "rows": args.rows,
+            "columns": args.columns}  # fmt: skip
+    out = {f"adamw-wd{wd:g}": {"optimizer": "adamw", "weight_decay": wd, "optimizer_options": {"layers": "last:2"}}
+           for wd in (0.0, 0.01, 0.1)}  # fmt: skip
+    out["l2-fixed"] = {"optimizer": "lift", "optimizer_options": {**lift, "warmup_steps": args.steps + 1}}
+    out["lift"] = {"optimizer": "lift", "optimizer_options": {**lift, "warmup_steps": args.warmup}}
+    return out
+
+
+def run(name: str, spec: dict, seed: int, base: str, args: argparse.Namespace, work: Path) -> dict:
+    out = work / "runs" / f"{name}-seed{seed}"
+    cfg = TrainConfig(
+        model=base, tokenizer=str(shared_data_dir() / "gpt2-tokenizer"), data=str(shared_data_dir() / "wikitext-2"),
+        output_dir=str(out), overwrite=True, seed=seed, steps=args.steps, batch_size=8, block_size=64, lr=args.lr,
+        warmup_steps=args.steps // 10, train_samples=args.train_blocks, eval_every=max(1, args.steps // 5),
+        save_every=args.steps, max_eval_batches=args.eval_batches, eval_batch_size=16, progress=False,
+        **{"weight_decay": 0.0, **spec},
+    )  # fmt: skip
+    start = time.perf_counter()
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows if "lift_lambda_0" in r]  # LiFT's last λ per block (none for the other methods)
+    lam = [v for k, v in rounds[-1].items() if k.startswith("lift_lambda_")] if rounds else []
+    return {"method": name, "seed": seed, "steps": summary["steps"], "test_ppl": round(summary["test"]["ppl"], 2),
+            "test_ppl_final": round(summary["test_final"]["ppl"], 2), "best_step": summary["best_val"]["step"],
+            "val_loss": round(summary["best_val"]["value"], 4), "lambda": " ".join(f"{v:.3g}" for v in lam),
+            "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def write_table(done: list[dict], md: Path) -> None:
+    names = list(dict.fromkeys(r["method"] for r in done))
+    lines = ["| method | test perplexity (best validation) | test perplexity (final) | seeds |", "|---|---|---|---|"]
+    for name in names:
+        rows = [r for r in done if r["method"] == name]
+        best = mean_std([float(r["test_ppl"]) for r in rows], lambda v: f"{v:.1f}")
+        final = mean_std([float(r["test_ppl_final"]) for r in rows], lambda v: f"{v:.1f}")
+        lines.append(f"| {name} | {best} | {final} | {len(rows)} |")
+    md.write_text("\n".join(lines) + "\n")
+    plot(done, names, md.with_suffix(".png"))
+
+
+def plot(done: list[dict], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, name in enumerate(names):
+        values = [float(r["test_ppl"]) for r in done if r["method"] == name]
+        ax.bar(i, statistics.mean(values), yerr=statistics.stdev(values) if len(values) > 1 else 0, capsize=4)
+        ax.plot([i] * len(values), values, "k.", ms=4)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylabel("WikiText-2 test perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--work", default="runs/lift-study", help="cache of the base model and the runs")
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=30, help="LiFT: AdamW steps per round")
+    parser.add_argument("--train-blocks", type=int, default=800, help="WikiText-2 training blocks of 64 tokens")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lambda-init", type=float, default=1.0)
+    parser.add_argument("--rows", type=int, default=128, help="LiFT: constraint rows")
+    parser.add_argument("--columns", type=int, default=5000, help="LiFT: LP columns")
+    parser.add_argument("--eval-batches", type=int, default=10, help="validation/test batches of 16 blocks")
+    parser.add_argument("--out", default="benchmarks/results/lift")
+    args = parser.parse_args()
+    work = Path(args.work)
+    base = pretrain(work, args.pretrain_steps)
+    csv_path, md_path = Path(args.out + ".csv"), Path(args.out + ".md")
+    done = load_rows(csv_path)
+    for seed in args.seeds:
+        for name, spec in methods(args).items():
+            if any((r["method"], r["seed"]) == (name, str(seed)) for r in done):
+                continue
+            record(csv_path, run(name, spec, seed, base, args, work), FIELDS, done)
+    write_table(done, md_path)
+    print(md_path.read_text())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,76 @@
+"""Cases for ``lp_direction``: LiFT's LP, ``min cᵀd`` s.t. ``|A d| <= delta``, ``|d| <= 1``, on a LiFT-shaped
+problem: ``A`` = k rows of a compact SR1 matrix from 50 random pairs on ``n`` columns plus 2 λ columns
+(``2 w / N``, tiny), ``c`` a heavy-tailed gradient (~1e-4). Providers: ``reference`` (HiGHS defaults on the
+raw ranged-row model: the baseline of the speed target), ``ipm``, ``ipm-nocrossover``, ``simplex`` (HiGHS
+options on the same raw model) and ``ours`` (``LPSolver``: the scaled model, HiGHS defaults). ``sizes`` is
+unused: the shape is ``SHAPE`` (the full 256 x 20,000 case takes tens of seconds per solve on 2 cores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import highspy
+import numpy as np
+import torch
+
+from finetune_ext.bench.harness import Case, select_providers
+from finetune_ext.lift.lp import LPSolver
+from finetune_ext.lift.rows import CompactSR1
+
+SHAPE = (64, 5000)
+DELTA = 1e-4
+
+
+def lift_lp(k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(c, A) of a LiFT-shaped LP: SR1 rows on ``n`` columns plus two λ columns."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(50, n, generator=g, dtype=torch.float64) * 1e-3
+    curvature = torch.rand(n, generator=g, dtype=torch.float64) * 10
+    sr1 = CompactSR1(S, S * curvature)
+    idx = torch.randperm(n, generator=g)[:k]
+    w = torch.randn(n, generator=g, dtype=torch.float64) * 0.02
+    lam_cols = torch.zeros(k, 2, dtype=torch.float64)
+    lam_cols[: k // 2, 0], lam_cols[k // 2 :, 1] = 2 * w[idx[: k // 2]] / n, 2 * w[idx[k // 2 :]] / n
+    A = torch.cat([sr1.rows(idx), lam_cols], dim=1)
+    c = torch.distributions.StudentT(2.0).sample((n,)) * 1e-4
+    return torch.cat([c.double(), torch.zeros(2, dtype=torch.float64)]).numpy(), A.numpy()
+
+
+def raw_highs(options: dict[str, object]):
+    """HiGHS with ``options`` on the unscaled ranged-row model, a fresh model per call (no warm start)."""
+
+    def solve(c: np.ndarray, A: np.ndarray) -> str:
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        for key, value in options.items():
+            h.setOptionValue(key, value)
+        k, n = A.shape
+        h.addVars(n, np.full(n, -1.0), np.full(n, 1.0))
+        h.changeColsCost(n, np.arange(n, dtype=np.int32), c)
+        starts = np.arange(0, k * n, n, dtype=np.int32)
+        h.addRows(k, np.full(k, -DELTA), np.full(k, DELTA), k * n, starts, np.tile(np.arange(n, dtype=np.int32), k),
+                  A.ravel())  # fmt: skip
+        h.run()
+        return h.modelStatusToString(h.getModelStatus())
+
+    return solve
+
+
+VARIANTS = {
+    "reference": {},
+    "ipm": {"solver": "ipm"},
+    "ipm-nocrossover": {"solver": "ipm", "run_crossover": "off"},
+    "simplex": {"solver": "simplex"},
+}
+
+
+def cases(device: torch.device, dtype: torch.dtype, sizes: list[int], providers: list[str] | None) -> Iterator[Case]:
+    """Each HiGHS variant and ours on the same LP (CPU; the LP has no GPU path)."""
+    k, n = SHAPE
+    c, A = lift_lp(k, n)
+    fns = {name: raw_highs(opts) for name, opts in VARIANTS.items()}
+    fns["ours"] = lambda c, A: LPSolver().solve(c, A, DELTA).status
+    for name, fn in select_providers(fns, providers).items():
+        yield Case("lp_direction", "solve", name, (k, n + 2), torch.float64, torch.device("cpu"), c.nbytes + A.nbytes,
+                   lambda fn=fn: fn(c, A))  # fmt: skip
