@@ -4,16 +4,21 @@ slice, an LP without a usable point leaves weights and λ alone, bad options giv
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from finetune_ext.cli import main
 from finetune_ext.lift import LPResult, LPSolver, stepper
 from finetune_ext.testing import tolerance
 from finetune_ext.train import TrainConfig, train
 
+ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = {"warmup_steps": 3, "rows": 16, "columns": 256, "val_batches": 2, "line_evals": 8, "lambda_init": 0.05}
 
 
@@ -100,3 +105,30 @@ def test_bad_options_give_one_line(option, message, tmp_path, wikitext_slice, gp
     assert main(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, gpt2_no_dropout) -> None:
+    """Gradients and validation quantities reduce across ranks, the LP runs on rank 0: the same run."""
+    args = [
+        "train", "--model", gpt2_no_dropout, "--tokenizer", gpt2_tokenizer, "--data", str(wikitext_slice),
+        "--optimizer", "lift", "--optimizer-option", "warmup_steps=2", "--optimizer-option", "rows=16",
+        "--optimizer-option", "columns=256", "--optimizer-option", "val_batches=2", "--steps", "4",
+        "--batch-size", "8", "--lr", "1e-3", "--block-size", "32", "--eval-every", "4", "--save-every", "4",
+        "--max-eval-batches", "2", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = {
+        "one": [sys.executable, "-m", "finetune_ext.cli"],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "finetune_ext.cli"],
+    }  # fmt: skip
+    for name, prefix in launch.items():
+        res = subprocess.run([*prefix, *args, "--output-dir", str(tmp_path / name)], env=env, capture_output=True,
+                             text=True, timeout=600, check=False)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+    one, two = (load_file(str(tmp_path / n / "checkpoint-0000004" / "model.safetensors")) for n in ("one", "two"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], **tolerance(torch.float32), msg=key)
+    rounds = [[(r["lift_lp_status"], r["lift_lambda_0"]) for r in _rounds(tmp_path / n)] for n in ("one", "two")]
+    assert [s for s, _ in rounds[0]] == [s for s, _ in rounds[1]] == ["Optimal", "Optimal"]
+    assert [lam for _, lam in rounds[1]] == pytest.approx([lam for _, lam in rounds[0]], rel=1e-5)
