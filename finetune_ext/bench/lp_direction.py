@@ -2,8 +2,9 @@
 problem: ``A`` = k rows of a compact SR1 matrix from 50 random pairs on ``n`` columns plus 2 λ columns
 (``2 w / N``, tiny), ``c`` a heavy-tailed gradient (~1e-4). Providers: ``reference`` (HiGHS defaults on the
 raw ranged-row model: the baseline of the speed target), ``ipm``, ``ipm-nocrossover``, ``simplex`` (HiGHS
-options on the same raw model) and ``ours`` (``LPSolver``: the scaled model, HiGHS defaults). ``sizes`` is
-unused: the shape is ``SHAPE`` (the full 256 x 20,000 case takes tens of seconds per solve on 2 cores).
+options on the same raw model), ``ours`` (``LPSolver``: the scaled model, HiGHS defaults) and ``ours-sifted``
+(``LPSolver(formulation="sifted")``). ``sizes`` is unused: the shape is ``SHAPE``; the full 256 x 20,000 case,
+seconds per solve on 2 cores, is ``benchmarks/lp_direction.py``.
 """
 
 from __future__ import annotations
@@ -65,12 +66,15 @@ VARIANTS = {
 }
 
 
-def cases(device: torch.device, dtype: torch.dtype, sizes: list[int], providers: list[str] | None) -> Iterator[Case]:
+def cases(
+    device: torch.device, dtype: torch.dtype, sizes: list[int], providers: list[str] | None, shape=SHAPE
+) -> Iterator[Case]:
     """Each HiGHS variant and ours on the same LP (CPU; the LP has no GPU path)."""
-    k, n = SHAPE
+    k, n = shape
     c, A = lift_lp(k, n)
     fns = {name: raw_highs(opts) for name, opts in VARIANTS.items()}
     fns["ours"] = lambda c, A: LPSolver().solve(c, A, DELTA).status
+    fns["ours-sifted"] = lambda c, A: LPSolver(formulation="sifted").solve(c, A, DELTA).status
     for name, fn in select_providers(fns, providers).items():
         yield Case("lp_direction", "solve", name, (k, n + 2), torch.float64, torch.device("cpu"), c.nbytes + A.nbytes,
                    lambda fn=fn: fn(c, A))  # fmt: skip

@@ -55,6 +55,9 @@ class LiFTOptions:
     line_tol: float = option(1e-4, "golden-section tolerance, relative to line_first")
     line_evals: int = option(25, "validation evaluations per line search, at most")
     lp_time_limit: float | None = option(None, "HiGHS time limit per LP in seconds (null: none)")
+    lp_formulation: Literal["sifted", "direct"] = option(
+        "sifted", "'sifted': dual estimate + working set, certified by reduced costs; 'direct': the whole LP"
+    )
 
     def __post_init__(self) -> None:
         check_layer_spec(self.blocks, "blocks")
@@ -98,7 +101,7 @@ class LiFT(Stepper):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_schedule(run.optim.warmup_steps, run.total_steps)
         )
-        self.solver = LPSolver()
+        self.solver = LPSolver(formulation=o.lp_formulation)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # (w, ∇f) of this round
         self.history: list[dict[str, Any]] = []  # one entry per round
 

@@ -37,6 +37,17 @@ def test_matches_an_independent_solve(k, n, delta, box) -> None:
     assert res.objective == pytest.approx(float(c @ res.d), rel=1e-12) and res.seconds > 0
 
 
+@pytest.mark.parametrize(("k", "n"), [(8, 300), (32, 2000)])
+def test_sifted_formulation_certifies_the_same_optimum(k, n) -> None:
+    from finetune_ext.bench.lp_direction import lift_lp
+
+    for c, rows in [lift_lp(k, n, seed=k), (np.random.default_rng(k).standard_normal(n),
+                                            np.random.default_rng(k + 1).standard_normal((k, n)))]:  # fmt: skip
+        res = LPSolver(formulation="sifted").solve(c, rows, 1e-4)
+        assert res.status == "Optimal" and _feasible(res.d, rows, 1e-4, 1.0)
+        assert res.objective == pytest.approx(_reference(c, rows, 1e-4, 1.0), rel=1e-6)
+
+
 def test_degenerate_lps() -> None:
     rng = np.random.default_rng(1)
     rows = rng.standard_normal((4, 30))
@@ -73,5 +84,7 @@ def test_bad_input() -> None:
         lp_direction(np.ones(3), np.ones((2, 4)), 1e-3)
     with pytest.raises(ValueError, match="delta: expected > 0, got 0"):
         lp_direction(np.ones(3), np.ones((2, 3)), 0)
+    with pytest.raises(ValueError, match="formulation: expected 'direct' or 'sifted', got 'dual'"):
+        LPSolver(formulation="dual")
     with pytest.raises(ValueError, match="c, rows: expected finite values"):
         lp_direction(np.array([1.0, np.nan]), np.ones((1, 2)), 1e-3)
