@@ -175,7 +175,7 @@ def lp_direction(
     return LPSolver().solve(c, rows, delta, box, time_limit)
 
 
-def _dual_estimate(c: np.ndarray, A: np.ndarray, delta: np.ndarray, box: float, iters: int = 4) -> np.ndarray:
+def _dual_estimate(c: np.ndarray, A: np.ndarray, delta: np.ndarray, box: float, iters: int = 16) -> np.ndarray:
     """Iteratively reweighted least squares on the dual ``min_y Σ delta_i |y_i| + box Σ_j |c_j + a_jᵀ y|``."""
     y = np.zeros(A.shape[0])
     floor = 1e-9 * max(1.0, float(np.abs(c).max()))
