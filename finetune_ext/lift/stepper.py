@@ -114,7 +114,9 @@ class LiFT(Stepper):
         out: dict[str, Any] = {"loss": loss + penalty, "penalty": penalty, "lr": self.scheduler.get_last_lr()[0]}
         every = max(1, o.warmup_steps // (o.pairs + 1))
         if (ctx.step % o.warmup_steps) % every == 0:
-            self.records = [*self.records, (self.flat.values(), self.flat.grads())][-(o.pairs + 1) :]
+            # float32 like the parameters and their gradients (no information lost): 2·(pairs+1)·n·4 bytes
+            record = (self.flat.values().float(), self.flat.grads().float())
+            self.records = [*self.records, record][-(o.pairs + 1) :]
         if self.settings.max_grad_norm > 0:
             out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.flat.params, self.settings.max_grad_norm))
         self.optimizer.step()
