@@ -73,32 +73,32 @@ class CompactSR1:
     def __init__(self, S: torch.Tensor, Y: torch.Tensor, skip_tol: float = 1e-8) -> None:
         if S.shape != Y.shape or S.dim() != 2:
             raise ValueError(f"S, Y: expected two [K, n] tensors of one shape, got {list(S.shape)}, {list(Y.shape)}")
-        self.S, self.Y = S.double(), Y.double()
+        S, Y = S.double(), Y.double()
+        K = len(S)
+        # Every quantity of the skip test is a K x K Gram entry: one pass over the n columns.
+        SS, YS, YY = S @ S.T, Y @ S.T, Y @ Y.T
+        PP = YY - YS - YS.T + SS  # ΨΨᵀ
+        PS = YS - SS  # Ψ Sᵀ: (Ψᵀ s_j)_a = PS[a, j]
         self.kept: list[int] = []
-        for j in range(len(S)):
-            s, y = self.S[j], self.Y[j]
-            r = y - self._times(s)
-            if (r @ s).abs() >= skip_tol * s.norm() * r.norm() and r.norm() > 0:
+        for j in range(K):
+            a = self.kept
+            u = torch.linalg.solve(self._m(SS, YS, a), PS[a, j]) if a else torch.zeros(0, dtype=torch.float64)
+            rs = YS[j, j] - SS[j, j] - PS[a, j] @ u  # rᵀs with r = y_j - B s_j = ψ_j - Ψ_a u
+            rr = PP[j, j] - 2 * u @ PP[a, j] + u @ PP[a][:, a] @ u
+            if rr > 0 and rs.abs() >= skip_tol * SS[j, j].sqrt() * rr.sqrt():
                 self.kept.append(j)
-        self._factor()
+        self.psi = (Y - S)[self.kept] if self.kept else torch.zeros(0, S.shape[1], dtype=torch.float64)  # [K', n]
+        self.m_inv = torch.linalg.inv(self._m(SS, YS, self.kept)) if self.kept else torch.zeros(0, 0).double()
 
-    def _factor(self) -> None:
-        S, Y = self.S[self.kept], self.Y[self.kept]
-        self.psi = Y - S  # [K', n]
-        SY = S @ Y.T
-        M = torch.diag(torch.diagonal(SY)) + torch.tril(SY, -1) + torch.tril(SY, -1).T - S @ S.T
-        self.m_inv = torch.linalg.inv(M) if len(self.kept) else M
-
-    def _times(self, v: torch.Tensor) -> torch.Tensor:
-        """``B v`` with the pairs kept so far."""
-        if not self.kept:
-            return v.clone()
-        self._factor()
-        return v + self.psi.T @ (self.m_inv @ (self.psi @ v))
+    @staticmethod
+    def _m(SS: torch.Tensor, YS: torch.Tensor, a: list[int]) -> torch.Tensor:
+        """``M = D + L + Lᵀ - SᵀS`` of the pairs ``a`` (D, L from ``SᵀY``; ``YS[i, j] = y_i·s_j``)."""
+        SY = YS[a][:, a].T  # SY[i, j] = s_i·y_j
+        return torch.diag(torch.diagonal(SY)) + torch.tril(SY, -1) + torch.tril(SY, -1).T - SS[a][:, a]
 
     def rows(self, idx: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """``B[idx][:, cols]`` (all columns when ``cols`` is None), ``[len(idx), len(cols)]``."""
-        cols = torch.arange(self.S.shape[1]) if cols is None else cols
+        cols = torch.arange(self.psi.shape[1]) if cols is None else cols
         out = (self.psi[:, idx].T @ self.m_inv) @ self.psi[:, cols]
         out += (idx[:, None] == cols[None, :]).double()
         return out
