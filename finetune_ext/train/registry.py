@@ -8,7 +8,6 @@ and one line here. ``PRESETS`` are the one-word ``--method`` names of earlier re
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from typing import Any
 
@@ -100,6 +99,5 @@ def catalogue() -> list[tuple[str, str, str, list[tuple[str, str, Any, str]]]]:
                 rows.append((kind, name, NOOP_HELP[name], []))
             else:
                 doc = (cls.__doc__ or "").strip().splitlines()[0]
-                fields = opts.describe(cls.Options) if dataclasses.is_dataclass(cls.Options) else []
-                rows.append((kind, name, doc, fields))
+                rows.append((kind, name, doc, opts.describe(cls.Options)))
     return rows

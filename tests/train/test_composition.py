@@ -27,7 +27,7 @@ SMALL = {  # options that keep each part quick on tiny models
     "lora": {"r": 2},
     "linchain": {"r": 2, "chain_length": 2},
     "armijo": {"init_step_size": 0.01},
-    "lift": {"warmup_steps": 2, "rows": 8, "columns": 64, "val_batches": 1, "line_evals": 5},
+    "lift": {"warmup_steps": 2, "rows": 4, "columns": 16, "val_batches": 1, "line_evals": 3},
 }
 COMBINATIONS = list(itertools.product(*(registry.PARTS[k] for k in ("dropout", "adapter", "optimizer"))))
 
