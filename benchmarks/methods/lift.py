@@ -6,7 +6,7 @@ on an overfit-prone WikiText-2 slice; test perplexity of each run's best-validat
 No GPT-2 weights are reachable offline, so the base is pretrained here with our own trainer (cached under
 ``--work``/base, not committed): a 4-layer, 256-wide GPT-2 (GPT-2 tokenizer) on the sentences of SST-2, CoLA,
 MRPC, RTE and STS-B (not WikiText), ``--pretrain-steps`` steps. Fine-tuning: ``--train-blocks`` blocks of 64
-tokens of WikiText-2 train (about 50k tokens), ``--steps`` steps of batch 8 (several epochs); validation (model
+tokens of WikiText-2 train (12,800 tokens), ``--steps`` steps of batch 8 (6 epochs); validation (model
 selection, every ``--steps``/5 steps) and test perplexity on the first ``--eval-batches`` batches of 16 blocks of
 WikiText-2 valid and test (CPU budget: every forward pays the 50,257-word head). LiFT's F and its gradient use the
 first 8 validation batches of 8 blocks. Methods, all on layers 2-3 only: AdamW with decoupled weight decay 0,
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=30, help="LiFT: AdamW steps per round")
-    parser.add_argument("--train-blocks", type=int, default=800, help="WikiText-2 training blocks of 64 tokens")
+    parser.add_argument("--train-blocks", type=int, default=200, help="WikiText-2 training blocks of 64 tokens")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lambda-init", type=float, default=1.0)
     parser.add_argument("--rows", type=int, default=128, help="LiFT: constraint rows")
