@@ -122,7 +122,7 @@ class LiFT(Stepper):
         self.optimizer.step()
         self.scheduler.step()
         if (ctx.step + 1) % o.warmup_steps == 0:
-            out |= self._round(ctx.step)
+            out |= self._round()
             self.records = []
         return out
 
@@ -142,7 +142,7 @@ class LiFT(Stepper):
         return total
 
     # ---- the LP round ------------------------------------------------------------------------------------
-    def _round(self, step: int) -> dict[str, Any]:
+    def _round(self) -> dict[str, Any]:
         o, r = self.options, len(self.history)
         was_training = self.model.training
         self.model.eval()
