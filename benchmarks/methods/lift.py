@@ -114,12 +114,14 @@ def run(name: str, spec: dict, seed: int, base: str, args: argparse.Namespace, w
 
 def write_table(done: list[dict], md: Path) -> None:
     names = list(dict.fromkeys(r["method"] for r in done))
-    lines = ["| method | test perplexity (best validation) | test perplexity (final) | seeds |", "|---|---|---|---|"]
+    head = "| method | test perplexity (best validation) | test perplexity (final) | validation loss (selection) | seeds |"
+    lines = [head, "|---|---|---|---|---|"]
     for name in names:
         rows = [r for r in done if r["method"] == name]
         best = mean_std([float(r["test_ppl"]) for r in rows], lambda v: f"{v:.1f}")
         final = mean_std([float(r["test_ppl_final"]) for r in rows], lambda v: f"{v:.1f}")
-        lines.append(f"| {name} | {best} | {final} | {len(rows)} |")
+        val = mean_std([float(r["val_loss"]) for r in rows], lambda v: f"{v:.4f}")
+        lines.append(f"| {name} | {best} | {final} | {val} | {len(rows)} |")
     md.write_text("\n".join(lines) + "\n")
     plot(done, names, md.with_suffix(".png"))
 
