@@ -114,8 +114,8 @@ def run(name: str, spec: dict, seed: int, base: str, args: argparse.Namespace, w
 
 def write_table(done: list[dict], md: Path) -> None:
     names = list(dict.fromkeys(r["method"] for r in done))
-    head = "| method | test perplexity (best validation) | test perplexity (final) | validation loss (selection) | seeds |"
-    lines = [head, "|---|---|---|---|---|"]
+    columns = ["method", "test perplexity (best validation)", "test perplexity (final)", "validation loss", "seeds"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|---|---|---|"]
     for name in names:
         rows = [r for r in done if r["method"] == name]
         best = mean_std([float(r["test_ppl"]) for r in rows], lambda v: f"{v:.1f}")
