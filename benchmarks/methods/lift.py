@@ -11,7 +11,8 @@ selection, every ``--steps``/5 steps) and test perplexity on the first ``--eval-
 WikiText-2 valid and test (CPU budget: every forward pays the 50,257-word head). LiFT's F and its gradient use the
 first 8 validation batches of 8 blocks. Methods, all on layers 2-3 only: AdamW with decoupled weight decay 0,
 0.01, 0.1; explicit L2 fixed at LiFT's initial λ (LiFT without a round); LiFT (rounds of ``--warmup`` steps,
-``--rows`` SR1 rows, ``--columns`` columns). Rows go to the CSV as runs end; finished (method, seed) pairs are
+``--rows`` SR1 rows, ``--columns`` columns); and LiFT with F on validation blocks disjoint from the selection
+blocks (``lift-disjoint-F``). Rows go to the CSV as runs end; finished (method, seed) pairs are
 skipped on restart; the table and plot are rewritten at the end.
 """
 
@@ -89,6 +90,9 @@ def methods(args: argparse.Namespace) -> dict[str, dict]:
            for wd in (0.0, 0.01, 0.1)}  # fmt: skip
     out["l2-fixed"] = {"optimizer": "lift", "optimizer_options": {**lift, "warmup_steps": args.steps + 1}}
     out["lift"] = {"optimizer": "lift", "optimizer_options": {**lift, "warmup_steps": args.warmup}}
+    # The hypothesis check: F on validation blocks disjoint from the ones that select the checkpoint.
+    disjoint = {**lift, "warmup_steps": args.warmup, "val_skip": 16 * args.eval_batches}
+    out["lift-disjoint-F"] = {"optimizer": "lift", "optimizer_options": disjoint}
     return out
 
 

@@ -51,6 +51,7 @@ class LiFTOptions:
     hvp_batch: int = option(8, "training examples of the exact Hessian rows (curvature=hvp)")
     val_batches: int | None = option(None, "validation batches for F and its gradient (null: all)")
     val_batch_size: int = option(8, "examples per validation batch")
+    val_skip: int = option(0, "validation examples skipped before F's batches (keep F apart from model selection)")
     line_first: float = option(0.1, "first trial step of the line search")
     line_tol: float = option(1e-4, "golden-section tolerance, relative to line_first")
     line_evals: int = option(25, "validation evaluations per line search, at most")
@@ -71,6 +72,8 @@ class LiFTOptions:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
         if self.lambda_init < 0:
             raise ValueError(f"lambda_init: expected >= 0, got {self.lambda_init}")
+        if self.val_skip < 0:
+            raise ValueError(f"val_skip: expected >= 0, got {self.val_skip}")
         if self.line_evals < 3:
             raise ValueError(f"line_evals: expected >= 3, got {self.line_evals}")
 
@@ -83,8 +86,11 @@ class LiFT(Stepper):
 
     def setup(self, model: nn.Module, run: RunContext) -> None:
         o = self.options
-        if len(run.val["input_ids"]) == 0:
-            raise UserError("optimizer-option (lift): LiFT needs a validation split; it is empty")
+        if len(run.val["input_ids"]) <= o.val_skip:
+            raise UserError(
+                f"optimizer-option (lift): val_skip: the validation split has {len(run.val['input_ids'])} examples, "
+                f"LiFT needs more than val_skip = {o.val_skip}"
+            )
         layers = train_only(model, o.blocks, "optimizer-option (lift): blocks")
         self.names = [n for params in layers.values() for n, _ in params]
         self.flat = FlatParams([[p for _, p in params] for params in layers.values()])
@@ -169,7 +175,7 @@ class LiFT(Stepper):
         """The first ``val_batches`` validation batches: where F and its gradient are evaluated."""
         o, val = self.options, self.run.val
         n = len(val["input_ids"])
-        starts = list(range(0, n, o.val_batch_size))[: o.val_batches]
+        starts = list(range(o.val_skip, n, o.val_batch_size))[: o.val_batches]
         device = self.flat.params[0].device
         return [make_batch(val, torch.arange(s, min(s + o.val_batch_size, n)), self.run.task, device) for s in starts]
 
