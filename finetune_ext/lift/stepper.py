@@ -152,7 +152,8 @@ class LiFT(Stepper):
         o, r = self.options, len(self.history)
         was_training = self.model.training
         self.model.eval()
-        g_val = self._val_gradient()
+        batches = self._val_batches()  # F and its gradient: the same batches, moved to the device once
+        g_val = self._val_gradient(batches)
         J = torch.topk(g_val.abs(), o.columns).indices.sort().values
         regularized = (self.flat.block >= 0).nonzero().squeeze(1)
         pick = torch.randperm(len(regularized), generator=torch.Generator().manual_seed(keys.mix(self.run.seed, r)))
@@ -164,7 +165,7 @@ class LiFT(Stepper):
         entry: dict[str, Any] = {"lift_round": r + 1, "lift_lp_status": result.status}
         entry |= {"lift_lp_seconds": result.seconds, "lift_rows": len(S), "lift_cols": len(c)}
         if result.usable and float(torch.as_tensor(result.d).norm()) > 0:
-            entry |= self._move(torch.as_tensor(result.d), J, w0)
+            entry |= self._move(torch.as_tensor(result.d), J, w0, batches)
         entry |= {f"lift_lambda_{b}": float(v) for b, v in enumerate(self.lam)}
         self.model.train(was_training)
         self.history.append(entry)
@@ -179,9 +180,8 @@ class LiFT(Stepper):
         device = self.flat.params[0].device
         return [make_batch(val, torch.arange(s, min(s + o.val_batch_size, n)), self.run.task, device) for s in starts]
 
-    def _val_gradient(self) -> torch.Tensor:
-        """``∇_w F`` (unregularized, eval mode), averaged over ranks."""
-        batches = self._val_batches()
+    def _val_gradient(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """``∇_w F`` (unregularized, eval mode) over ``batches``, averaged over ranks."""
         self.optimizer.zero_grad(set_to_none=True)
         for batch in batches:
             (self.model(**batch).loss / len(batches)).backward()
@@ -228,14 +228,12 @@ class LiFT(Stepper):
             result = box[0]
         return result
 
-    def _move(self, d: torch.Tensor, J: torch.Tensor, w0: torch.Tensor) -> dict[str, Any]:
+    def _move(self, d: torch.Tensor, J: torch.Tensor, w0: torch.Tensor, batches: list[dict]) -> dict[str, Any]:
         """Normalise ``d``, search the step on F, apply it to w and λ."""
         o = self.options
         d = d / d.norm()
         direction = torch.zeros(self.flat.numel, dtype=torch.float64)
         direction[J] = d[: len(J)]
-
-        batches = self._val_batches()
 
         def F(t: float) -> float:
             self.flat.set_(w0 + t * direction)

@@ -69,8 +69,8 @@ def test_the_round_applies_exactly_the_searched_step(tmp_path, wikitext_slice, g
     seen = {}
     original = stepper.LiFT._move
 
-    def spy(self, d, J, w0):
-        out = original(self, d, J, w0)
+    def spy(self, d, J, w0, batches):
+        out = original(self, d, J, w0, batches)
         seen.update(w0=w0, w1=self.flat.values(), J=J, t=out["lift_t"], d=d / d.norm())
         return out
 
