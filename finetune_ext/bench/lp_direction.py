@@ -34,7 +34,9 @@ def lift_lp(k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     lam_cols = torch.zeros(k, 2, dtype=torch.float64)
     lam_cols[: k // 2, 0], lam_cols[k // 2 :, 1] = 2 * w[idx[: k // 2]] / n, 2 * w[idx[k // 2 :]] / n
     A = torch.cat([sr1.rows(idx), lam_cols], dim=1)
-    c = torch.distributions.StudentT(2.0).sample((n,)) * 1e-4
+    # Student-t with 2 degrees of freedom, z / sqrt(Exp(1)), drawn from ``g`` so that every run sees one LP.
+    z, e = torch.randn(n, generator=g, dtype=torch.float64), -torch.rand(n, generator=g, dtype=torch.float64).log()
+    c = z / e.sqrt() * 1e-4
     return torch.cat([c.double(), torch.zeros(2, dtype=torch.float64)]).numpy(), A.numpy()
 
 
