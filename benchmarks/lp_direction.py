@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from finetune_ext.bench import append_csv, format_table
-from finetune_ext.bench.harness import git_commit, measure
+from finetune_ext.bench.harness import run_full_size
 from finetune_ext.bench.lp_direction import cases
 
 if __name__ == "__main__":
@@ -21,11 +20,5 @@ if __name__ == "__main__":
     parser.add_argument("--providers", nargs="+")
     parser.add_argument("--out", default="benchmarks/results/lp_direction_cpu.csv")
     args = parser.parse_args()
-    commit = git_commit()
-    rows = []
-    for case in cases(torch.device("cpu"), torch.float64, [], args.providers, shape=(256, 20000)):
-        case.mode = "solve-full"
-        rows.append(measure(case, warmup=0, reps=args.reps, commit=commit))
-        print(format_table(rows[-1:]), flush=True)
-    print(format_table(rows))
-    append_csv(rows, Path(args.out))
+    full = cases(torch.device("cpu"), torch.float64, [], args.providers, shape=(256, 20000))
+    run_full_size(full, "solve-full", warmup=0, reps=args.reps, out=Path(args.out))

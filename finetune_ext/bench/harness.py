@@ -151,6 +151,20 @@ def run(
     return [measure(c, warmup, reps, commit) for c in tqdm(cases, desc="bench", total=total, disable=not progress)]
 
 
+def run_full_size(cases: Iterable[Case], mode: str, warmup: int, reps: int, out: Path) -> list[Row]:
+    """Time cases that take seconds each (few reps, mode renamed to ``mode``), print each row as it lands, append
+    them to ``out`` and return them: the body of the ``benchmarks/*.py`` full-size scripts."""
+    commit = git_commit()
+    rows = []
+    for case in cases:
+        case.mode = mode
+        rows.append(measure(case, warmup=warmup, reps=reps, commit=commit))
+        print(format_table(rows[-1:]), flush=True)
+    print(format_table(rows))
+    append_csv(rows, out)
+    return rows
+
+
 def append_csv(rows: list[Row], path: Path) -> None:
     """Append rows to a long-format CSV (header written once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,9 @@
 problem: ``A`` = k rows of a compact SR1 matrix from 50 random pairs on ``n`` columns plus 2 λ columns
 (``2 w / N``, tiny), ``c`` a heavy-tailed gradient (~1e-4). Providers: ``reference`` (HiGHS defaults on the
 raw ranged-row model: the baseline of the speed target), ``ipm``, ``ipm-nocrossover``, ``simplex`` (HiGHS
-options on the same raw model), ``ours`` (``LPSolver``: the scaled model, HiGHS defaults) and ``ours-sifted``
-(``LPSolver(formulation="sifted")``). ``sizes`` is unused: the shape is ``SHAPE``; the full 256 x 20,000 case,
-seconds per solve on 2 cores, is ``benchmarks/lp_direction.py``.
+options on the same raw model), ``ours`` (``LPSolver(formulation="direct")``: the scaled model, HiGHS
+defaults) and ``ours-sifted`` (``LPSolver()``, the sifted formulation that ``lp_direction`` and LiFT use).
+``sizes`` is unused: the shape is ``SHAPE``; the full 256 x 20,000 case is ``benchmarks/lp_direction.py``.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def cases(
     k, n = shape
     c, A = lift_lp(k, n)
     fns = {name: raw_highs(opts) for name, opts in VARIANTS.items()}
-    fns["ours"] = lambda c, A: LPSolver().solve(c, A, DELTA).status
-    fns["ours-sifted"] = lambda c, A: LPSolver(formulation="sifted").solve(c, A, DELTA).status
+    fns["ours"] = lambda c, A: LPSolver(formulation="direct").solve(c, A, DELTA).status
+    fns["ours-sifted"] = lambda c, A: LPSolver().solve(c, A, DELTA).status
     for name, fn in select_providers(fns, providers).items():
         yield Case("lp_direction", "solve", name, (k, n + 2), torch.float64, torch.device("cpu"), c.nbytes + A.nbytes,
                    lambda fn=fn: fn(c, A))  # fmt: skip

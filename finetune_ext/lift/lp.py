@@ -5,14 +5,17 @@
 ``c`` is the validation gradient on the chosen coordinates (zero on the λ columns), ``rows`` the sampled rows
 of ``[H_ww | H_wλ]``. Before solving, ``c`` is scaled to unit max-norm and each row (with its ``delta``) to
 unit max-norm, so HiGHS sees numbers near 1 whatever the loss scale (the predecessor multiplied by 1e6 and
-1e5 instead); ``objective`` is reported unscaled. One ``LPSolver`` keeps its ``highspy.Highs`` model and the
-last basis: a re-solve of the same shape starts from the previous optimal basis (LiFT's rounds).
+1e5 instead); ``objective`` is reported unscaled. ``formulation="direct"`` hands HiGHS the whole LP; its
+``LPSolver`` keeps the last basis, so a re-solve of the same shape starts from the previous optimum.
 
-``formulation="sifted"`` exploits that an optimal vertex has at most k coordinates strictly inside the box: a
-few reweighted least-squares steps on the dual (``min_y δᵀ|y| + box·‖c + Aᵀy‖₁``, one k x k solve each) fix
-every coordinate at ``-box·sign(c + Aᵀy)`` except a working set of the ``4k`` smallest ``|c + Aᵀy|``; HiGHS
-solves the restricted LP; coordinates whose reduced cost (from HiGHS's row duals) has the wrong sign join the
-working set, until none does, which certifies the full LP's optimum.
+``formulation="sifted"`` (the default) exploits that an optimal vertex has at most k coordinates strictly inside
+the box. Every coordinate starts fixed at the bound its cost prefers, ``-box·sign(c)``, except a working set of
+the ``k`` smallest ``|c|``; HiGHS solves the restricted LP with elastic rows (a slack of cost ``big`` on each
+side of every row, so it is feasible whatever was fixed); each round the fixed coordinates whose reduced cost
+(from HiGHS's row duals) has the wrong sign for their bound are ranked by its size and the worst ``k`` join the
+working set, the model growing in place from its last basis. When no reduced cost is wrong and no slack is
+left, the point and the row duals satisfy the full LP's optimality conditions: the optimum is certified, not
+estimated. (A slack left with nothing to add means ``big`` was below the dual's scale: it grows 100x.)
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class LPSolver:
     """A persistent HiGHS model for ``min cᵀd, |rows·d| <= delta, |d| <= box`` (see the module docstring).
 
     ``solver``: HiGHS's ``solver`` option (``"choose"``, ``"simplex"``, ``"ipm"``, ``"pdlp"``); ``presolve`` and
-    ``crossover`` are HiGHS's switches. ``threads`` caps HiGHS's threads (0: its default).
+    ``crossover`` are HiGHS's switches. ``threads`` caps HiGHS's threads (0: its default). ``formulation``:
+    ``"sifted"`` or ``"direct"`` (module docstring).
     """
 
     def __init__(
@@ -57,7 +61,7 @@ class LPSolver:
         presolve: bool = True,
         crossover: bool = True,
         threads: int = 0,
-        formulation: str = "direct",
+        formulation: str = "sifted",
     ) -> None:
         if formulation not in ("direct", "sifted"):
             raise ValueError(f"formulation: expected 'direct' or 'sifted', got {formulation!r}")
@@ -109,39 +113,57 @@ class LPSolver:
             self.highs.setBasis(self._basis)
         self.highs.run()
         status = self.highs.modelStatusToString(self.highs.getModelStatus())
-        feasible = self.highs.getInfo().primal_solution_status == 2  # kSolutionStatusFeasible
-        if status not in USABLE or not feasible:
+        if not _feasible(self.highs):
             return status, None
         if warm:
             self._shape, self._basis = (k, n), self.highs.getBasis()
         return status, np.asarray(self.highs.getSolution().col_value, dtype=np.float64)
 
-    def _sifted(self, c, A, delta, box, time_limit, start, size: int = 4):
+    def _sifted(self, c, A, delta, box, time_limit, start, size: int = 1, big: float = 1e4):
         """The column-generation solve of the module docstring: (status, d or None)."""
         k, n = A.shape
-        r = c + A.T @ _dual_estimate(c, A, delta, box)
-        working = np.sort(np.argsort(np.abs(r))[: min(n, size * k)])
+        working = np.sort(np.argsort(np.abs(c), kind="stable")[: min(n, size * k)])
+        fixed = np.ones(n, dtype=bool)
+        fixed[working] = False
+        bound = np.where(c > 0, -box, box)
+        offset = A @ np.where(fixed, bound, 0.0)
+        h = self._elastic(A[:, working], c[working], delta, offset, box, big)
         while True:
-            fixed = np.ones(n, dtype=bool)
-            fixed[working] = False
-            d = np.where(fixed, -box * np.sign(r), 0.0)
-            offset = A[:, fixed] @ d[fixed]
-            left = None if time_limit is None else max(time_limit - (time.perf_counter() - start), 1e-3)
-            status, d_w = self._run(c[working], A[:, working], -delta - offset, delta - offset, box, left, warm=False)
-            if status == "Time limit reached":
-                return status, None  # a restricted point certifies nothing
-            if d_w is None or status != "Optimal":
-                if len(working) == n:
-                    return status, None
-                working = np.sort(np.argsort(np.abs(r))[: min(n, 2 * len(working))])
-                continue
-            d[working] = d_w
-            r = c - A.T @ np.asarray(self.highs.getSolution().row_dual)  # reduced costs
-            tol = 1e-9 * max(1.0, float(np.abs(c).max()))
-            wrong = fixed & (((d > 0) & (r > tol)) | ((d < 0) & (r < -tol)))
-            if not wrong.any():
+            left = np.inf if time_limit is None else max(time_limit - (time.perf_counter() - start), 1e-3)
+            h.setOptionValue("time_limit", float(left))
+            h.run()
+            status = h.modelStatusToString(h.getModelStatus())
+            solution = h.getSolution()
+            x = np.asarray(solution.col_value)
+            d = bound.copy()
+            d[working] = x[2 * k :]
+            feasible = _feasible(h) and x[: 2 * k].max(initial=0.0) <= 1e-9
+            if status != "Optimal":
+                return status, d if feasible else None  # a feasible point at the time limit: usable, not certified
+            reduced = c - A.T @ np.asarray(solution.row_dual)
+            wrong = np.nonzero(fixed & (((d > 0) & (reduced > 1e-9)) | ((d < 0) & (reduced < -1e-9))))[0]
+            if len(wrong) == 0 and feasible:
                 return "Optimal", d
-            working = np.union1d(working, np.nonzero(wrong)[0])
+            if len(wrong) == 0:
+                big *= 100.0
+                h.changeColsCost(2 * k, np.arange(2 * k, dtype=np.int32), np.full(2 * k, big))
+                continue
+            new = np.sort(wrong[np.argsort(-np.abs(reduced[wrong]), kind="stable")[:k]])
+            offset = _join(h, A[:, new], c[new], bound[new], offset, delta, box)
+            fixed[new] = False
+            working = np.concatenate([working, new])
+
+    def _elastic(self, A, c, delta, offset, box, big) -> highspy.Highs:
+        """A fresh model ``min cᵀx + big·Σ(s⁺ + s⁻), -delta <= A x + offset + s⁺ - s⁻ <= delta`` (slacks first)."""
+        k = A.shape[0]
+        h = self.highs
+        h.clearModel()
+        h.addRows(k, -delta - offset, delta - offset, 0, np.zeros(k, dtype=np.int32), [], [])
+        rows = np.arange(k, dtype=np.int32)
+        for sign in (1.0, -1.0):
+            h.addCols(k, np.full(k, big), np.zeros(k), np.full(k, highspy.kHighsInf), k, rows, rows, np.full(k, sign))
+        _add_columns(h, A, c, box)
+        return h
 
     def state_dict(self) -> dict:
         """The warm-start basis (plain integers), so that a resumed run solves exactly as an uninterrupted one."""
@@ -175,15 +197,30 @@ def lp_direction(
     return LPSolver().solve(c, rows, delta, box, time_limit)
 
 
-def _dual_estimate(c: np.ndarray, A: np.ndarray, delta: np.ndarray, box: float, iters: int = 16) -> np.ndarray:
-    """Iteratively reweighted least squares on the dual ``min_y Σ delta_i |y_i| + box Σ_j |c_j + a_jᵀ y|``."""
-    y = np.zeros(A.shape[0])
-    floor = 1e-9 * max(1.0, float(np.abs(c).max()))
-    for _ in range(iters):
-        w = box / np.maximum(np.abs(c + A.T @ y), floor)
-        v = delta / np.maximum(np.abs(y), floor)
-        y = np.linalg.solve((A * w) @ A.T + np.diag(v), -(A * w) @ c)
-    return y
+def _feasible(h: highspy.Highs) -> bool:
+    """Whether ``h`` ended with a usable status and a primal-feasible point."""
+    usable = h.modelStatusToString(h.getModelStatus()) in USABLE
+    return usable and h.getInfo().primal_solution_status == 2  # kSolutionStatusFeasible
+
+
+def _join(h: highspy.Highs, A, c, bound, offset, delta, box) -> np.ndarray:
+    """Move fixed columns into the model at the bound they were fixed at, from the last basis: the new offset."""
+    basis = h.getBasis()
+    _add_columns(h, A, c, box)
+    at = [highspy.HighsBasisStatus.kUpper if v > 0 else highspy.HighsBasisStatus.kLower for v in bound]
+    basis.col_status = list(basis.col_status) + at
+    offset = offset - A @ bound
+    h.changeRowsBounds(len(offset), np.arange(len(offset), dtype=np.int32), -delta - offset, delta - offset)
+    h.setBasis(basis)
+    return offset
+
+
+def _add_columns(h: highspy.Highs, A: np.ndarray, c: np.ndarray, box: float) -> None:
+    """Append the dense columns of ``A`` with costs ``c`` and bounds ``±box`` to the model ``h``."""
+    k, m = A.shape
+    starts = np.arange(0, k * m, k, dtype=np.int32)
+    index = np.tile(np.arange(k, dtype=np.int32), m)
+    h.addCols(m, c, np.full(m, -box), np.full(m, box), k * m, starts, index, np.ascontiguousarray(A.T).ravel())
 
 
 @contextlib.contextmanager

@@ -112,7 +112,7 @@ def hvp_rows(
     rows = []
     for start in range(0, len(idx), chunk_size):
         part = idx[start : start + chunk_size]
-        E = torch.zeros(len(part), flat.numel, dtype=torch.float64)
+        E = torch.zeros(len(part), flat.numel, dtype=params[0].dtype, device=params[0].device)
         E[torch.arange(len(part)), part] = 1.0
         HV = curvature.hvp(loss_fn, params, flat.unflatten(E))
         rows.append(torch.cat([h.reshape(len(part), -1).double().cpu() for h in HV], dim=1))

@@ -48,6 +48,16 @@ def test_sifted_formulation_certifies_the_same_optimum(k, n) -> None:
         assert res.objective == pytest.approx(_reference(c, rows, 1e-4, 1.0), rel=1e-6)
 
 
+def test_sifted_slack_price_grows_until_the_rows_hold() -> None:
+    rng = np.random.default_rng(5)
+    c, rows = rng.standard_normal(80), rng.standard_normal((6, 80))
+    solver = LPSolver()
+    # A slack price far below the dual's scale: the elastic LP first buys slack instead of meeting the rows.
+    status, d = solver._sifted(c, rows, np.full(6, 1e-3), 1.0, None, 0.0, big=1e-6)
+    assert status == "Optimal" and _feasible(d, rows, 1e-3, 1.0)
+    assert float(c @ d) == pytest.approx(_reference(c, rows, 1e-3, 1.0), rel=1e-6)
+
+
 def test_degenerate_lps() -> None:
     rng = np.random.default_rng(1)
     rows = rng.standard_normal((4, 30))
