@@ -1,6 +1,14 @@
 """Op microbenchmarks: ``finetune-ext bench`` or ``python -m finetune_ext.cli bench``."""
 
-from finetune_ext.bench import armijo, curvature, fisher_dropout, lora_linear, lp_direction, softmax_ce_hessian_vp
+from finetune_ext.bench import (
+    armijo,
+    curvature,
+    fisher_dropout,
+    lift_rows,
+    lora_linear,
+    lp_direction,
+    softmax_ce_hessian_vp,
+)
 from finetune_ext.bench.harness import Case, Row, append_csv, format_table, plot_speedup, run
 
 OPS = {
@@ -11,6 +19,7 @@ OPS = {
     "hvp_block": curvature.hvp_cases,
     "lora_linear": lora_linear.cases,
     "lp_direction": lp_direction.cases,
+    "lift_rows": lift_rows.cases,
 }
 DEFAULT_SIZES = {"cpu": [1 << 16, 1 << 18, 1 << 20, 1 << 22], "cuda": [1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 28]}
 

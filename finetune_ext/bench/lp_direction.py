@@ -69,11 +69,17 @@ VARIANTS = {
 
 
 def cases(
-    device: torch.device, dtype: torch.dtype, sizes: list[int], providers: list[str] | None, shape=SHAPE
+    device: torch.device,
+    dtype: torch.dtype,
+    sizes: list[int],
+    providers: list[str] | None,
+    shape: tuple[int, int] = SHAPE,
+    lp: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Iterator[Case]:
-    """Each HiGHS variant and ours on the same LP (CPU; the LP has no GPU path)."""
-    k, n = shape
-    c, A = lift_lp(k, n)
+    """Each HiGHS variant and ours on the same LP (CPU; the LP has no GPU path): ``lp`` = (c, A), or the
+    synthetic one of ``shape``."""
+    c, A = lp if lp is not None else lift_lp(*shape)
+    k, n = A.shape[0], A.shape[1] - 2
     fns = {name: raw_highs(opts) for name, opts in VARIANTS.items()}
     fns["ours"] = lambda c, A: LPSolver(formulation="direct").solve(c, A, DELTA).status
     fns["ours-sifted"] = lambda c, A: LPSolver().solve(c, A, DELTA).status

@@ -12,8 +12,9 @@ unit max-norm, so HiGHS sees numbers near 1 whatever the loss scale (the predece
 the box. Every coordinate starts fixed at the bound its cost prefers, ``-box·sign(c)``, except a working set of
 the ``k`` smallest ``|c|``; HiGHS solves the restricted LP with elastic rows (a slack of cost ``big`` on each
 side of every row, so it is feasible whatever was fixed); each round the fixed coordinates whose reduced cost
-(from HiGHS's row duals) has the wrong sign for their bound are ranked by its size and the worst ``k`` join the
-working set, the model growing in place from its last basis. When no reduced cost is wrong and no slack is
+(from HiGHS's row duals) has the wrong sign for their bound are ranked by its size and the worst join the
+working set (k in the first round, twice as many each round after), the model growing in place from its last
+basis. When no reduced cost is wrong and no slack is
 left, the point and the row duals satisfy the full LP's optimality conditions: the optimum is certified, not
 estimated. (A slack left with nothing to add means ``big`` was below the dual's scale: it grows 100x.)
 """
@@ -128,6 +129,7 @@ class LPSolver:
         bound = np.where(c > 0, -box, box)
         offset = A @ np.where(fixed, bound, 0.0)
         h = self._elastic(A[:, working], c[working], delta, offset, box, big)
+        grow = k
         while True:
             left = np.inf if time_limit is None else max(time_limit - (time.perf_counter() - start), 1e-3)
             h.setOptionValue("time_limit", float(left))
@@ -148,7 +150,8 @@ class LPSolver:
                 big *= 100.0
                 h.changeColsCost(2 * k, np.arange(2 * k, dtype=np.int32), np.full(2 * k, big))
                 continue
-            new = np.sort(wrong[np.argsort(-np.abs(reduced[wrong]), kind="stable")[:k]])
+            new = np.sort(wrong[np.argsort(-np.abs(reduced[wrong]), kind="stable")[:grow]])
+            grow *= 2
             offset = _join(h, A[:, new], c[new], bound[new], offset, delta, box)
             fixed[new] = False
             working = np.concatenate([working, new])

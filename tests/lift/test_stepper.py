@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,52 @@ def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, 
     rounds = [[(r["lift_lp_status"], r["lift_lambda_0"]) for r in _rounds(tmp_path / n)] for n in ("one", "two")]
     assert [s for s, _ in rounds[0]] == [s for s, _ in rounds[1]] == ["Optimal", "Optimal"]
     assert [lam for _, lam in rounds[1]] == pytest.approx([lam for _, lam in rounds[0]], rel=1e-5)
+
+
+# A CLI run that stalls once its step-3 checkpoint (after LiFT's first round) is written, so the test can kill it.
+_STALL_AFTER_SAVE = """
+import sys, time
+from finetune_ext.train import trainer
+from finetune_ext.cli import main
+save = trainer._save
+def stalled(run):
+    save(run)
+    if run.step == 3:
+        print("saved", flush=True)
+        time.sleep(600)
+trainer._save = stalled
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_between_rounds_then_resume_equals_the_uninterrupted_run(
+    tmp_path, wikitext_slice, gpt2_tokenizer, gpt2_no_dropout
+) -> None:
+    args = [
+        "train", "--model", gpt2_no_dropout, "--tokenizer", gpt2_tokenizer, "--data", str(wikitext_slice),
+        "--optimizer", "lift", *[f"--optimizer-option={k}={v}" for k, v in OPTIONS.items()], "--steps", "6",
+        "--batch-size", "4", "--lr", "3e-3", "--block-size", "32", "--train-samples", "8", "--eval-every", "3",
+        "--save-every", "3", "--max-eval-batches", "2", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    res = subprocess.run([sys.executable, "-m", "finetune_ext.cli", *args, "--output-dir", str(whole)], env=env,
+                         capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-c", _STALL_AFTER_SAVE, *args, "--output-dir", str(killed)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "saved"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL and [r["lift_round"] for r in _rounds(killed)] == [1]
+    res = subprocess.run([sys.executable, "-m", "finetune_ext.cli", *args, "--output-dir", str(killed), "--resume"],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = (load_file(str(o / "checkpoint-0000006" / "model.safetensors")) for o in (whole, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    untimed = [[{k: v for k, v in r.items() if k not in ("lift_lp_seconds", "step_ms")} for r in _rounds(o)]
+               for o in (whole, killed)]  # fmt: skip
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 2
