@@ -1,9 +1,9 @@
-"""Cases for ``lift_rows``: LiFT's constraint rows for one GPT-2 block, k = 256 rows on the LP's columns.
-``gradient`` is one plain gradient w.r.t. the block (the unit), ``hvp`` 256 exact rows ``H e_i`` by batched
-Hessian-vector products (``curvature=hvp``), ``sr1`` the compact SR1 matrix from 50 pairs (Gram matrices and
-the skip rule) and its 256 rows on 20,000 columns (``curvature=sr1``). GPT-2 small (block 5) at batch 8 x 512
-on GPU; on CPU a 2-layer, 128-wide GPT-2 at 2 x 64 unless ``config`` is given (``benchmarks/lift_rows.py``
-runs GPT-2 small's block on CPU). ``sizes`` is unused.
+"""Cases for ``lift_rows``: LiFT's constraint rows for one GPT-2 block on the LP's 20,000 columns. ``gradient``
+is one plain gradient w.r.t. the block (the unit), ``hvp`` exact rows ``H e_i`` by batched Hessian-vector
+products (``curvature=hvp``), ``sr1-build`` the compact SR1 matrix from 50 pairs (Gram matrices and the skip
+rule), ``sr1`` its rows (``curvature=sr1``). GPU: GPT-2 small (block 5) at batch 8 x 512, 256 rows. CPU: a
+2-layer, 128-wide GPT-2 with a 1,024-word vocabulary at 2 x 64, 16 rows, unless ``config`` and ``rows`` are
+given (``benchmarks/lift_rows.py`` runs GPT-2 small's block). ``sizes`` is unused.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from finetune_ext import curvature
 from finetune_ext.bench.harness import Case, select_providers
 from finetune_ext.lift.rows import CompactSR1, FlatParams, hvp_rows
 
-ROWS, PAIRS, COLUMNS = 256, 50, 20000
+PAIRS, COLUMNS = 50, 20000
 
 
 def cases(
@@ -27,11 +27,13 @@ def cases(
     providers: list[str] | None,
     config: GPT2Config | None = None,
     shape: tuple[int, int] = (2, 64),
+    rows: int = 16,
 ) -> Iterator[Case]:
-    """One gradient, 256 exact HVP rows and 256 SR1 rows (50 pairs) for one block."""
+    """One gradient, exact HVP rows and SR1 rows (50 pairs) for one block."""
     if config is None and device.type == "cuda":
-        config, shape = GPT2Config(), (8, 512)
-    config = config or GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64)
+        config, shape, rows = GPT2Config(), (8, 512), 256
+    small = {"n_layer": 2, "n_head": 2, "n_embd": 128, "n_positions": 64, "vocab_size": 1024, "bos_token_id": 0}
+    config = config or GPT2Config(**small, eos_token_id=0)
     block = f"transformer.h.{min(5, config.n_layer - 1)}."
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).to(device)
@@ -41,7 +43,7 @@ def cases(
         leaves = tuple(p.clone().requires_grad_(True) for p in params)
         flat = FlatParams([list(fns.params)])
         g = torch.Generator().manual_seed(0)
-        idx = torch.randperm(flat.numel, generator=g)[:ROWS].sort().values
+        idx = torch.randperm(flat.numel, generator=g)[:rows].sort().values
         cols = torch.randperm(flat.numel, generator=g)[: min(COLUMNS, flat.numel)].sort().values
         S = torch.randn(PAIRS, flat.numel, generator=g, dtype=torch.float64) * 1e-3
         Y = S * (1 + torch.rand(flat.numel, generator=g, dtype=torch.float64))
@@ -49,11 +51,13 @@ def cases(
         def gradient():
             return torch.autograd.grad(fns.loss_fn(leaves), leaves)
 
+        sr1 = CompactSR1(S, Y)
         available = {
             "gradient": gradient,
             "hvp": lambda: hvp_rows(fns.loss_fn, params, flat, idx),
-            "sr1": lambda: CompactSR1(S, Y).rows(idx, cols),
+            "sr1-build": lambda: CompactSR1(S, Y),
+            "sr1": lambda: sr1.rows(idx, cols),
         }
         numel = sum(p.numel() for p in params)
         for name, fn in select_providers(available, providers).items():
-            yield Case("lift_rows", f"{ROWS}rows", name, (ROWS, numel), torch.float32, device, 0, fn)
+            yield Case("lift_rows", f"{rows}rows", name, (rows, numel), torch.float32, device, 0, fn)

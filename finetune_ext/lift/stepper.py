@@ -17,6 +17,7 @@ batch of ``hvp_batch`` examples, in eval mode.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -150,6 +151,7 @@ class LiFT(Stepper):
     # ---- the LP round ------------------------------------------------------------------------------------
     def _round(self) -> dict[str, Any]:
         o, r = self.options, len(self.history)
+        start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         batches = self._val_batches()  # F and its gradient: the same batches, moved to the device once
@@ -167,6 +169,7 @@ class LiFT(Stepper):
         if result.usable and float(torch.as_tensor(result.d).norm()) > 0:
             entry |= self._move(torch.as_tensor(result.d), J, w0, batches)
         entry |= {f"lift_lambda_{b}": float(v) for b, v in enumerate(self.lam)}
+        entry["lift_round_seconds"] = time.perf_counter() - start
         self.model.train(was_training)
         self.history.append(entry)
         self._plot()
