@@ -9,14 +9,15 @@ unit max-norm, so HiGHS sees numbers near 1 whatever the loss scale (the predece
 ``LPSolver`` keeps the last basis, so a re-solve of the same shape starts from the previous optimum.
 
 ``formulation="sifted"`` (the default) exploits that an optimal vertex has at most k coordinates strictly inside
-the box. Every coordinate starts fixed at the bound its cost prefers, ``-box·sign(c)``, except a working set of
-the ``k`` smallest ``|c|``; HiGHS solves the restricted LP with elastic rows (a slack of cost ``big`` on each
-side of every row, so it is feasible whatever was fixed); each round the fixed coordinates whose reduced cost
-(from HiGHS's row duals) has the wrong sign for their bound are ranked by its size and the worst join the
-working set (k in the first round, twice as many each round after), the model growing in place from its last
-basis. When no reduced cost is wrong and no slack is
-left, the point and the row duals satisfy the full LP's optimality conditions: the optimum is certified, not
-estimated. (A slack left with nothing to add means ``big`` was below the dual's scale: it grows 100x.)
+the box. Every coordinate starts fixed at the bound its estimated reduced cost prefers (``-box·sign(c)`` when
+the rows have full rank; ``_reduced_cost_estimate`` when not), except a working set of the k smallest. HiGHS
+solves the restricted LP with elastic rows (a slack of cost ``big`` on each side of every row, so it is
+feasible whatever was fixed); each round the fixed coordinates whose reduced cost (from HiGHS's row duals) has
+the wrong sign for their bound are ranked by its size and the worst join the working set (k in the first
+round, twice as many each round after), the model growing in place from its last basis. When no reduced cost
+is wrong and no slack is left, the point and the row duals satisfy the full LP's optimality conditions: the
+optimum is certified, not estimated. (A slack left with nothing to add means ``big`` was below the dual's
+scale: it grows 100x.)
 """
 
 from __future__ import annotations
@@ -123,10 +124,11 @@ class LPSolver:
     def _sifted(self, c, A, delta, box, time_limit, start, size: int = 1, big: float = 1e4):
         """The column-generation solve of the module docstring: (status, d or None)."""
         k, n = A.shape
-        working = np.sort(np.argsort(np.abs(c), kind="stable")[: min(n, size * k)])
+        r = _reduced_cost_estimate(c, A)
+        working = np.sort(np.argsort(np.abs(r), kind="stable")[: min(n, size * k)])
         fixed = np.ones(n, dtype=bool)
         fixed[working] = False
-        bound = np.where(c > 0, -box, box)
+        bound = np.where(r > 0, -box, box)
         offset = A @ np.where(fixed, bound, 0.0)
         h = self._elastic(A[:, working], c[working], delta, offset, box, big)
         grow = k
@@ -198,6 +200,27 @@ def lp_direction(
     model status; ``d`` is ``None`` unless the solve ended optimal, or at the time limit with a feasible point.
     """
     return LPSolver().solve(c, rows, delta, box, time_limit)
+
+
+def _reduced_cost_estimate(c: np.ndarray, A: np.ndarray, iters: int = 32) -> np.ndarray:
+    """``c + Aᵀπ`` for an estimate of the optimal row duals π, whose signs say at which bound each column sits.
+
+    When the rows have full rank the estimate is ``c`` itself (π = 0). When they are rank-deficient (LiFT's SR1
+    rows after a short warm-up: rank = the pairs kept), ``Aᵀπ = Qᵀμ`` for ``Q`` the rows' basis (from the k x k
+    Gram matrix) and a small μ: iteratively reweighted least squares on ``min_μ ‖c + Qᵀμ‖₁`` (the dual without
+    its ``delta`` term) costs ``rank² · n`` per step.
+    """
+    w, V = np.linalg.eigh(A @ A.T)
+    keep = w > 1e-12 * w.max(initial=0.0)
+    if keep.sum() > A.shape[0] // 2 or not keep.any():
+        return c
+    Q = V[:, keep].T @ A
+    mu = np.zeros(len(Q))
+    floor = 1e-9 * float(np.abs(c).max(initial=1.0))
+    for _ in range(iters):
+        weight = 1.0 / np.maximum(np.abs(c + Q.T @ mu), floor)
+        mu = np.linalg.solve((Q * weight) @ Q.T, -(Q * weight) @ c)
+    return c + Q.T @ mu
 
 
 def _feasible(h: highspy.Highs) -> bool:

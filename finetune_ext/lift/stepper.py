@@ -57,8 +57,8 @@ class LiFTOptions:
     line_tol: float = option(1e-4, "golden-section tolerance, relative to line_first")
     line_evals: int = option(25, "validation evaluations per line search, at most")
     lp_time_limit: float | None = option(None, "HiGHS time limit per LP in seconds (null: none)")
-    lp_formulation: Literal["direct", "sifted"] = option(
-        "direct", "'direct': the whole LP, warm-started across rounds; 'sifted': a growing working set of columns"
+    lp_formulation: Literal["sifted", "direct"] = option(
+        "sifted", "'sifted': a growing working set of columns, certified by reduced costs; 'direct': the whole LP"
     )
 
     def __post_init__(self) -> None:

@@ -41,8 +41,10 @@ def test_matches_an_independent_solve(k, n, delta, box) -> None:
 def test_sifted_formulation_certifies_the_same_optimum(k, n) -> None:
     from finetune_ext.bench.lp_direction import lift_lp
 
-    for c, rows in [lift_lp(k, n, seed=k), (np.random.default_rng(k).standard_normal(n),
-                                            np.random.default_rng(k + 1).standard_normal((k, n)))]:  # fmt: skip
+    rng = np.random.default_rng(k)
+    low_rank = rng.standard_normal((k, 4)) @ rng.standard_normal((4, n))  # LiFT's SR1 rows after a short warm-up
+    for c, rows in [lift_lp(k, n, seed=k), (rng.standard_normal(n), rng.standard_normal((k, n))),
+                    (rng.standard_normal(n), low_rank)]:  # fmt: skip
         res = LPSolver(formulation="sifted").solve(c, rows, 1e-4)
         assert res.status == "Optimal" and _feasible(res.d, rows, 1e-4, 1.0)
         assert res.objective == pytest.approx(_reference(c, rows, 1e-4, 1.0), rel=1e-6)
