@@ -1,7 +1,7 @@
 """Cases for ``lift_rows``: LiFT's constraint rows for one GPT-2 block on the LP's 20,000 columns. ``gradient``
 is one plain gradient w.r.t. the block (the unit), ``hvp`` exact rows ``H e_i`` by batched Hessian-vector
 products (``curvature=hvp``), ``sr1-build`` the compact SR1 matrix from 50 pairs (Gram matrices and the skip
-rule), ``sr1`` its rows (``curvature=sr1``). GPU: GPT-2 small (block 5) at batch 8 x 512, 256 rows. CPU: a
+rule), ``sr1`` its rows (``curvature=sr1``). GPU: GPT-2 small (block 5) at batch 4 x 256, 256 rows. CPU: a
 2-layer, 128-wide GPT-2 with a 1,024-word vocabulary at 2 x 64, 16 rows, unless ``config`` and ``rows`` are
 given (``benchmarks/lift_rows.py`` runs GPT-2 small's block). ``sizes`` is unused.
 """
@@ -31,7 +31,7 @@ def cases(
 ) -> Iterator[Case]:
     """One gradient, exact HVP rows and SR1 rows (50 pairs) for one block."""
     if config is None and device.type == "cuda":
-        config, shape, rows = GPT2Config(), (8, 512), 256
+        config, shape, rows = GPT2Config(), (4, 256), 256
     small = {"n_layer": 2, "n_head": 2, "n_embd": 128, "n_positions": 64, "vocab_size": 1024, "bos_token_id": 0}
     config = config or GPT2Config(**small, eos_token_id=0)
     block = f"transformer.h.{min(5, config.n_layer - 1)}."
