@@ -3,7 +3,8 @@ is one plain gradient w.r.t. the block (the unit), ``hvp`` exact rows ``H e_i`` 
 products (``curvature=hvp``), ``sr1-build`` the compact SR1 matrix from 50 pairs (Gram matrices and the skip
 rule), ``sr1`` its rows (``curvature=sr1``). GPU: GPT-2 small (block 5) at batch 4 x 256, 256 rows. CPU: a
 2-layer, 128-wide GPT-2 with a 1,024-word vocabulary at 2 x 64, 16 rows, unless ``config`` and ``rows`` are
-given (``benchmarks/lift_rows.py`` runs GPT-2 small's block). ``sizes`` is unused.
+given (``benchmarks/lift_rows.py`` runs GPT-2 small's block). ``chunk``: HVP rows per batched call.
+``sizes`` is unused.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def cases(
     config: GPT2Config | None = None,
     shape: tuple[int, int] = (2, 64),
     rows: int = 16,
+    chunk: int = 32,
 ) -> Iterator[Case]:
     """One gradient, exact HVP rows and SR1 rows (50 pairs) for one block."""
     if config is None and device.type == "cuda":
@@ -54,7 +56,7 @@ def cases(
         sr1 = CompactSR1(S, Y)
         available = {
             "gradient": gradient,
-            "hvp": lambda: hvp_rows(fns.loss_fn, params, flat, idx),
+            "hvp": lambda: hvp_rows(fns.loss_fn, params, flat, idx, chunk_size=chunk),
             "sr1-build": lambda: CompactSR1(S, Y),
             "sr1": lambda: sr1.rows(idx, cols),
         }
