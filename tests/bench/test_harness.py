@@ -62,3 +62,12 @@ def test_lora_linear_cases_include_peft_when_installed() -> None:
         assert grads[0].shape == (4, 768) and all(torch.isfinite(g).all() for g in grads), case.provider
         if case.provider == "peft":
             assert len(grads) == 3  # gradients of x, lora_A, lora_B
+
+
+def test_lift_rows_cases_give_rows_of_the_right_shape_and_no_speedup_plot(tmp_path) -> None:
+    cases = {c.provider: c for c in bench.OPS["lift_rows"](torch.device("cpu"), torch.float32, [], None)}
+    assert set(cases) == {"gradient", "hvp", "sr1-build", "sr1"}
+    assert tuple(cases["hvp"].fn().shape) == cases["hvp"].shape  # 16 rows over the block's parameters
+    assert tuple(cases["sr1"].fn().shape) == (16, 20000)  # 16 rows on the LP's columns
+    rows = bench.run([cases["sr1"]], warmup=0, reps=20, progress=False)
+    assert bench.plot_speedup(rows, tmp_path) == []  # no reference provider: nothing to plot
