@@ -91,18 +91,18 @@ class LPSolver:
         if self.formulation == "sifted":
             status, d = self._sifted(c / c_scale, scaled, delta / row_scale, box, time_limit, start)
         else:
-            status, d = self._run(c / c_scale, scaled, -delta / row_scale, delta / row_scale, box, time_limit)
+            status, d = self._direct(c / c_scale, scaled, delta / row_scale, box, time_limit)
         objective = float(c @ d) if d is not None else float("nan")
         return LPResult(d, objective, status, time.perf_counter() - start)
 
-    def _run(self, c, A, lo, hi, box, time_limit, warm: bool = True):
-        """One HiGHS solve of ``min cᵀd, lo <= A d <= hi, |d| <= box``: (status, d or None)."""
+    def _direct(self, c, A, delta, box, time_limit):
+        """The whole LP in one HiGHS solve, from the last basis when the shape repeats: (status, d or None)."""
         k, n = A.shape
         lp = highspy.HighsLp()
         lp.num_col_, lp.num_row_ = n, k
         lp.col_cost_ = c
         lp.col_lower_, lp.col_upper_ = np.full(n, -box), np.full(n, box)
-        lp.row_lower_, lp.row_upper_ = lo, hi
+        lp.row_lower_, lp.row_upper_ = -delta, delta
         lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
         lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = n, k
         lp.a_matrix_.start_ = np.arange(0, k * n + 1, k, dtype=np.int32)
@@ -111,14 +111,13 @@ class LPSolver:
         self.highs.clearModel()
         self.highs.passModel(lp)
         self.highs.setOptionValue("time_limit", float(time_limit) if time_limit else float("inf"))
-        if warm and self._shape == (k, n) and self._basis is not None:
+        if self._shape == (k, n) and self._basis is not None:
             self.highs.setBasis(self._basis)
         self.highs.run()
         status = self.highs.modelStatusToString(self.highs.getModelStatus())
         if not _feasible(self.highs):
             return status, None
-        if warm:
-            self._shape, self._basis = (k, n), self.highs.getBasis()
+        self._shape, self._basis = (k, n), self.highs.getBasis()
         return status, np.asarray(self.highs.getSolution().col_value, dtype=np.float64)
 
     def _sifted(self, c, A, delta, box, time_limit, start, size: int = 1, big: float = 1e4):
