@@ -19,6 +19,7 @@ from finetune_ext.bench.lift_rows import cases
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=2, help="timed calls per provider")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per provider first")
     parser.add_argument("--rows", type=int, default=256, help="constraint rows (HVP rows cost one product each)")
     parser.add_argument("--chunk", type=int, default=4, help="HVP rows per batched call (memory: 32 needs > 21 GB)")
     parser.add_argument("--providers", nargs="+")
@@ -27,7 +28,7 @@ if __name__ == "__main__":
     full = cases(
         torch.device("cpu"), torch.float32, [], args.providers, config=GPT2Config(), rows=args.rows, chunk=args.chunk
     )
-    rows = run_full_size(full, f"{args.rows}rows-gpt2", warmup=1, reps=args.reps, out=Path(args.out))
+    rows = run_full_size(full, f"{args.rows}rows-gpt2", warmup=args.warmup, reps=args.reps, out=Path(args.out))
     unit = next((r.median_ms for r in rows if r.provider == "gradient"), None)
     for r in rows:
         print(
