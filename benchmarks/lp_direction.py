@@ -35,12 +35,14 @@ def captured_lp(model: str) -> tuple[np.ndarray, np.ndarray]:
 
     lp.LPSolver.solve = capture
     options = {"blocks": "last:2", "lambda_init": 100.0, "val_batches": 8, "warmup_steps": 20}
-    with tempfile.TemporaryDirectory() as out:
-        train(TrainConfig(model=model, tokenizer=str(shared_data_dir() / "gpt2-tokenizer"), output_dir=out,
-                          data=str(shared_data_dir() / "wikitext-2"), steps=20, batch_size=8, block_size=64,
-                          lr=3e-3, train_samples=50, eval_every=20, max_eval_batches=2, progress=False,
-                          optimizer="lift", optimizer_options=options))  # fmt: skip
-    lp.LPSolver.solve = solve
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            train(TrainConfig(model=model, tokenizer=str(shared_data_dir() / "gpt2-tokenizer"), output_dir=out,
+                              data=str(shared_data_dir() / "wikitext-2"), steps=20, batch_size=8, block_size=64,
+                              lr=3e-3, train_samples=50, eval_every=20, max_eval_batches=2, progress=False,
+                              optimizer="lift", optimizer_options=options))  # fmt: skip
+    finally:
+        lp.LPSolver.solve = solve
     return seen["lp"]
 
 

@@ -98,18 +98,9 @@ class LPSolver:
     def _direct(self, c, A, delta, box, time_limit):
         """The whole LP in one HiGHS solve, from the last basis when the shape repeats: (status, d or None)."""
         k, n = A.shape
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = n, k
-        lp.col_cost_ = c
-        lp.col_lower_, lp.col_upper_ = np.full(n, -box), np.full(n, box)
-        lp.row_lower_, lp.row_upper_ = -delta, delta
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = n, k
-        lp.a_matrix_.start_ = np.arange(0, k * n + 1, k, dtype=np.int32)
-        lp.a_matrix_.index_ = np.tile(np.arange(k, dtype=np.int32), n)
-        lp.a_matrix_.value_ = np.ascontiguousarray(A.T).ravel()
         self.highs.clearModel()
-        self.highs.passModel(lp)
+        self.highs.addRows(k, -delta, delta, 0, np.zeros(k, dtype=np.int32), [], [])
+        _add_columns(self.highs, A, c, box)
         self.highs.setOptionValue("time_limit", float(time_limit) if time_limit else float("inf"))
         if self._shape == (k, n) and self._basis is not None:
             self.highs.setBasis(self._basis)
@@ -120,11 +111,11 @@ class LPSolver:
         self._shape, self._basis = (k, n), self.highs.getBasis()
         return status, np.asarray(self.highs.getSolution().col_value, dtype=np.float64)
 
-    def _sifted(self, c, A, delta, box, time_limit, start, size: int = 1, big: float = 1e4):
+    def _sifted(self, c, A, delta, box, time_limit, start, big: float = 1e4):
         """The column-generation solve of the module docstring: (status, d or None)."""
         k, n = A.shape
         r = _reduced_cost_estimate(c, A)
-        working = np.sort(np.argsort(np.abs(r), kind="stable")[: min(n, size * k)])
+        working = np.sort(np.argsort(np.abs(r), kind="stable")[: min(n, k)])
         fixed = np.ones(n, dtype=bool)
         fixed[working] = False
         bound = np.where(r > 0, -box, box)

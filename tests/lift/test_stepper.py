@@ -97,6 +97,7 @@ def test_the_round_applies_exactly_the_searched_step(tmp_path, wikitext_slice, g
         ("rows=100000000", "rows: expected <= "),
         ("delta=0", "delta: expected > 0, got 0.0"),
         ("curvature=exact", "curvature: expected one of 'sr1', 'hvp', got 'exact'"),
+        ("val_skip=100000", "val_skip: the validation split has "),
     ],
 )
 def test_bad_options_give_one_line(option, message, tmp_path, wikitext_slice, gpt2_tokenizer, capsys) -> None:
