@@ -8,6 +8,7 @@ provider's time in gradients. ``finetune-ext bench --ops lift_rows`` runs the sm
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +26,9 @@ if __name__ == "__main__":
     parser.add_argument("--providers", nargs="+")
     parser.add_argument("--out", default="benchmarks/results/lift_rows_cpu.csv")
     args = parser.parse_args()
+    for name in ("rows", "chunk", "reps"):
+        if getattr(args, name) < 1:
+            sys.exit(f"lift_rows.py: --{name}: expected >= 1, got {getattr(args, name)}")
     full = cases(
         torch.device("cpu"), torch.float32, [], args.providers, config=GPT2Config(), rows=args.rows, chunk=args.chunk
     )

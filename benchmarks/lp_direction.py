@@ -10,6 +10,7 @@ folder given, last 2 blocks, on 50 WikiText-2 blocks, then the round's LP) and p
 """
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from finetune_ext.bench.harness import run_full_size
 from finetune_ext.bench.lp_direction import cases
+from finetune_ext.train.errors import UserError
 
 
 def captured_lp(model: str) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +55,10 @@ if __name__ == "__main__":
     parser.add_argument("--captured", metavar="MODEL", help="time the LP of a real LiFT round on this model")
     parser.add_argument("--out", default="benchmarks/results/lp_direction_cpu.csv")
     args = parser.parse_args()
-    lp = captured_lp(args.captured) if args.captured else None
+    try:
+        lp = captured_lp(args.captured) if args.captured else None
+    except UserError as e:
+        sys.exit(f"lp_direction.py: --captured: {e}")
     full = cases(torch.device("cpu"), torch.float64, [], args.providers, shape=(256, 20000), lp=lp)
     mode = "solve-captured" if lp else "solve-full"
     run_full_size(full, mode, warmup=0, reps=args.reps, out=Path(args.out))
