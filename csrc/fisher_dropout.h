@@ -9,13 +9,9 @@
 #include <optional>
 
 #include "common/philox.h"
+#include "common/philox_arg.h"
 
 namespace finetune_ext {
-
-struct PhiloxSeed {
-  uint64_t seed;
-  uint64_t offset;
-};
 
 // Validates the arguments of finetune_ext::fisher_dropout for a kernel on `device_type` and returns the
 // Philox seed. The Python wrapper gives friendlier errors first; these guard direct torch.ops calls.
@@ -42,12 +38,7 @@ inline PhiloxSeed check_fisher_dropout_args(const at::Tensor& x, const at::Tenso
                 ", got ", r.scalar_type());
     TORCH_CHECK(r.device() == x.device(), "fisher_dropout: expected residual on ", x.device(), ", got ", r.device());
   }
-  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 2,
-              "fisher_dropout: expected seed to be a CPU int64 tensor of 2 elements (seed, offset), got ",
-              seed.scalar_type(), " on ", seed.device(), " with ", seed.numel(), " elements");
-  const at::Tensor s = seed.contiguous();
-  const int64_t* p = s.const_data_ptr<int64_t>();
-  return PhiloxSeed{static_cast<uint64_t>(p[0]), static_cast<uint64_t>(p[1])};
+  return philox_seed_arg(seed, "fisher_dropout");
 }
 
 // y = residual + (u < keep ? x * (1 / keep) : 0), in the op-math type (float for half/bfloat16).

@@ -4,7 +4,9 @@
 // output in place, and the rank-space bias c rides on the A GEMM). Dropout is the seeded fisher_dropout, so
 // no mask and no dropped copy of x is kept: the backward redraws the mask and fuses it with the base
 // gradient (dx = g W + mask * (du A) / keep in one pass). Only u ([tokens, r]) is saved. The base weight and
-// bias are frozen: no gradient is computed for them.
+// bias are frozen: no gradient is computed for them. With noise_std, the base path uses W + eps
+// (gaussian_perturb, LoRA-GGPO / Flat-LoRA): the perturbed weight is a temporary of this call, W itself is
+// never written, and the backward regenerates it from the key instead of saving it.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
@@ -28,6 +30,16 @@ at::Tensor seeded_dropout(const at::Tensor& x, const at::Tensor& keep, const std
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                const at::Tensor&)>();
   return op.call(x, keep, residual, seed);
+}
+
+// The base weight the layer multiplies with: W, or the temporary W + eps of the noise key.
+at::Tensor base_weight(const at::Tensor& weight, const std::optional<at::Tensor>& noise_std,
+                       const at::Tensor& noise_seed) {
+  if (!noise_std.has_value()) return weight;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("finetune_ext::gaussian_perturb", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(weight, *noise_std, noise_seed);
 }
 
 void check_lora_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -60,12 +72,15 @@ void check_lora_args(const at::Tensor& x, const at::Tensor& weight, const std::o
 std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Tensor& weight,
                                                const std::optional<at::Tensor>& bias, const at::Tensor& A,
                                                const at::Tensor& B, const std::optional<at::Tensor>& c, double scale,
-                                               const std::optional<at::Tensor>& keep, const at::Tensor& seed) {
+                                               const std::optional<at::Tensor>& keep, const at::Tensor& seed,
+                                               const std::optional<at::Tensor>& noise_std,
+                                               const at::Tensor& noise_seed) {
   check_lora_args(x, weight, bias, A, B, c);
+  const at::Tensor w = base_weight(weight, noise_std, noise_seed);
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
   const at::Tensor xd = keep.has_value() ? seeded_dropout(x2, *keep, std::nullopt, seed) : x2;
   const at::Tensor u = c.has_value() ? at::addmm(*c, xd, A.t()) : at::mm(xd, A.t());
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   y.addmm_(u, B.t(), /*beta=*/1, /*alpha=*/scale);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = weight.size(0);
@@ -75,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& u, double scale, const std::optional<at::Tensor>& keep, const at::Tensor& seed,
-    std::array<bool, 4> output_mask) {
+    const std::optional<at::Tensor>& noise_std, const at::Tensor& noise_seed, std::array<bool, 4> output_mask) {
   check_lora_args(x, weight, std::nullopt, A, B, std::nullopt);
   const at::Tensor g = grad.reshape({-1, weight.size(0)});
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
@@ -83,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   const at::Tensor du = at::mm(g, B).mul_(scale);
   at::Tensor dx = none, dA = none, dB = none, dc = none;
   if (output_mask[0]) {
-    dx = keep.has_value() ? seeded_dropout(at::mm(du, A), *keep, at::mm(g, weight), seed)
-                          : at::mm(g, weight).addmm_(du, A);
+    const at::Tensor w = base_weight(weight, noise_std, noise_seed);
+    dx = keep.has_value() ? seeded_dropout(at::mm(du, A), *keep, at::mm(g, w), seed) : at::mm(g, w).addmm_(du, A);
     dx = dx.view(x.sizes());
   }
   if (output_mask[1]) {

@@ -10,47 +10,25 @@
 
 #include <cmath>
 
+#include "philox_block.h"
+
 namespace finetune_ext {
 namespace {
-
-// Groups are processed in blocks of kBlock so that the Philox rounds run over arrays (structure of
-// arrays), which the compiler vectorises; the per-feature index advances without a division per element.
-constexpr int64_t kBlock = 64;
-
-void philox_block(PhiloxSeed s, int64_t first_group, int64_t count, float* u) {
-  uint32_t c0[kBlock], c1[kBlock], c2[kBlock], c3[kBlock];
-  for (int64_t j = 0; j < count; ++j) {
-    const uint64_t g = static_cast<uint64_t>(first_group + j);
-    c0[j] = static_cast<uint32_t>(g);
-    c1[j] = static_cast<uint32_t>(g >> 32);
-    c2[j] = static_cast<uint32_t>(s.offset);
-    c3[j] = static_cast<uint32_t>(s.offset >> 32);
-  }
-  uint32_t k0 = static_cast<uint32_t>(s.seed), k1 = static_cast<uint32_t>(s.seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    for (int64_t j = 0; j < count; ++j) philox_round(c0[j], c1[j], c2[j], c3[j], k0, k1);
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
-  for (int64_t j = 0; j < count; ++j) {
-    u[4 * j] = philox_uniform(c0[j]);
-    u[4 * j + 1] = philox_uniform(c1[j]);
-    u[4 * j + 2] = philox_uniform(c2[j]);
-    u[4 * j + 3] = philox_uniform(c3[j]);
-  }
-}
 
 template <typename scalar_t>
 void fisher_dropout_cpu_impl(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n,
                              int64_t d, bool per_feature, PhiloxSeed s) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t blocks = (n + 4 * kBlock - 1) / (4 * kBlock);
+  constexpr int64_t kElems = 4 * kPhiloxBlock;
+  const int64_t blocks = (n + kElems - 1) / kElems;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    float u[4 * kBlock];
+    uint32_t words[kElems];
+    float u[kElems];
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t first = b * 4 * kBlock;
-      const int64_t count = std::min<int64_t>(4 * kBlock, n - first);
-      philox_block(s, b * kBlock, (count + 3) / 4, u);
+      const int64_t first = b * kElems;
+      const int64_t count = std::min<int64_t>(kElems, n - first);
+      philox_block(s.seed, s.offset, b * kPhiloxBlock, (count + 3) / 4, words);
+      for (int64_t i = 0; i < count; ++i) u[i] = philox_uniform(words[i]);
       int64_t f = per_feature ? first % d : 0;
       for (int64_t i = 0; i < count; ++i) {
         const int64_t idx = first + i;

@@ -21,6 +21,10 @@ class LinChainLinear(nn.Module):
     by the model-level hook in ``adapters.model``; composed here when the layer is called on its own), and the
     layer runs as LoRA with ``A' = M A`` and a rank-space bias ``beff`` (``ops.lora_linear``). ``site`` keys the
     adapter dropout's mask under ``finetune_ext.nn.keys.keyed``.
+
+    A weight perturbation (``finetune_ext.perturb``) is set per step as ``noise = (std [out], Philox seed)``
+    (the layer multiplies by ``W + std * z``, formed inside ``lora_linear``) or ``shift = (P [out, q], Q [q, in])``
+    (it adds ``x Q^T P^T``, the output of ``W + P Q``); the base weight itself is never written.
     """
 
     def __init__(self, base: nn.Linear | Conv1D, config: LinChainConfig, site: int = 0) -> None:
@@ -41,6 +45,8 @@ class LinChainLinear(nn.Module):
         self.merged = False
         self._created_bias = False
         self._chain: tuple[torch.Tensor, torch.Tensor] | None = None  # (M, beff) of the current model forward
+        self.noise: tuple[torch.Tensor, int] | None = None
+        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters(config.init)
         self.train(base.training)
 
@@ -89,7 +95,8 @@ class LinChainLinear(nn.Module):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         cast = [t.to(dtype) if t is not None else None for t in (x, self.base_weight(), self.base_layer.bias, A)]
-        return ops.lora_linear(
+        std, noise_seed = self.noise if self.noise is not None and self.training else (None, 0)
+        y = ops.lora_linear(
             cast[0],
             cast[1],
             cast[2],
@@ -100,7 +107,13 @@ class LinChainLinear(nn.Module):
             dropout_p=self.dropout,
             training=self.training,
             seed=keys.site_seed(self.site),
+            noise_std=std,
+            noise_seed=noise_seed,
         )
+        if self.shift is None or not self.training:
+            return y
+        P, Q = (t.to(dtype) for t in self.shift)
+        return y + (cast[0] @ Q.t()) @ P.t()
 
     @torch.no_grad()
     def delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:

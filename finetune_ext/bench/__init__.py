@@ -4,6 +4,8 @@ from finetune_ext.bench import (
     armijo,
     curvature,
     fisher_dropout,
+    gaussian_perturb,
+    ggpo_step,
     lift_rows,
     lora_linear,
     lp_direction,
@@ -20,6 +22,8 @@ OPS = {
     "lora_linear": lora_linear.cases,
     "lp_direction": lp_direction.cases,
     "lift_rows": lift_rows.cases,
+    "gaussian_perturb": gaussian_perturb.cases,
+    "ggpo_step": ggpo_step.cases,
 }
 DEFAULT_SIZES = {"cpu": [1 << 16, 1 << 18, 1 << 20, 1 << 22], "cuda": [1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 28]}
 

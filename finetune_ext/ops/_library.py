@@ -104,30 +104,45 @@ def _linchain_compose_backward_fake(
     return W.new_empty(W.shape), W.new_empty(b.shape if b is not None else (0,))
 
 
-# Adapted linear layer: y = x @ weight.T + bias + scale * u @ B.T with u = dropout(x) @ A.T + c, returns (y, u).
+# Adapted linear layer: y = x @ W.T + bias + scale * u @ B.T with u = dropout(x) @ A.T + c, returns (y, u).
 # x [..., in], weight [out, in] (frozen), A [r, in], B [out, r], c [r]; keep: the dropout keep probability as
 # for fisher_dropout (None: no dropout), seed the fisher_dropout key. u [tokens, r] is what backward needs.
+# noise_std [out] float32 (None: no noise): W is replaced by gaussian_perturb(weight, noise_std, noise_seed),
+# formed as a temporary in the forward and again in the backward; weight itself is never written.
 LIB.define(
     "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor? c, float scale, Tensor? keep, "
-    "Tensor seed) -> (Tensor, Tensor)"
+    "Tensor seed, Tensor? noise_std, Tensor noise_seed) -> (Tensor, Tensor)"
 )
 # Gradients w.r.t. (x, A, B, c) for output_mask's True entries; the others are empty [0] tensors.
 LIB.define(
     "lora_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor u, float scale, "
-    "Tensor? keep, Tensor seed, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? keep, Tensor seed, Tensor? noise_std, Tensor noise_seed, bool[4] output_mask) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
 @torch.library.register_fake("finetune_ext::lora_linear")
-def _lora_linear_fake(x, weight, bias, A, B, c, scale, keep, seed) -> tuple[torch.Tensor, torch.Tensor]:
+def _lora_linear_fake(x, weight, bias, A, B, c, scale, keep, seed, noise_std, noise_seed):
     torch._check(x.shape[-1] == weight.shape[1], lambda: f"x {tuple(x.shape)} does not match weight {weight.shape}")
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.numel() // x.shape[-1], A.shape[0])
 
 
 @torch.library.register_fake("finetune_ext::lora_linear_backward")
-def _lora_linear_backward_fake(grad, x, weight, A, B, u, scale, keep, seed, output_mask):
+def _lora_linear_backward_fake(grad, x, weight, A, B, u, scale, keep, seed, noise_std, noise_seed, output_mask):
     shapes = (x.shape, A.shape, B.shape, (A.shape[0],))
     return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask, strict=True))
+
+
+# out = weight + std[:, None] * z, z ~ N(0, 1) i.i.d. from Philox (Box-Muller, four normals per group of the
+# row-major [out, in] index) keyed by seed = (seed, offset), a CPU int64[2]. weight [out, in] of any strides;
+# std float32 [out]. Returns a new contiguous tensor in weight's dtype: weight is never written.
+LIB.define("gaussian_perturb(Tensor weight, Tensor std, Tensor seed) -> Tensor")
+
+
+@torch.library.register_fake("finetune_ext::gaussian_perturb")
+def _gaussian_perturb_fake(weight: torch.Tensor, std: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    torch._check(weight.dim() == 2, lambda: f"expected weight [out, in], got {tuple(weight.shape)}")
+    return weight.new_empty(weight.shape)
 
 
 # Block Armijo line search, multi-tensor: every tensor of the lists in one launch. Moments (Adam):

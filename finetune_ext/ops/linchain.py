@@ -13,6 +13,7 @@ import torch
 
 from finetune_ext import reference
 from finetune_ext.ops._library import Backend, check_backend, philox_key, use_kernel
+from finetune_ext.ops.gaussian_perturb import check_noise_args
 
 
 def linchain_compose(
@@ -72,6 +73,9 @@ def lora_linear(
     training: bool = True,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    noise_std: torch.Tensor | None = None,
+    noise_seed: int = 0,
+    noise_offset: int = 0,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """A frozen linear layer plus a low-rank update, fused.
@@ -85,6 +89,9 @@ def lora_linear(
         scale: the update's factor (``alpha / r``).
         dropout_p: dropout on the adapter's input (not on the base path), active when ``training``.
         seed, generator: the dropout's Philox key, as for ``fisher_dropout``.
+        noise_std, noise_seed, noise_offset: with ``noise_std`` (``[out]``), the base path multiplies by
+            ``gaussian_perturb(weight, noise_std, seed=noise_seed, offset=noise_offset)``, a temporary formed in
+            the forward and again in the backward; ``weight`` is never written (LoRA-GGPO, Flat-LoRA).
 
     Returns:
         ``[..., out]`` in x's dtype.
@@ -96,12 +103,18 @@ def lora_linear(
     drop = training and dropout_p > 0.0
     key = philox_key(seed, 0, generator) if drop else torch.zeros(2, dtype=torch.int64)
     keep = torch.full((), 1.0 - dropout_p, dtype=torch.float32, device=x.device) if drop else None
+    noise_key = philox_key(noise_seed, noise_offset, None)
+    if noise_std is not None:
+        noise_std = check_noise_args(weight, noise_std)
     base_grad = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
     if base_grad and backend == "ext":
         raise RuntimeError("backend='ext': the fused lora_linear keeps weight and bias frozen; they require grad")
     if base_grad or not use_kernel("lora_linear", backend, x.device):
-        return reference.lora_linear(x, weight, bias, A, B, c, scale, keep, seed=int(key[0]), offset=int(key[1]))
-    y, _ = torch.ops.finetune_ext.lora_linear(x, weight, bias, A, B, c, float(scale), keep, key)
+        return reference.lora_linear(
+            x, weight, bias, A, B, c, scale, keep, seed=int(key[0]), offset=int(key[1]),
+            noise_std=noise_std, noise_key=(noise_seed, noise_offset),
+        )  # fmt: skip
+    y, _ = torch.ops.finetune_ext.lora_linear(x, weight, bias, A, B, c, float(scale), keep, key, noise_std, noise_key)
     return y
 
 
@@ -122,22 +135,22 @@ def _check_lora_args(x, weight, bias, A, B, c) -> None:
 
 
 def _lora_setup(ctx, inputs, output) -> None:
-    x, weight, _, A, B, c, scale, keep, seed = inputs
+    x, weight, _, A, B, c, scale, keep, seed, noise_std, noise_seed = inputs
     _, u = output
     ctx.mark_non_differentiable(u)
-    ctx.save_for_backward(x, weight, A, B, u, keep, seed)
+    ctx.save_for_backward(x, weight, A, B, u, keep, seed, noise_std, noise_seed)
     ctx.scale, ctx.has_c = scale, c is not None
 
 
 def _lora_backward(ctx, grad: torch.Tensor, _grad_u: torch.Tensor | None):
-    x, weight, A, B, u, keep, seed = ctx.saved_tensors
+    x, weight, A, B, u, keep, seed, noise_std, noise_seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[3], need[4], need[5] and ctx.has_c]
     dx, dA, dB, dc = torch.ops.finetune_ext.lora_linear_backward(
-        grad.contiguous(), x, weight, A, B, u, ctx.scale, keep, seed, mask
+        grad.contiguous(), x, weight, A, B, u, ctx.scale, keep, seed, noise_std, noise_seed, mask
     )
     pick = [t if m else None for t, m in zip((dx, dA, dB, dc), mask, strict=True)]
-    return pick[0], None, None, pick[1], pick[2], pick[3], None, None, None
+    return pick[0], None, None, pick[1], pick[2], pick[3], None, None, None, None, None
 
 
 torch.library.register_autograd("finetune_ext::lora_linear", _lora_backward, setup_context=_lora_setup)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_ext.reference.fisher_dropout import fisher_dropout
+from finetune_ext.reference.gaussian_perturb import gaussian_perturb
 
 
 def linchain_compose(W: torch.Tensor, b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,10 +39,15 @@ def lora_linear(
     *,
     seed: int = 0,
     offset: int = 0,
+    noise_std: torch.Tensor | None = None,
+    noise_key: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
-    """``x W^T + bias + scale * (dropout(x) A^T + c) B^T`` with the kernels' dropout mask."""
+    """``x W^T + bias + scale * (dropout(x) A^T + c) B^T`` with the kernels' dropout mask; with ``noise_std``,
+    ``W`` is the kernels' ``W + eps`` of ``noise_key`` (a new tensor: ``weight`` is not written)."""
     xd = fisher_dropout(x, keep, seed=seed, offset=offset) if keep is not None else x
     u = F.linear(xd, A, c)
+    if noise_std is not None:
+        weight = gaussian_perturb(weight, noise_std, seed=noise_key[0], offset=noise_key[1])
     return F.linear(x, weight, bias) + scale * F.linear(u, B)
 
 

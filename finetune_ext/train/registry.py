@@ -1,7 +1,8 @@
 """Every training part, by kind and name, imported only when a run (or ``finetune-ext methods``) needs it.
 
 A run takes one choice per kind. Transforms apply in the order of ``TRANSFORM_KINDS`` (dropout before
-adapters: guided dropout reads the Fisher of the model as it comes), then the stepper is set up. A kind's
+adapters: guided dropout reads the Fisher of the model as it comes; perturbations after adapters: they
+perturb adapted layers), then the stepper is set up. A kind's
 ``None`` entry is its no-op choice. Adding a part is one file with a ``Transform`` or ``Stepper`` subclass
 and one line here. ``PRESETS`` are the one-word ``--method`` names of earlier releases.
 """
@@ -26,15 +27,25 @@ PARTS: dict[str, dict[str, str | None]] = {
         "lora": "finetune_ext.adapters.method:LoRA",
         "linchain": "finetune_ext.adapters.method:LinChain",
     },
+    "perturbation": {
+        "none": None,
+        "flat-lora": "finetune_ext.perturb.method:FlatLoRA",
+        "ggpo": "finetune_ext.perturb.method:GGPO",
+        "mgpo": "finetune_ext.perturb.method:MGPO",
+    },
     "optimizer": {
         "adamw": "finetune_ext.train.adamw:AdamW",
         "armijo": "finetune_ext.optim.method:Armijo",
         "lift": "finetune_ext.lift.stepper:LiFT",
     },
 }
-TRANSFORM_KINDS = ("dropout", "adapter")
+TRANSFORM_KINDS = ("dropout", "adapter", "perturbation")
 STEPPER_KIND = "optimizer"
-NOOP_HELP = {"standard": "the model's own dropout, unchanged", "none": "no adapter: every parameter trains"}
+NOOP_HELP = {
+    "dropout": "the model's own dropout, unchanged",
+    "adapter": "no adapter: every parameter trains",
+    "perturbation": "the gradient at the weights themselves",
+}
 DEFAULTS = {kind: next(iter(names)) for kind, names in PARTS.items()}
 
 PRESETS: dict[str, dict[str, str]] = {
@@ -45,6 +56,7 @@ PRESETS: dict[str, dict[str, str]] = {
     "gaussian-dropout": {"dropout": "gaussian"},
     "armijo": {"optimizer": "armijo"},
     "lift": {"optimizer": "lift"},
+    "lora-ggpo": {"adapter": "lora", "perturbation": "ggpo"},
 }
 
 
@@ -96,7 +108,7 @@ def catalogue() -> list[tuple[str, str, str, list[tuple[str, str, Any, str]]]]:
         for name in names:
             cls = part_class(kind, name)
             if cls is None:
-                rows.append((kind, name, NOOP_HELP[name], []))
+                rows.append((kind, name, NOOP_HELP[kind], []))
             else:
                 doc = (cls.__doc__ or "").strip().splitlines()[0]
                 rows.append((kind, name, doc, opts.describe(cls.Options)))

@@ -62,6 +62,9 @@ class TrainConfig:
     method: str | None = option(None, "a preset of parts, the one-word methods of earlier releases", _presets)
     dropout: str | None = option(None, "dropout transform (default: standard)", _choices("dropout"))
     adapter: str | None = option(None, "adapter transform (default: none)", _choices("adapter"))
+    perturbation: str | None = option(
+        None, "weight perturbation of adapted layers (default: none)", _choices("perturbation")
+    )
     optimizer: str | None = option(None, "stepper that owns the optimizer step (default: adamw)", _choices("optimizer"))
     seed: int = option(0, "seed for initialisation, data order, subsets and dropout")
     steps: int = option(100, "optimizer steps")
@@ -91,6 +94,7 @@ class TrainConfig:
     method_options: dict[str, Any] = option({}, "options of the --method preset's parts, routed by name")
     dropout_options: dict[str, Any] = option({}, "options of the dropout transform")
     adapter_options: dict[str, Any] = option({}, "options of the adapter transform")
+    perturbation_options: dict[str, Any] = option({}, "options of the perturbation transform")
     optimizer_options: dict[str, Any] = option({}, "options of the stepper")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -71,3 +72,18 @@ def test_lift_rows_cases_give_rows_of_the_right_shape_and_no_speedup_plot(tmp_pa
     assert tuple(cases["sr1"].fn().shape) == (16, 20000)  # 16 rows on the LP's columns
     rows = bench.run([cases["sr1"]], warmup=0, reps=20, progress=False)
     assert bench.plot_speedup(rows, tmp_path) == []  # no reference provider: nothing to plot
+
+
+def test_ggpo_step_cases_run_every_provider() -> None:
+    cases = list(bench.OPS["ggpo_step"](torch.device("cpu"), torch.float32, [], None))
+    assert [c.provider for c in cases] == ["lora", "ggpo", "flat-lora", "naive"]
+    losses = {c.provider: [c.fn() for _ in range(2)] for c in cases}
+    assert all(math.isfinite(v) for values in losses.values() for v in values)
+    assert losses["ggpo"][0] != losses["lora"][0] != losses["flat-lora"][0]  # the noise changes the loss
+
+
+def test_gaussian_perturb_cases_ext_is_the_reference() -> None:
+    cases = {c.provider: c for c in bench.OPS["gaussian_perturb"](torch.device("cpu"), torch.float32, [768 * 8], None)}
+    assert set(cases) == {"reference", "eager", "ext"}
+    assert torch.equal(cases["ext"].fn(), cases["reference"].fn())
+    assert cases["eager"].fn().shape == (768, 8)

@@ -120,14 +120,20 @@ def test_lora_linear_gradcheck_and_opcheck(device) -> None:
     x, weight, bias, A, B, c = _layer(device, torch.float64, lead=(5,), d_in=6, d_out=4, r=3)
     leaves = [t.requires_grad_(True) for t in (x, A, B, c)]
 
-    def fn(x_, A_, B_, c_):
-        return ops.lora_linear(x_, weight, bias, A_, B_, c_, scale=0.5, dropout_p=0.4, seed=3, backend="ext")
+    std = torch.rand(4, device=device)
+
+    def fn(x_, A_, B_, c_, noise=None):
+        return ops.lora_linear(x_, weight, bias, A_, B_, c_, scale=0.5, dropout_p=0.4, seed=3, noise_std=noise,
+                               noise_seed=8, backend="ext")  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradcheck(lambda *t: fn(*t, noise=std), leaves)
     keep, seed = torch.full((), 0.6, dtype=torch.float32, device=device), torch.tensor([3, 0])
-    args = (x, weight, bias, A, B, c, 0.5, keep, seed)
-    torch.library.opcheck(torch.ops.finetune_ext.lora_linear, args)
-    torch.library.opcheck(torch.ops.finetune_ext.lora_linear, (x, weight, None, A, B, None, 0.5, None, seed))
+    no_noise, noise_key = (None, torch.zeros(2, dtype=torch.int64)), torch.tensor([8, 0])
+    op = torch.ops.finetune_ext.lora_linear
+    torch.library.opcheck(op, (x, weight, bias, A, B, c, 0.5, keep, seed, *no_noise))
+    torch.library.opcheck(op, (x, weight, None, A, B, None, 0.5, None, seed, *no_noise))
+    torch.library.opcheck(op, (x, weight, bias, A, B, c, 0.5, keep, seed, std, noise_key))
 
 
 @pytest.mark.parametrize("device", DEVICES)

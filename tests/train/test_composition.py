@@ -30,15 +30,21 @@ SMALL = {  # options that keep each part quick on tiny models
     "lift": {"warmup_steps": 2, "rows": 4, "columns": 16, "val_batches": 1, "line_evals": 3},
 }
 COMBINATIONS = list(itertools.product(*(registry.PARTS[k] for k in ("dropout", "adapter", "optimizer"))))
+PERTURBATIONS = [p for p in registry.PARTS["perturbation"] if p != "none"]
+# A perturbation needs adapters: each with both adapters under AdamW, and with LoRA under the other steppers.
+PERTURBED = [(p, a, "adamw") for p in PERTURBATIONS for a in ("lora", "linchain")]
+PERTURBED += [(p, "lora", o) for p in PERTURBATIONS for o in registry.PARTS["optimizer"] if o != "adamw"]
 
 
-def _config(model: str, data, tokenizer: str, out: Path, dropout: str, adapter: str, optimizer: str, **extra):
+def _config(model: str, data, tokenizer: str, out: Path, dropout: str, adapter: str, optimizer: str,
+            perturbation: str = "none", **extra):  # fmt: skip
     task = dict(block_size=32) if model.startswith("config:gpt2") else dict(max_length=24, val_size=24)
     return TrainConfig(
         model=model, tokenizer=tokenizer, data=str(data), output_dir=str(out), steps=4, batch_size=4, lr=1e-3,
         eval_every=2, save_every=2, max_eval_batches=1, eval_batch_size=4, progress=False,
         dropout=dropout, adapter=adapter, optimizer=optimizer, dropout_options=SMALL.get(dropout, {}),
-        adapter_options=SMALL.get(adapter, {}), optimizer_options=SMALL.get(optimizer, {}), **task, **extra,
+        adapter_options=SMALL.get(adapter, {}), optimizer_options=SMALL.get(optimizer, {}), perturbation=perturbation,
+        perturbation_options={"ramp": "constant"} if perturbation in ("flat-lora", "ggpo") else {}, **task, **extra,
     )  # fmt: skip
 
 
@@ -65,7 +71,7 @@ def _check_combination(cfg: TrainConfig, tmp_path: Path) -> None:
     summary = train(cfg)
     assert summary["steps"] == 4
     assert {k: v["name"] for k, v in summary["config"]["parts"].items()} == {
-        "dropout": cfg.dropout, "adapter": cfg.adapter, "optimizer": cfg.optimizer,
+        "dropout": cfg.dropout, "adapter": cfg.adapter, "optimizer": cfg.optimizer, "perturbation": cfg.perturbation,
     }  # fmt: skip
     if cfg.adapter != "none":
         assert summary["params_trainable"] < summary["params_total"] / 10
@@ -86,6 +92,14 @@ def test_gpt2_combination_trains_and_resumes_exactly(dropout, adapter, optimizer
 def test_bert_combination_trains_and_resumes_exactly(dropout, adapter, optimizer, tmp_path, sst2_slice,
                                                       bert_tokenizer) -> None:  # fmt: skip
     cfg = _config("config:bert-tiny", sst2_slice, bert_tokenizer, tmp_path / "whole", dropout, adapter, optimizer)
+    _check_combination(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(("perturbation", "adapter", "optimizer"), PERTURBED)
+def test_perturbed_combination_trains_and_resumes_exactly(perturbation, adapter, optimizer, tmp_path, wikitext_slice,
+                                                          gpt2_tokenizer) -> None:  # fmt: skip
+    cfg = _config("config:gpt2-tiny", wikitext_slice, gpt2_tokenizer, tmp_path / "whole", "standard", adapter,
+                  optimizer, perturbation)  # fmt: skip
     _check_combination(cfg, tmp_path)
 
 

@@ -1,0 +1,244 @@
+"""Perturbation transforms ``--perturbation flat-lora|ggpo|mgpo``: the weights each step's gradient is taken at.
+
+* ``flat-lora`` (Li et al., ICML 2025): ``W + eps``, ``eps_ij ~ N(0, std_i^2)`` with
+  ``std_i = f(t) rho / sqrt(in) ||W'_i||``, ``W' = W + s B A``, ``f(t) = (1 - cos(pi t / T)) / 2``.
+* ``ggpo`` (LoRA-GGPO, arXiv 2502.14538 v1): the same noise with the row stds also guided by the gradient proxy
+  ``G = s (grad_B A + B grad_A)`` of the last backward; ``formula=default`` or ``kohya`` (see ``GGPOOptions``).
+* ``mgpo`` (LoRA-MGPO, v2): a deterministic shift ``eps = -rho v / ||v|| min(1 / gbar, 10)`` along Adam's
+  momentum in weight space, ``v = s (m_B A + B m_A)``, with ``gbar`` an EMA of ``||G||_F``; the minus sign is the
+  released code's (a descent-direction look-ahead, unlike SAM's ascent).
+
+One noise draw serves every micro-batch and rank of a step: its Philox key is ``(run seed, step // refresh,
+layer)``. The stds come from ``perturb.stats`` (no ``B A``, no full-weight gradient). For LinChain ``A`` is the
+chain's ``M A`` and ``grad_A`` enters as ``M grad_A`` (the mixers held fixed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from finetune_ext.adapters.layer import LinChainLinear
+from finetune_ext.nn import keys
+from finetune_ext.perturb import stats
+from finetune_ext.train.errors import UserError
+from finetune_ext.train.options import option
+from finetune_ext.train.parts import RunContext, Stepper, Transform
+
+_NOISE_STREAM = 0x6E6F697365  # separates the noise keys from the dropout keys
+
+
+@dataclass
+class FlatLoRAOptions:
+    rho: float = option(0.05, "noise scale: row std = f(t) rho / sqrt(in) ||W'_i||")
+    ramp: Literal["cosine", "constant"] = option("cosine", "f(t): (1 - cos(pi t / T)) / 2 rising 0 -> 1, or 1")
+    refresh: int = option(1, "steps between noise redraws (stds and key fixed in between)")
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rho, (int, float)) and self.rho >= 0):
+            raise ValueError(f"rho: expected a number >= 0, got {self.rho!r}")
+        if self.ramp not in ("cosine", "constant"):
+            raise ValueError(f"ramp: expected 'cosine' or 'constant', got {self.ramp!r}")
+        if isinstance(self.refresh, bool) or not isinstance(self.refresh, int) or self.refresh < 1:
+            raise ValueError(f"refresh: expected an integer >= 1, got {self.refresh!r}")
+
+
+@dataclass
+class GGPOOptions(FlatLoRAOptions):
+    """``default``: ``std_i = f(t) rho / sqrt(in) (||W'_i|| + beta g_i) / (1 + beta)`` with ``g_i = ||G_i||`` rescaled
+    to the layer's mean ``||W'_i||`` (so beta is unit-free and the mean std equals Flat-LoRA's: the gradient
+    only moves noise to the rows it is large on). ``kohya``: sd-scripts' literal
+    ``std_i = f(t) (rho sqrt(mean_j ||W_j||^2 + ||(B A)_i||^2) + beta ||G_i||^2) / sqrt(out)`` (its ``B A`` without
+    the scale; the mean over every row instead of 1,000 sampled ones; ``ramp=constant`` for its fixed scale)."""
+
+    beta: float = option(1.0, "weight of the gradient term (kohya's default is 0.01, with rho 0.03)")
+    formula: Literal["default", "kohya"] = option("default", "row-std formula: ours or sd-scripts' literal one")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
+            raise ValueError(f"beta: expected a number >= 0, got {self.beta!r}")
+        if self.formula not in ("default", "kohya"):
+            raise ValueError(f"formula: expected 'default' or 'kohya', got {self.formula!r}")
+
+
+@dataclass
+class MGPOOptions:
+    rho: float = option(0.05, "shift size: ||eps||_F = f(t) rho min(1 / gbar, 10)")
+    beta: float = option(0.9, "EMA decay of the gradient norm gbar")
+    ramp: Literal["cosine", "constant"] = option("constant", "f(t), as for flat-lora (the released code: constant)")
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rho, (int, float)) and self.rho >= 0):
+            raise ValueError(f"rho: expected a number >= 0, got {self.rho!r}")
+        if not (isinstance(self.beta, (int, float)) and 0 <= self.beta < 1):
+            raise ValueError(f"beta: expected a value in [0, 1), got {self.beta!r}")
+        if self.ramp not in ("cosine", "constant"):
+            raise ValueError(f"ramp: expected 'cosine' or 'constant', got {self.ramp!r}")
+
+
+class _Perturbation(Transform):
+    """Finds the adapters; the ramp; the factors of each layer's update and gradient proxy."""
+
+    def apply(self, model: nn.Module, run: RunContext) -> None:
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, LinChainLinear)}
+        if not self.layers:
+            raise UserError(f"perturbation: {self.name} perturbs adapted layers; add --adapter lora or linchain")
+        self.seed, self.total_steps = run.seed, run.total_steps
+
+    def ramp(self, step: int) -> float:
+        if self.options.ramp == "constant":
+            return 1.0
+        return 0.5 * (1.0 - math.cos(math.pi * step / max(1, self.total_steps)))
+
+    @staticmethod
+    @torch.no_grad()
+    def factors(layer: LinChainLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(A', M)``: the effective down-projection and the chain matrix (``None`` for LoRA)."""
+        M, _ = layer.chain()
+        return layer.factors()[0].detach(), (M.detach() if M is not None else None)
+
+    @staticmethod
+    @torch.no_grad()
+    def pair(layer: LinChainLinear, d_A: torch.Tensor | None, d_B: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """``(P, Q)`` with ``P Q = s (d_B A' + B M d_A)``; ``()`` when a direction is missing."""
+        if d_A is None or d_B is None:
+            return ()
+        A, M = _Perturbation.factors(layer)
+        d_A = M @ d_A if M is not None else d_A
+        return stats.gradient_factors(A, layer.lora_B.detach(), d_A, d_B, layer.scale)
+
+
+class FlatLoRA(_Perturbation):
+    """Flat-LoRA: Gaussian noise on the full weight, row std f(t)·rho/sqrt(in)·||W + sBA||_i, one draw a step."""
+
+    name = "flat-lora"
+    Options = FlatLoRAOptions
+
+    def apply(self, model: nn.Module, run: RunContext) -> None:
+        super().apply(model, run)
+        self.w_sq = {n: stats.row_sq_norms(m.base_weight().detach()) for n, m in self.layers.items()}
+        self.std: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def row_std(self, name: str, layer: LinChainLinear, step: int) -> torch.Tensor:
+        W = layer.base_weight().detach()
+        A, _ = self.factors(layer)
+        norms = stats.merged_row_norms(self.w_sq[name], W, A, layer.lora_B.detach(), layer.scale)
+        return self.ramp(step) * self.options.rho / math.sqrt(W.shape[1]) * norms
+
+    def before_step(self, step: int, stepper: Stepper) -> None:
+        refresh = self.options.refresh
+        for name, layer in self.layers.items():
+            if step % refresh == 0 or name not in self.std:
+                self.std[name] = self.row_std(name, layer, step).float()
+            layer.noise = (self.std[name], keys.mix(self.seed, _NOISE_STREAM, step // refresh, layer.site))
+
+    def after_step(self, step: int, stepper: Stepper) -> None:
+        for layer in self.layers.values():
+            layer.noise = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"std": dict(self.std)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.std = dict(state["std"])
+
+
+class GGPO(FlatLoRA):
+    """LoRA-GGPO: Flat-LoRA's noise with row stds guided by weight and gradient norms (formula default|kohya)."""
+
+    name = "ggpo"
+    Options = GGPOOptions
+
+    def apply(self, model: nn.Module, run: RunContext) -> None:
+        super().apply(model, run)
+        self.grad_norms: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def row_std(self, name: str, layer: LinChainLinear, step: int) -> torch.Tensor:
+        o = self.options
+        W = layer.base_weight().detach()
+        A, _ = self.factors(layer)
+        g = self.grad_norms.get(name)
+        if o.formula == "kohya":
+            w_mean = self.w_sq[name].sqrt().mean()
+            ba = stats.product_row_norms(layer.lora_B.detach(), A)
+            g2 = g.square() if g is not None else torch.zeros_like(ba)
+            return self.ramp(step) * (o.rho * (w_mean**2 + ba**2).sqrt() + o.beta * g2) / math.sqrt(W.shape[0])
+        norms = stats.merged_row_norms(self.w_sq[name], W, A, layer.lora_B.detach(), layer.scale)
+        guided = norms if g is None or not bool(g.sum() > 0) else g * (norms.mean() / g.mean())
+        return self.ramp(step) * o.rho / math.sqrt(W.shape[1]) * (norms + o.beta * guided) / (1.0 + o.beta)
+
+    @torch.no_grad()
+    def after_step(self, step: int, stepper: Stepper) -> None:
+        super().after_step(step, stepper)
+        for name, layer in self.layers.items():
+            P_Q = self.pair(layer, layer.lora_A.grad, layer.lora_B.grad)
+            if P_Q:
+                self.grad_norms[name] = stats.product_row_norms(*P_Q)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "grad_norms": dict(self.grad_norms)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.grad_norms = dict(state["grad_norms"])
+
+
+class MGPO(_Perturbation):
+    """LoRA-MGPO: shift W by -rho·v/||v||·min(1/gbar, 10) along Adam's momentum v (the released code's sign)."""
+
+    name = "mgpo"
+    Options = MGPOOptions
+
+    def apply(self, model: nn.Module, run: RunContext) -> None:
+        super().apply(model, run)
+        self.ema: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def momentum(stepper: Stepper, p: torch.Tensor) -> torch.Tensor | None:
+        optimizer = getattr(stepper, "optimizer", None)
+        if optimizer is None or not hasattr(optimizer, "state"):
+            raise UserError(f"perturbation: mgpo reads Adam's momentum; optimizer {stepper.name!r} keeps none")
+        state = optimizer.state.get(p, {})
+        return state.get("exp_avg", state.get("momentum_buffer"))
+
+    @torch.no_grad()
+    def before_step(self, step: int, stepper: Stepper) -> None:
+        o = self.options
+        for name, layer in self.layers.items():
+            layer.shift = None
+            P_Q = self.pair(layer, self.momentum(stepper, layer.lora_A), self.momentum(stepper, layer.lora_B))
+            if not P_Q:
+                continue
+            norm = stats.product_row_norms(*P_Q).square().sum().sqrt()
+            if not bool(norm > 1e-12):
+                continue
+            gbar = self.ema.get(name)
+            adaptive = 1.0 if gbar is None else torch.clamp(1.0 / (gbar + 1e-12), max=10.0)
+            coef = -o.rho * self.ramp(step) * adaptive / (norm + 1e-12)
+            P, Q = P_Q
+            layer.shift = ((P.double() * coef).to(P.dtype), Q)
+
+    @torch.no_grad()
+    def after_step(self, step: int, stepper: Stepper) -> None:
+        beta = self.options.beta
+        for name, layer in self.layers.items():
+            layer.shift = None
+            P_Q = self.pair(layer, layer.lora_A.grad, layer.lora_B.grad)
+            if not P_Q:
+                continue
+            norm = stats.product_row_norms(*P_Q).square().sum().sqrt()
+            prev = self.ema.get(name)
+            self.ema[name] = norm if prev is None else beta * prev + (1.0 - beta) * norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": dict(self.ema)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema = dict(state["ema"])

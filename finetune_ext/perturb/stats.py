@@ -1,0 +1,46 @@
+"""Row and layer norms of a low-rank-adapted weight and of its gradient proxy, without forming ``B A``.
+
+For ``W' = W + s B A`` (LinChain: ``A`` is the chain's ``M A``), row ``i``:
+
+    ||W'_i||^2 = ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T
+
+from the cached ``||W_i||^2``, the ``[out, r]`` product ``W A^T`` and the ``r x r`` Gram of ``A``. The gradient
+proxy of LoRA-GGPO and MGPO, ``G = s (grad_B A + B grad_A)``, is the product ``P Q`` of ``P = s [grad_B, B]``
+``[out, 2r]`` and ``Q = [A; grad_A]`` ``[2r, in]``, so ``||G_i||^2 = P_i (Q Q^T) P_i^T`` from the ``2r x 2r``
+Gram of ``Q``. Everything but ``W A^T`` costs ``O((in + out) r^2)``; ``W A^T`` is one ``[out, in] x [in, r]``
+product, the cost of a forward pass over ``r`` tokens. Results are float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def row_sq_norms(W: torch.Tensor) -> torch.Tensor:
+    """``||W_i||^2`` of every row, float64 (cache it: the base weight is frozen)."""
+    return W.double().square().sum(1)
+
+
+def merged_row_norms(
+    w_sq: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``||(W + scale B A)_i||`` for every row ``i``, from ``w_sq = row_sq_norms(W)``."""
+    WA = (W @ A.to(W.dtype).t()).double()
+    A64, B64 = A.double(), B.double()
+    gram = A64 @ A64.t()
+    cross = (B64 * WA).sum(1)
+    quad = ((B64 @ gram) * B64).sum(1)
+    return (w_sq + 2.0 * scale * cross + scale * scale * quad).clamp_min(0.0).sqrt()
+
+
+def product_row_norms(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``||(P Q)_i||`` for every row ``i`` from the Gram of ``Q``, without forming ``P Q``."""
+    P64, Q64 = P.double(), Q.double()
+    return ((P64 @ (Q64 @ Q64.t())) * P64).sum(1).clamp_min(0.0).sqrt()
+
+
+def gradient_factors(
+    A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, Q)`` with ``P Q = scale (grad_B A + B grad_A)``: ``P = scale [grad_B, B]``, ``Q = [A; grad_A]``."""
+    return scale * torch.cat([grad_B, B], dim=1), torch.cat([A, grad_A], dim=0)
