@@ -26,5 +26,6 @@ def cases(device: torch.device, dtype: torch.dtype, sizes: list[int], providers:
             "eager": lambda W=W, std=std: W + std[:, None].to(W.dtype) * torch.randn_like(W),
             "ext": lambda W=W, std=std: ops.gaussian_perturb(W, std, seed=1, backend="ext"),
         }
+        moved = 2 * W.numel() * W.element_size()
         for name, fn in select_providers(available, providers).items():
-            yield Case("gaussian_perturb", "fwd", name, tuple(W.shape), dtype, device, 2 * W.numel() * W.element_size(), fn)
+            yield Case("gaussian_perturb", "fwd", name, tuple(W.shape), dtype, device, moved, fn)
