@@ -33,7 +33,7 @@ def bf16_drift(rounds: int) -> tuple[float, float, float]:
     changed = total = 0
     worst = diff_sq = norm_sq = 0.0
     for name, layer in layers.items():
-        d = (layer.base_weight().float() - before[name].float())
+        d = layer.base_weight().float() - before[name].float()
         changed += int((d != 0).sum())
         total += d.numel()
         worst = max(worst, float(d.abs().max()))
