@@ -5,8 +5,8 @@ linear, plain and perturbed, side by side; then the base-weight drift of the in-
 
 Appends rows to benchmarks/results/ggpo_step_cpu.csv (mode ``train-step-gpt2``), prints the table and each
 provider's time relative to ``lora``, and writes benchmarks/results/ggpo_step.md. The drift: every adapted
-weight of the model in bf16, 100 rounds of ``W += eps; W -= eps`` with GGPO's row stds (the naive provider's
-arithmetic), against the weight before. Our fused path never writes ``W`` (tests/perturb hash it).
+weight of the model in bf16, 100 rounds of the in-place ``W += eps; W -= eps`` (Flat-LoRA's row stds at f = 1),
+against the weight before. Our fused path never writes ``W`` (tests/perturb hash it).
 """
 
 import argparse
@@ -16,29 +16,33 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config
 
-from finetune_ext.bench.ggpo_step import NaiveGGPO, adapted_gpt2, cases
+from finetune_ext.bench.ggpo_step import adapted_gpt2, cases
 from finetune_ext.bench.harness import device_name, run_full_size
 
 
 @torch.no_grad()
-def bf16_drift(rounds: int) -> tuple[float, float, float]:
-    """(fraction of elements changed, max |dW|, ||dW||_F / ||W||_F) over every adapted weight after ``rounds``."""
-    model, layers = adapted_gpt2(GPT2Config(), torch.device("cpu"))
-    model.bfloat16()
-    before = {n: layer.base_weight().clone() for n, layer in layers.items()}
-    naive = NaiveGGPO(layers)
-    for _ in range(rounds):
-        naive.add()
-        naive.subtract()
+def bf16_drift(rounds: int, rho: float = 0.05) -> tuple[float, float, float]:
+    """(fraction of elements changed, max |dW|, ||dW||_F / ||W||_F) over every adapted weight of GPT-2 small in
+    bf16 after ``rounds`` of ``W += eps; W -= eps`` (eps drawn in fp32 with row std rho/sqrt(in)·||W_i||, cast to
+    bf16 as the in-place code must)."""
+    _, layers = adapted_gpt2(GPT2Config(), torch.device("cpu"))
     changed = total = 0
     worst = diff_sq = norm_sq = 0.0
-    for name, layer in layers.items():
-        d = layer.base_weight().float() - before[name].float()
+    for layer in layers.values():
+        W0 = layer.base_weight().float()
+        W = W0.bfloat16()
+        start = W.float()
+        std = rho / W.shape[1] ** 0.5 * start.norm(dim=1, keepdim=True)
+        for _ in range(rounds):
+            eps = (std * torch.randn_like(start)).bfloat16()
+            W += eps
+            W -= eps
+        d = W.float() - start
         changed += int((d != 0).sum())
         total += d.numel()
         worst = max(worst, float(d.abs().max()))
         diff_sq += float(d.square().sum())
-        norm_sq += float(before[name].float().square().sum())
+        norm_sq += float(start.square().sum())
     return changed / total, worst, (diff_sq / norm_sq) ** 0.5
 
 

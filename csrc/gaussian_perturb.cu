@@ -1,7 +1,7 @@
 // CUDA kernel of finetune_ext::gaussian_perturb (_gaussian_perturb_kernel): out = W + std[:, None] * z. Each
-// thread owns one Philox group (four elements of the row-major [out, in] index), turns its words into four
-// normals (Box-Muller, gaussian_perturb.h) and writes the perturbed weight; W is read through its strides, so
-// GPT-2's transposed Conv1D weight needs no copy. Bit-identical to the CPU kernel.
+// thread owns one Philox group (four consecutive elements of the weight's memory), turns its words into four
+// normals (Box-Muller, gaussian_perturb.h) and writes the perturbed weight in the weight's layout, so GPT-2's
+// transposed Conv1D weight is read and written in order. Bit-identical to the CPU kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -21,8 +21,8 @@ constexpr int kThreads = 256;
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    _gaussian_perturb_kernel(const scalar_t* __restrict__ w, int64_t s0, int64_t s1, const float* __restrict__ std,
-                             scalar_t* __restrict__ out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset) {
+    _gaussian_perturb_kernel(const scalar_t* __restrict__ w, const float* __restrict__ std, scalar_t* __restrict__ out,
+                             int64_t rows, int64_t cols, bool per_column, uint64_t seed, uint64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = rows * cols;
   const int64_t groups = (n + 3) / 4;
@@ -30,17 +30,12 @@ __global__ void __launch_bounds__(kThreads)
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float z[4];
     philox_normal4(philox_group(seed, offset, static_cast<uint64_t>(g)), z);
-    const int64_t first = 4 * g;
-    int64_t i = first / cols, j = first % cols;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      if (first + e < n) {
-        const acc_t v = perturb_value<acc_t>(static_cast<acc_t>(w[i * s0 + j * s1]), __ldg(std + i), z[e]);
-        out[first + e] = static_cast<scalar_t>(v);
-      }
-      if (++j == cols) {
-        j = 0;
-        ++i;
+      const int64_t p = 4 * g + e;
+      if (p < n) {
+        const float sd = __ldg(std + (per_column ? p % cols : p / cols));
+        out[p] = static_cast<scalar_t>(perturb_value<acc_t>(static_cast<acc_t>(w[p]), sd, z[e]));
       }
     }
   }
@@ -62,21 +57,22 @@ int multiprocessors(int device) {
 at::Tensor gaussian_perturb_cuda(const at::Tensor& weight, const at::Tensor& std, const at::Tensor& seed) {
   const PhiloxSeed key = check_gaussian_perturb_args(weight, std, seed, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(weight.device());
+  const PerturbLayout layout = perturb_layout(weight);
   const at::Tensor std_c = std.contiguous();
-  at::Tensor out = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t rows = weight.size(0), cols = weight.size(1);
+  at::Tensor out = at::empty(layout.storage.sizes(), layout.storage.options());
+  const int64_t rows = out.size(0), cols = out.size(1);
   const int64_t groups = (rows * cols + 3) / 4;
-  if (groups == 0) return out;
+  if (groups == 0) return layout.per_column ? out.t() : out;
   const int64_t blocks = std::max<int64_t>(
       1, std::min<int64_t>((groups + kThreads - 1) / kThreads, multiprocessors(weight.get_device()) * 16));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gaussian_perturb_cuda", [&] {
     _gaussian_perturb_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        weight.const_data_ptr<scalar_t>(), weight.stride(0), weight.stride(1), std_c.const_data_ptr<float>(),
-        out.mutable_data_ptr<scalar_t>(), rows, cols, key.seed, key.offset);
+        layout.storage.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(),
+        rows, cols, layout.per_column, key.seed, key.offset);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return layout.per_column ? out.t() : out;
 }
 
 }  // namespace

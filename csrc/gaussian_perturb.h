@@ -6,6 +6,10 @@
 // t = (w1 >> 8) / 2^24 in [0, 1). ln, sin and cos are our own float32 polynomials built from single rounded
 // multiplies, adds and one division (no library calls, no FMA), so the CPU kernel, the CUDA kernel and
 // finetune_ext/reference/gaussian_perturb.py produce the same bits. Accuracy: a few float32 ulps.
+//
+// Element index = position in the weight's memory: row-major for a contiguous [out, in] weight, column-major
+// for a transposed view of a contiguous [in, out] one (GPT-2's Conv1D), so both are read and written in order.
+// Any other strides are made row-major contiguous first. The result has the weight's layout.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -34,6 +38,19 @@ inline PhiloxSeed check_gaussian_perturb_args(const at::Tensor& weight, const at
   TORCH_CHECK(std.device() == weight.device(), "gaussian_perturb: expected std on ", weight.device(),
               " (the device of weight), got ", std.device());
   return philox_seed_arg(seed, "gaussian_perturb");
+}
+
+// The weight as a contiguous storage matrix and whether its std index runs along storage columns.
+struct PerturbLayout {
+  at::Tensor storage;  // contiguous: the weight itself, or the [in, out] tensor a transposed view looks at
+  bool per_column;     // std index = storage column (transposed view) instead of storage row
+};
+
+inline PerturbLayout perturb_layout(const at::Tensor& weight) {
+  if (weight.is_contiguous()) return {weight, false};
+  const at::Tensor t = weight.t();
+  if (t.is_contiguous()) return {t, true};
+  return {weight.contiguous(), false};
 }
 
 // Correctly rounded float32 arithmetic that no compiler contracts into an FMA.

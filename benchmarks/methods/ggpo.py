@@ -8,7 +8,8 @@ sentences with ``--noise`` of the labels flipped (the sample and the flips follo
 ``--steps`` steps with the learning rate decaying linearly to 0; the clean GLUE dev set is the validation
 split, evaluated every ``--eval-every`` steps. Per run the CSV has the best and the final dev accuracy and the
 dip (the deepest fall of the dev accuracy below an earlier peak); the curves go to ``<out>_curves.csv`` and
-the plot. The rank sweep trains lora and ggpo at r in ``--ranks`` (seed 0) and reports the end point. Rows are
+the plot. The rank sweep trains lora and ggpo at r in ``--ranks`` (seed 0) and reports the end point (evaluated
+there only). Rows are
 appended as runs end and finished runs are skipped on restart.
 """
 
@@ -71,7 +72,8 @@ def run(variant: str, r: int, seed: int, args: argparse.Namespace, work: Path) -
     cfg = TrainConfig(
         model=minilm_path(), data=str(data), output_dir=str(out), overwrite=True, seed=seed, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.steps // 20, max_length=args.max_length,
-        val_size=872, eval_every=args.eval_every, eval_batch_size=64, save_every=args.steps, keep_checkpoints=1,
+        val_size=872, eval_every=args.eval_every if r == args.rank else args.steps, eval_batch_size=64,
+        save_every=args.steps, keep_checkpoints=1,
         progress=False, adapter="lora", adapter_options={"r": r, "alpha": 2.0 * r}, **VARIANTS[variant],
     )  # fmt: skip
     summary = train(cfg)

@@ -1,5 +1,5 @@
 // CPU kernel of finetune_ext::gaussian_perturb: out = W + std[:, None] * z, z from Philox via Box-Muller, one
-// Philox group per four elements of the row-major [out, in] index, blocks of groups split across threads.
+// Philox group per four elements in the weight's memory order, blocks of groups split across threads.
 // Bit-identical to the CUDA kernel and to finetune_ext/reference/gaussian_perturb.py.
 #include "../gaussian_perturb.h"
 
@@ -14,10 +14,15 @@
 namespace finetune_ext {
 namespace {
 
-// The 4 * groups normals of a block, in loops over arrays (radius, then angle) that the compiler vectorises.
-void normals_block(const uint32_t* words, int64_t groups, float* z) {
+// The 4 * groups normals of the block starting at Philox group first_group: Philox, then Box-Muller in loops
+// over arrays (radius, then angle) that the compiler vectorises. Compiled for AVX2 and for the baseline and
+// chosen at load time; the arithmetic is the same IEEE operations either way (no FMA), so are the bits.
+__attribute__((target_clones("avx2", "default"))) void normals_block(PhiloxSeed key, int64_t first_group,
+                                                                     int64_t groups, float* z) {
   constexpr float kInv = 1.0f / 16777216.0f;
+  uint32_t words[4 * kPhiloxBlock];
   float u[2 * kPhiloxBlock], t[2 * kPhiloxBlock], r[2 * kPhiloxBlock], c[2 * kPhiloxBlock], s[2 * kPhiloxBlock];
+  philox_block(key.seed, key.offset, first_group, groups, words);
   const int64_t pairs = 2 * groups;
   for (int64_t j = 0; j < pairs; ++j) {
     u[j] = mul_rn(static_cast<float>((words[2 * j] >> 8) + 1u), kInv);
@@ -31,30 +36,34 @@ void normals_block(const uint32_t* words, int64_t groups, float* z) {
   }
 }
 
+// out = w + std * z over a contiguous [rows, cols] storage matrix, std indexed by row or by column.
 template <typename scalar_t>
-void gaussian_perturb_cpu_impl(const scalar_t* w, int64_t s0, int64_t s1, const float* std, scalar_t* out, int64_t rows,
-                               int64_t cols, PhiloxSeed key) {
+void gaussian_perturb_cpu_impl(const scalar_t* w, const float* std, scalar_t* out, int64_t rows, int64_t cols,
+                               bool per_column, PhiloxSeed key) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kElems = 4 * kPhiloxBlock;
   const int64_t n = rows * cols;
   const int64_t blocks = (n + kElems - 1) / kElems;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    uint32_t words[kElems];
     float z[kElems];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * kElems;
       const int64_t count = std::min<int64_t>(kElems, n - first);
-      const int64_t groups = (count + 3) / 4;
-      philox_block(key.seed, key.offset, b * kPhiloxBlock, groups, words);
-      normals_block(words, groups, z);
+      normals_block(key, b * kPhiloxBlock, (count + 3) / 4, z);
       int64_t i = first / cols, j = first % cols;
-      for (int64_t e = 0; e < count;) {  // row by row: the inner loop is a contiguous (vectorisable) run
+      for (int64_t e = 0; e < count;) {  // a storage row at a time: contiguous, vectorisable runs
         const int64_t run = std::min<int64_t>(count - e, cols - j);
-        const scalar_t* wi = w + i * s0 + j * s1;
+        const scalar_t* wi = w + first + e;
         scalar_t* o = out + first + e;
-        const float sd = std[i];
-        for (int64_t k = 0; k < run; ++k) {
-          o[k] = static_cast<scalar_t>(perturb_value<acc_t>(static_cast<acc_t>(wi[k * s1]), sd, z[e + k]));
+        if (per_column) {
+          for (int64_t k = 0; k < run; ++k) {
+            o[k] = static_cast<scalar_t>(perturb_value<acc_t>(static_cast<acc_t>(wi[k]), std[j + k], z[e + k]));
+          }
+        } else {
+          const float sd = std[i];
+          for (int64_t k = 0; k < run; ++k) {
+            o[k] = static_cast<scalar_t>(perturb_value<acc_t>(static_cast<acc_t>(wi[k]), sd, z[e + k]));
+          }
         }
         e += run;
         j = 0;
@@ -66,14 +75,15 @@ void gaussian_perturb_cpu_impl(const scalar_t* w, int64_t s0, int64_t s1, const 
 
 at::Tensor gaussian_perturb_cpu(const at::Tensor& weight, const at::Tensor& std, const at::Tensor& seed) {
   const PhiloxSeed key = check_gaussian_perturb_args(weight, std, seed, c10::DeviceType::CPU);
+  const PerturbLayout layout = perturb_layout(weight);
   const at::Tensor std_c = std.contiguous();
-  at::Tensor out = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty(layout.storage.sizes(), layout.storage.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gaussian_perturb_cpu", [&] {
-    gaussian_perturb_cpu_impl<scalar_t>(weight.const_data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
-                                        std_c.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), weight.size(0),
-                                        weight.size(1), key);
+    gaussian_perturb_cpu_impl<scalar_t>(layout.storage.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(),
+                                        out.mutable_data_ptr<scalar_t>(), out.size(0), out.size(1), layout.per_column,
+                                        key);
   });
-  return out;
+  return layout.per_column ? out.t() : out;
 }
 
 }  // namespace

@@ -133,15 +133,17 @@ def _lora_linear_backward_fake(grad, x, weight, A, B, u, scale, keep, seed, nois
     return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask, strict=True))
 
 
-# out = weight + std[:, None] * z, z ~ N(0, 1) i.i.d. from Philox (Box-Muller, four normals per group of the
-# row-major [out, in] index) keyed by seed = (seed, offset), a CPU int64[2]. weight [out, in] of any strides;
-# std float32 [out]. Returns a new contiguous tensor in weight's dtype: weight is never written.
+# out = weight + std[:, None] * z, z ~ N(0, 1) i.i.d. from Philox (Box-Muller, four normals per group of
+# elements in memory order: row-major, column-major for a transposed view) keyed by seed = (seed, offset), a CPU
+# int64[2]. weight [out, in]; std float32 [out]. Returns a new tensor in weight's dtype and layout.
 LIB.define("gaussian_perturb(Tensor weight, Tensor std, Tensor seed) -> Tensor")
 
 
 @torch.library.register_fake("finetune_ext::gaussian_perturb")
 def _gaussian_perturb_fake(weight: torch.Tensor, std: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     torch._check(weight.dim() == 2, lambda: f"expected weight [out, in], got {tuple(weight.shape)}")
+    if not weight.is_contiguous() and weight.t().is_contiguous():
+        return weight.new_empty(weight.shape[::-1]).t()
     return weight.new_empty(weight.shape)
 
 

@@ -29,13 +29,14 @@ def gaussian_perturb(
     """``weight + std[:, None] * z`` with ``z ~ N(0, 1)`` i.i.d. from the Philox key ``(seed, offset)``.
 
     Args:
-        weight: ``[out, in]``, any floating dtype and strides (a transposed ``Conv1D`` weight is fine).
+        weight: ``[out, in]``, any floating dtype and strides. ``z`` runs in memory order: row-major, or
+            column-major for a transposed view (GPT-2's ``Conv1D`` weight ``.t()``), read and written in order.
         std: ``[out]`` row standard deviations (cast to float32), on ``weight``'s device.
         seed, offset, generator: the Philox key, as for ``fisher_dropout``.
         backend: ``"ext"``, ``"reference"`` or ``"auto"`` (the kernel when one is registered).
 
     Returns:
-        A new contiguous ``[out, in]`` tensor in ``weight``'s dtype (sums in float32, float64 for float64).
+        A new ``[out, in]`` tensor in ``weight``'s dtype and layout (sums in float32, float64 for float64).
     """
     check_backend(backend)
     std = check_noise_args(weight, std)

@@ -72,7 +72,10 @@ def philox_normal(numel: int, seed: int, offset: int, device: torch.device | str
 
 
 def gaussian_perturb(weight: torch.Tensor, std: torch.Tensor, *, seed: int, offset: int = 0) -> torch.Tensor:
-    """``weight + std[:, None] * z`` with the kernels' normals ``z`` (``[out, in]`` row-major), a new tensor."""
-    z = philox_normal(weight.numel(), seed, offset, weight.device).reshape(weight.shape)
+    """``weight + std[:, None] * z`` with the kernels' normals ``z``, a new tensor. ``z`` runs in the weight's memory
+    order: row-major, or column-major for a transposed view of a contiguous tensor (GPT-2's ``Conv1D``)."""
+    column_major = not weight.is_contiguous() and weight.t().is_contiguous()
+    z = philox_normal(weight.numel(), seed, offset, weight.device)
+    z = z.reshape(weight.shape[::-1]).t() if column_major else z.reshape(weight.shape)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     return (weight.to(acc) + std.to(device=weight.device, dtype=acc)[:, None] * z.to(acc)).to(weight.dtype)

@@ -35,12 +35,18 @@ def test_bits_match_reference(device, dtype, shape) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_strided_weight_gives_the_contiguous_result(device) -> None:
+def test_strided_weights_keep_their_layout_and_match_the_reference(device) -> None:
+    """A transposed view (GPT-2's Conv1D) draws in memory order and keeps its layout; other strides go row-major."""
     base = torch.randn(40, 66, device=device)
-    for W in (base.t(), base[:, ::2], base[1:, 3:]):
+    for W, column_major in ((base.t(), True), (base[:, ::2], False), (base[1:, 3:], False)):
         std = torch.rand(W.shape[0], device=device)
         out = ops.gaussian_perturb(W, std, seed=5, backend="ext")
-        assert torch.equal(out, ops.gaussian_perturb(W.contiguous(), std, seed=5, backend="ext"))
+        assert out.t().is_contiguous() if column_major else out.is_contiguous()
+        assert torch.equal(out.cpu(), reference.gaussian_perturb(W.cpu(), std.cpu(), seed=5))
+    std, zeros = torch.rand(66, device=device), torch.zeros_like(base)
+    out = ops.gaussian_perturb(zeros.t(), std, seed=5, backend="ext")
+    noise = ops.gaussian_perturb(zeros, torch.ones(40, device=device), seed=5, backend="ext")  # same memory order
+    assert torch.equal(out, std[:, None] * noise.t())  # row i of the [66, 40] view takes std_i on every element
 
 
 def test_normals_are_box_muller_of_the_philox_words() -> None:
