@@ -125,11 +125,16 @@ class FlatLoRA(_Perturbation):
         self.std: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def row_std(self, name: str, layer: LinChainLinear, step: int) -> torch.Tensor:
-        W = layer.base_weight().detach()
+    def merged_norms(self, name: str, layer: LinChainLinear) -> torch.Tensor:
+        """``||W'_i||`` of every row of ``W' = W + s B A'``."""
         A, _ = self.factors(layer)
-        norms = stats.merged_row_norms(self.w_sq[name], W, A, layer.lora_B.detach(), layer.scale)
-        return self.ramp(step) * self.options.rho / math.sqrt(W.shape[1]) * norms
+        return stats.merged_row_norms(
+            self.w_sq[name], layer.base_weight().detach(), A, layer.lora_B.detach(), layer.scale
+        )
+
+    def row_std(self, name: str, layer: LinChainLinear, step: int) -> torch.Tensor:
+        fan_in = layer.base_weight().shape[1]
+        return self.ramp(step) * self.options.rho / math.sqrt(fan_in) * self.merged_norms(name, layer)
 
     def before_step(self, step: int, stepper: Stepper) -> None:
         refresh = self.options.refresh
@@ -162,17 +167,17 @@ class GGPO(FlatLoRA):
     @torch.no_grad()
     def row_std(self, name: str, layer: LinChainLinear, step: int) -> torch.Tensor:
         o = self.options
-        W = layer.base_weight().detach()
-        A, _ = self.factors(layer)
+        fan_out, fan_in = layer.base_weight().shape
         g = self.grad_norms.get(name)
         if o.formula == "kohya":
             w_mean = self.w_sq[name].sqrt().mean()
-            ba = stats.product_row_norms(layer.lora_B.detach(), A)
+            ba = stats.product_row_norms(layer.lora_B.detach(), self.factors(layer)[0])
             g2 = g.square() if g is not None else torch.zeros_like(ba)
-            return self.ramp(step) * (o.rho * (w_mean**2 + ba**2).sqrt() + o.beta * g2) / math.sqrt(W.shape[0])
-        norms = stats.merged_row_norms(self.w_sq[name], W, A, layer.lora_B.detach(), layer.scale)
-        guided = norms if g is None or not bool(g.sum() > 0) else g * (norms.mean() / g.mean())
-        return self.ramp(step) * o.rho / math.sqrt(W.shape[1]) * (norms + o.beta * guided) / (1.0 + o.beta)
+            return self.ramp(step) * (o.rho * (w_mean**2 + ba**2).sqrt() + o.beta * g2) / math.sqrt(fan_out)
+        norms = self.merged_norms(name, layer)
+        # g rescaled to the mean of ||W'_i||; no gradient yet (or an all-zero one) leaves Flat-LoRA's stds. No sync.
+        guided = norms if g is None else torch.where(g.sum() > 0, g * (norms.mean() / g.mean()), norms)
+        return self.ramp(step) * o.rho / math.sqrt(fan_in) * (norms + o.beta * guided) / (1.0 + o.beta)
 
     @torch.no_grad()
     def after_step(self, step: int, stepper: Stepper) -> None:
@@ -216,7 +221,7 @@ class MGPO(_Perturbation):
             P_Q = self.pair(layer, self.momentum(stepper, layer.lora_A), self.momentum(stepper, layer.lora_B))
             if not P_Q:
                 continue
-            norm = stats.product_row_norms(*P_Q).square().sum().sqrt()
+            norm = stats.product_norm(*P_Q)
             if not bool(norm > 1e-12):
                 continue
             gbar = self.ema.get(name)
@@ -233,7 +238,7 @@ class MGPO(_Perturbation):
             P_Q = self.pair(layer, layer.lora_A.grad, layer.lora_B.grad)
             if not P_Q:
                 continue
-            norm = stats.product_row_norms(*P_Q).square().sum().sqrt()
+            norm = stats.product_norm(*P_Q)
             prev = self.ema.get(name)
             self.ema[name] = norm if prev is None else beta * prev + (1.0 - beta) * norm
 

@@ -39,6 +39,11 @@ def product_row_norms(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return ((P64 @ (Q64 @ Q64.t())) * P64).sum(1).clamp_min(0.0).sqrt()
 
 
+def product_norm(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``||P Q||_F`` from the Gram of ``Q``, without forming ``P Q``."""
+    return product_row_norms(P, Q).square().sum().sqrt()
+
+
 def gradient_factors(
     A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

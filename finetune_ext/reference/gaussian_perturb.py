@@ -38,7 +38,8 @@ def _radius(u: torch.Tensor) -> torch.Tensor:
     e = torch.where(high, e + 1.0, e)
     s = (m - 1.0) / (m + 1.0)
     ln_u = e * _f(_LN2) + (2.0 * s) * _horner(_LOG_SERIES, s * s, 1.0)
-    return torch.sqrt((-2.0 * ln_u).double()).float()  # torch's float32 sqrt is not correctly rounded; this is
+    # torch's float32 sqrt is not always correctly rounded; the float64 root rounded to float32 is.
+    return torch.sqrt((-2.0 * ln_u).double()).float()
 
 
 def _turn_cos_sin(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

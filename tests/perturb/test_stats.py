@@ -28,6 +28,7 @@ def test_gradient_proxy_row_norms_match_the_dense_product() -> None:
     torch.testing.assert_close(P @ Q, dense, **tolerance(torch.float64))
     torch.testing.assert_close(stats.product_row_norms(P, Q), torch.linalg.vector_norm(dense, dim=1),
                                **tolerance(torch.float64))  # fmt: skip
+    torch.testing.assert_close(stats.product_norm(P, Q), torch.linalg.norm(dense), **tolerance(torch.float64))
 
 
 def test_float32_inputs_give_float64_norms() -> None:
