@@ -158,6 +158,11 @@ def main() -> None:
     parser.add_argument("--work", default="runs/ggpo-study")
     parser.add_argument("--out", default="benchmarks/results/ggpo")
     args = parser.parse_args()
+    for name in ("train", "steps", "eval_every", "batch_size", "max_length", "rank"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.noise < 1.0:
+        parser.error(f"--noise: expected a fraction in [0, 1), got {args.noise}")
     work = Path(args.work)
     csv_path, md_path = Path(args.out + ".csv"), Path(args.out + ".md")
     curves_path = Path(args.out + "_curves.csv")
