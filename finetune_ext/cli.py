@@ -8,6 +8,7 @@ import functools
 import json
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 DTYPES = {
@@ -17,7 +18,18 @@ DTYPES = {
 }
 
 
+def _quiet_libraries() -> None:
+    """Our output only: transformers' configuration notes and torch's import-time notices stay out."""
+    import logging
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # imported by torch.utils.benchmark
+
+
 def _bench(args: argparse.Namespace) -> int:
+    _quiet_libraries()
     import torch
 
     from finetune_ext import bench
@@ -47,12 +59,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import transformers
-
+    _quiet_libraries()
     from finetune_ext.train import TrainConfig, train
     from finetune_ext.train.options import parse_pairs
 
-    transformers.logging.set_verbosity_error()  # our errors are one line; keep the library's chatter out
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     for name in [k for k in fields if k.endswith("_options")]:
         fields[name] = parse_pairs(fields[name], name.removesuffix("s").replace("_", "-"))
@@ -162,8 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """Our run warnings (a repair or a change the run goes on with) print as one line, like our errors."""
+    from finetune_ext.train.errors import RunWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, RunWarning):
+            print(f"finetune-ext {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _one_line_warnings(args.command)
     try:
         return args.func(args)
     except ValueError as err:  # UserError and the ops' argument errors: one line, no traceback

@@ -160,23 +160,47 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> dict[str, LinChainLinear]:
-    """Put the adapters saved in ``path`` on a fresh base ``model`` (same architecture) and load their weights."""
+    """Put the adapters saved in ``path`` on a fresh base ``model`` (same architecture) and load their weights.
+
+    Everything is checked before the weights are copied; on any error the model is left as it was (no adapters,
+    its parameters' ``requires_grad`` restored)."""
     path = Path(path)
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / f).is_file():
             raise FileNotFoundError(f"path: {path / f} not found (expected a folder written by save_adapter)")
     config = LinChainConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    found = apply_linchain(model, config)
     tensors = load_file(str(path / WEIGHTS_FILE))
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    with torch.random.fork_rng(devices=[]):  # the fresh adapters' initial draws are overwritten below
+        found = apply_linchain(model, config)
     expected = adapter_state_dict(model)
+    try:
+        _check_fits(expected, tensors)
+    except ValueError:
+        _remove_adapters(model, trainable)
+        raise
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(tensors[name])
+    return found
+
+
+def _check_fits(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"path: adapter weights do not fit this model; missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    with torch.no_grad():
-        for name, target in expected.items():
-            if tensors[name].shape != target.shape:
-                raise ValueError(f"path: {name} has shape {list(tensors[name].shape)}, the model {list(target.shape)}")
-            target.copy_(tensors[name])
-    return found
+    for name, target in expected.items():
+        if tensors[name].shape != target.shape:
+            raise ValueError(f"path: {name} has shape {list(tensors[name].shape)}, the model {list(target.shape)}")
+
+
+def _remove_adapters(model: nn.Module, trainable: dict[nn.Parameter, bool]) -> None:
+    """Undo ``apply_linchain`` without merging: base layers back in place, hooks removed, flags restored."""
+    for name, a in adapters(model).items():
+        replace_module(model, name, a.base_layer)
+    for h in model.__dict__.pop("_linchain")["hooks"]:
+        h.remove()
+    for p, flag in trainable.items():
+        p.requires_grad_(flag)

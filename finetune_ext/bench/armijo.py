@@ -28,7 +28,9 @@ def _model(device: torch.device) -> tuple[GPT2LMHeadModel, tuple[int, int]]:
     torch.manual_seed(0)
     if device.type == "cuda":
         return GPT2LMHeadModel(GPT2Config()).to(device), (8, 512)
-    return GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192)).to(device), (4, 64)
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, bos_token_id=0, eos_token_id=0)
+    ).to(device), (4, 64)
 
 
 def update_cases(

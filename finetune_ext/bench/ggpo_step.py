@@ -90,7 +90,7 @@ def _step_fn(model, batch, transform, naive: NaiveGGPO | None, autocast: Callabl
         if transform is not None:
             transform.after_step(state["step"], stepper)
         state["step"] += 1
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

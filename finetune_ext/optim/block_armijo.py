@@ -51,8 +51,10 @@ class BlockArmijo(torch.optim.Optimizer):
 
     The closure returns the mini-batch loss as a tensor, the same masks at every call (see the module
     docstring). ``step`` zeroes the gradients first; if the loss requires grad it calls ``backward``, and a
-    closure that ran ``backward`` itself (gradient accumulation) returns a detached loss instead. Trials call
-    the closure under ``torch.no_grad``.
+    closure that ran ``backward`` itself (gradient accumulation) returns a detached loss instead, and calls
+    ``backward`` only when ``torch.is_grad_enabled()``: trials call the closure under ``torch.no_grad``. A
+    torch.optim-style closure (``backward`` always, the loss returned attached) is refused with an error that
+    says so, before any parameter moves.
     """
 
     def __init__(
@@ -116,6 +118,14 @@ class BlockArmijo(torch.optim.Optimizer):
             shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"closure: expected a scalar loss tensor, got {shape}")
         if grad and loss.requires_grad:
+            if any(p.grad is not None for g in self.param_groups for p in g["params"]):
+                self.zero_grad(set_to_none=True)
+                raise ValueError(
+                    "closure: it called backward and returned a loss that requires grad (torch.optim's closure "
+                    "convention); BlockArmijo calls backward itself and evaluates trial steps under torch.no_grad: "
+                    "return the loss without calling backward, or call backward only when torch.is_grad_enabled() "
+                    "and return loss.detach()"
+                )
             loss.backward()
         return float(loss.detach())
 

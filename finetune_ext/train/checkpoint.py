@@ -1,13 +1,21 @@
-"""Checkpoints written atomically: everything goes into a temporary folder that is then renamed, and the
-``latest`` pointer is replaced with ``os.replace``. A crash leaves the previous checkpoint intact.
+"""Checkpoints: written atomically, verified on resume, pruned only within their own run.
 
-Layout: ``<out>/checkpoint-<step>/{model.safetensors, state.pt, rng-rank<r>.pt}`` and ``<out>/latest``.
+Layout: ``<out>/checkpoint-<step>/{model.safetensors, state.pt, rng-rank<r>.pt, manifest.json}`` and
+``<out>/latest`` (the newest one's name). A checkpoint is assembled in ``.tmp-checkpoint-<step>``; its
+``manifest.json`` (run id, step, size and SHA-256 of every file) is written last, then the folder is renamed
+into place and ``latest`` replaced with ``os.replace``, so a crash at any point leaves the previous checkpoint
+intact. Resuming verifies checkpoints newest first against their manifests and takes the first intact one.
+Pruning removes only checkpoints whose manifest names the current run, oldest step first; a folder is renamed
+to ``.trash-*`` before it is deleted, so an interrupted prune never leaves half a checkpoint under its name.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +24,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from finetune_ext.train.errors import UserError
+
+LATEST, MANIFEST = "latest", "manifest.json"
+TMP_PREFIX, TRASH_PREFIX = ".tmp-checkpoint-", ".trash-"
+_NAME = re.compile(r"checkpoint-(\d+)")
 
 
 def rng_state() -> dict[str, Any]:
@@ -34,54 +48,128 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _tmp_dir(out: Path, step: int) -> Path:
-    return out / f".tmp-checkpoint-{step:07d}"
+def name(step: int) -> str:
+    return f"checkpoint-{step:07d}"
+
+
+def folders(out: Path) -> list[Path]:
+    """Every ``checkpoint-<step>`` folder in ``out``, by step."""
+    found = [(int(m[1]), p) for p in out.glob("checkpoint-*") if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
 
 
 def write_rng(out: Path, step: int, rank: int) -> None:
     """Every rank writes its generator states into the checkpoint being assembled."""
-    tmp = _tmp_dir(out, step)
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    tmp = out / f"{TMP_PREFIX}{step:07d}"
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    except OSError as err:
+        _abandon(tmp, step, err)
 
 
-def commit(out: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int) -> Path:
-    """Rank 0: add weights and state to the assembled folder, rename it into place, move ``latest``."""
-    tmp = _tmp_dir(out, step)
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    final = out / f"checkpoint-{step:07d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = out / "latest.tmp"
-    with pointer.open("w") as f:
-        f.write(final.name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer, out / "latest")
-    for old in sorted(out.glob("checkpoint-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+def commit(out: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int, run_id: str) -> Path:
+    """Rank 0: add weights, state and manifest to the assembled folder, rename it into place, move ``latest``,
+    prune this run's older checkpoints. A write error (disk full) removes the temporary folder and raises a
+    ``UserError``; the previous checkpoint stays as it was."""
+    tmp = out / f"{TMP_PREFIX}{step:07d}"
+    final = out / name(step)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        files = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
+        _write_synced(tmp / MANIFEST, json.dumps({"run_id": run_id, "step": step, "files": files}, indent=1))
+        if final.exists():
+            remove(final)
+        os.replace(tmp, final)
+        point_latest(out, final)
+    except OSError as err:
+        _abandon(tmp, step, err)
+    mine = [f for f in folders(out) if f != final and _run_id(f) == run_id]
+    for old in mine[: max(len(mine) + 1 - keep, 0)] if keep > 0 else []:
+        remove(old)
     return final
 
 
-def latest(out: Path) -> Path | None:
-    """The newest complete checkpoint folder, if any."""
-    pointer = out / "latest"
-    if not pointer.exists():
+def _abandon(tmp: Path, step: int, err: OSError) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise UserError(
+        f"checkpoint: cannot write {name(step)} in {tmp.parent} ({err.strerror or err}); "
+        "the previous checkpoint is intact"
+    ) from None
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        return {"size": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
         return None
-    folder = out / pointer.read_text().strip()
-    return folder if (folder / "state.pt").exists() else None
+
+
+def _run_id(folder: Path) -> str | None:
+    manifest = _manifest(folder)
+    return manifest.get("run_id") if isinstance(manifest, dict) else None
+
+
+def remove(folder: Path) -> None:
+    """Rename out of the ``checkpoint-*`` namespace first, then delete."""
+    trash = folder.with_name(TRASH_PREFIX + folder.name)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def damage(folder: Path) -> str | None:
+    """Why ``folder`` is not an intact checkpoint (``None`` if it is): its manifest against its files."""
+    manifest = _manifest(folder)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return f"no readable {MANIFEST} (written before it completed?)"
+    for file, expected in manifest["files"].items():
+        path = folder / file
+        if not path.is_file():
+            return f"{file} is missing"
+        if _digest(path) != expected:
+            return f"{file} does not match its checksum"
+    return None
+
+
+def newest_intact(out: Path) -> tuple[Path | None, dict[Path, str]]:
+    """The newest intact checkpoint and, newer than it, the damaged ones with the reason."""
+    damaged = {}
+    for folder in reversed(folders(out)):
+        reason = damage(folder)
+        if reason is None:
+            return folder, damaged
+        damaged[folder] = reason
+    return None, damaged
+
+
+def point_latest(out: Path, folder: Path) -> None:
+    _write_synced(out / (LATEST + ".tmp"), folder.name)
+    os.replace(out / (LATEST + ".tmp"), out / LATEST)
 
 
 def load(folder: Path, model: nn.Module, rank: int) -> dict[str, Any]:
     """Load weights into ``model``, restore this rank's RNG states, return the saved state."""
     missing, unexpected = load_model(model, str(folder / "model.safetensors"))
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {folder} does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise UserError(
+            f"resume: checkpoint {folder} does not fit the model: missing {missing}, unexpected {unexpected}"
+        )
     rng_file = folder / f"rng-rank{rank}.pt"
     if not rng_file.exists():
-        raise RuntimeError(f"checkpoint {folder} has no RNG state for rank {rank} (saved with fewer processes?)")
+        raise UserError(f"resume: checkpoint {folder} has no RNG state for rank {rank} (saved with fewer processes?)")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return torch.load(folder / "state.pt", weights_only=False)

@@ -10,6 +10,7 @@ hidden, so ``dev`` is the reported test split and a seeded held-out slice of tra
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,8 @@ def load_splits(
     val_size: float,
     seed: int,
 ) -> Splits:
-    """Tokenized splits. ``train_samples``: a count (>= 1) or a fraction (< 1) of the training set, seeded."""
+    """Tokenized splits. ``train_samples``: an integer count (>= 1) or a fraction in (0, 1] of the training
+    set, seeded."""
     task = detect_task(data)
     if task == "lm":
         texts = _lm_texts(data)
@@ -76,9 +78,14 @@ def load_splits(
     rows = _cls_rows(data)
     train_rows, val_rows = _hold_out(rows["train"], val_size, seed)
     train_rows = _subset_rows(train_rows, train_samples, seed)
-    labels = sorted({label for _, label in rows["train"]})
+    labels = sorted({label for _, label, _ in rows["train"]})
     if labels != list(range(len(labels))):
         raise UserError(f"data: labels must be 0..K-1, got {labels[:10]}")
+    for _, label, where in rows["test"]:
+        if label not in range(len(labels)):
+            raise UserError(
+                f"data: {where} has label {label}, which the training set does not have (0..{len(labels) - 1})"
+            )
     enc = lambda r: _encode_cls(tokenizer, r, max_length)  # noqa: E731
     return Splits("cls", enc(train_rows), enc(val_rows), enc(rows["test"]), num_labels=len(labels))
 
@@ -93,7 +100,7 @@ def _lm_texts(data: str) -> dict[str, list[str]]:
         file = path / f"{split}.txt"
         if not file.exists():
             raise UserError(f"data: missing {file} (a language-modelling folder needs train.txt, valid.txt, test.txt)")
-        out[split] = file.read_text(encoding="utf-8").splitlines(keepends=True)
+        out[split] = _read_text(file).splitlines(keepends=True)
     return out
 
 
@@ -117,60 +124,77 @@ def _blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: in
     return {"input_ids": torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)}
 
 
-def _cls_rows(data: str) -> dict[str, list[tuple[str, int]]]:
+def _read_text(file: Path) -> str:
+    """The file as UTF-8 text; an error naming the line of the first byte that is not UTF-8."""
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"data: {file}:{line} is not UTF-8 (byte {raw[err.start]:#04x}); convert it to UTF-8") from None
+
+
+def _cls_rows(data: str) -> dict[str, list[tuple[str, int, str]]]:
+    """``(sentence, label, where)`` rows of train and test; ``where`` names file and line for error messages."""
     if data in HUB_CLS:
         ds = _load_hub(data, HUB_CLS[data])
-        rows = lambda split: list(zip(ds[split]["sentence"], ds[split]["label"], strict=True))  # noqa: E731
+
+        def rows(split: str) -> list[tuple[str, int, str]]:
+            pairs = zip(ds[split]["sentence"], ds[split]["label"], strict=True)
+            return [(s, label, f"{data} {split} row {i}") for i, (s, label) in enumerate(pairs)]
+
         return {"train": rows("train"), "test": rows("validation")}
     path = Path(data).expanduser()
     return {"train": _read_tsv(path / "train.tsv"), "test": _read_tsv(path / "dev.tsv")}
 
 
-def _read_tsv(file: Path) -> list[tuple[str, int]]:
+def _read_tsv(file: Path) -> list[tuple[str, int, str]]:
     if not file.exists():
         raise UserError(f"data: missing {file} (a classification folder needs train.tsv and dev.tsv)")
-    with file.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None or "sentence" not in header or "label" not in header:
-            raise UserError(f"data: {file} must start with a header naming 'sentence' and 'label', got {header}")
-        s_col, l_col = header.index("sentence"), header.index("label")
-        rows = []
-        for line_no, row in enumerate(reader, start=2):
-            if len(row) != len(header):
-                raise UserError(f"data: {file}:{line_no} has {len(row)} fields, expected {len(header)}")
-            try:
-                rows.append((row[s_col], int(row[l_col])))
-            except ValueError:
-                raise UserError(f"data: {file}:{line_no} has label {row[l_col]!r}, expected an integer") from None
+    reader = csv.reader(io.StringIO(_read_text(file), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader, None)
+    if header is None or "sentence" not in header or "label" not in header:
+        raise UserError(f"data: {file} must start with a header naming 'sentence' and 'label', got {header}")
+    s_col, l_col = header.index("sentence"), header.index("label")
+    rows = []
+    for line_no, row in enumerate(reader, start=2):
+        if len(row) != len(header):
+            raise UserError(f"data: {file}:{line_no} has {len(row)} fields, expected {len(header)}")
+        try:
+            rows.append((row[s_col], int(row[l_col]), f"{file}:{line_no}"))
+        except ValueError:
+            raise UserError(f"data: {file}:{line_no} has label {row[l_col]!r}, expected an integer") from None
     if not rows:
         raise UserError(f"data: {file} has no rows")
     return rows
 
 
-def _encode_cls(tokenizer: PreTrainedTokenizerBase, rows: list[tuple[str, int]], max_length: int) -> dict:
+def _encode_cls(tokenizer: PreTrainedTokenizerBase, rows: list[tuple[str, int, str]], max_length: int) -> dict:
     enc = tokenizer(
-        [s for s, _ in rows], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        [s for s, _, _ in rows], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     )
     return {
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
-        "labels": torch.tensor([label for _, label in rows], dtype=torch.long),
+        "labels": torch.tensor([label for _, label, _ in rows], dtype=torch.long),
     }
 
 
-def _count(n: int, amount: float | None, what: str) -> int:
+def _count(n: int, amount: int | float | None, what: str) -> int:
+    """Examples meant by ``amount``: an integer count >= 1, or a fraction in (0, 1] (``1`` is one, ``1.0`` all)."""
     if amount is None:
         return n
-    if amount <= 0:
-        raise UserError(f"{what}: expected a count >= 1 or a fraction in (0, 1), got {amount}")
-    k = round(amount * n) if amount < 1 else int(amount)
+    fraction = isinstance(amount, float) and 0 < amount <= 1
+    count = (isinstance(amount, int) or (isinstance(amount, float) and amount.is_integer())) and amount >= 1
+    if isinstance(amount, bool) or not (fraction or count):
+        raise UserError(f"{what}: expected an integer count >= 1 or a fraction in (0, 1], got {amount}")
+    k = round(amount * n) if fraction else int(amount)
     if k > n:
         raise UserError(f"{what}: asked for {k} examples, the training set has {n}")
     return max(k, 1)
 
 
-def _subset(split: dict[str, torch.Tensor], amount: float | None, seed: int) -> dict[str, torch.Tensor]:
+def _subset(split: dict[str, torch.Tensor], amount: int | float | None, seed: int) -> dict[str, torch.Tensor]:
     n = len(split["input_ids"])
     k = _count(n, amount, "train_samples")
     if k == n:
@@ -179,14 +203,14 @@ def _subset(split: dict[str, torch.Tensor], amount: float | None, seed: int) -> 
     return {key: value[idx] for key, value in split.items()}
 
 
-def _subset_rows(rows: list, amount: float | None, seed: int) -> list:
+def _subset_rows(rows: list, amount: int | float | None, seed: int) -> list:
     k = _count(len(rows), amount, "train_samples")
     idx = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:k]
     return [rows[i] for i in idx.tolist()]
 
 
-def _hold_out(rows: list, val_size: float, seed: int) -> tuple[list, list]:
-    """Split off a seeded validation slice (a count, or a fraction if < 1) before any subsetting."""
+def _hold_out(rows: list, val_size: int | float, seed: int) -> tuple[list, list]:
+    """Split off a seeded validation slice (a count or a fraction, as ``_count``) before any subsetting."""
     k = _count(len(rows), val_size, "val_size")
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 1)).tolist()
     return [rows[i] for i in perm[k:]], [rows[i] for i in perm[:k]]

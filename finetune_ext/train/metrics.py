@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from torch import nn
 
 from finetune_ext.train.data import make_batch
 from finetune_ext.train.distributed import Dist
+from finetune_ext.train.errors import RunWarning, UserError
 
 
 @torch.no_grad()
@@ -59,23 +62,51 @@ def evaluate(
 
 
 class MetricsLog:
-    """``metrics.jsonl`` on rank 0; on resume, entries after the checkpoint's step are dropped."""
+    """``metrics.jsonl`` on rank 0; on resume, entries after the checkpoint's step are dropped, and so is a
+    line torn by a kill during its write (with a warning)."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
         self.path, self.enabled = path, enabled
         self.records: list[dict] = []
-        if enabled and resume_step is not None and path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in lines if r["step"] <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        elif enabled:
-            path.write_text("")
+        if not enabled:
+            return
+        if resume_step is not None and path.exists():
+            self.records = [r for r in _read_records(path) if r["step"] <= resume_step]
+        # Rewritten beside and renamed over: a kill during the rewrite must not lose the kept records.
+        tmp = path.with_name(path.name + ".tmp")
+        self._write("".join(json.dumps(r) + "\n" for r in self.records), "w", tmp)
+        os.replace(tmp, path)
 
     def log(self, record: dict) -> None:
         if self.enabled:
             self.records.append(record)
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._write(json.dumps(record) + "\n", "a")
+
+    def _write(self, text: str, mode: str, path: Path | None = None) -> None:
+        path = path or self.path
+        try:
+            with path.open(mode) as f:
+                f.write(text)
+        except OSError as err:
+            raise UserError(f"metrics: cannot write {path} ({err.strerror or err})") from None
+
+
+def _read_records(path: Path) -> list[dict]:
+    records, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn += bool(line.strip())
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            torn += 1
+    if torn:
+        warnings.warn(f"metrics: dropped {torn} unreadable line(s) of {path} (a run killed while writing?)",
+                      RunWarning, stacklevel=3)  # fmt: skip
+    return records
 
 
 def plot_curves(records: list[dict], path: Path) -> None:

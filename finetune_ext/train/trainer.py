@@ -18,6 +18,8 @@ import json
 import math
 import random
 import time
+import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,18 +29,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from finetune_ext.train import checkpoint, registry
+from finetune_ext.train import checkpoint, registry, rundir
 from finetune_ext.train.data import Splits, Stream, detect_task, load_splits, micro_batches
 from finetune_ext.train.distributed import Dist, Interrupt, init_distributed
-from finetune_ext.train.errors import UserError
+from finetune_ext.train.errors import RunWarning, UserError
 from finetune_ext.train.metrics import MetricsLog, evaluate, plot_curves
 from finetune_ext.train.models import check_model_spec, load_model, load_tokenizer, max_positions, param_count
 from finetune_ext.train.options import option
 from finetune_ext.train.parts import OptimSettings, RunContext, StepContext, Stepper, Transform
 
-# Fields that must match when resuming (besides the parts and their options): changing them would not
-# continue the same run.
-RESUME_KEYS = ("model", "data", "tokenizer", "seed", "steps", "batch_size", "train_samples", "block_size")
+# Fields a resumed run may change: they steer bookkeeping, not the computation. A change is applied and
+# reported; any other field (and the parts with their options) must match the checkpoint's run.
+CHANGEABLE_ON_RESUME = (
+    "output_dir", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size",
+    "max_eval_batches", "progress", "device",
+)  # fmt: skip
+# Spellings of the parts (a preset or its parts one by one): compared through the parts they resolve to.
+PART_FIELDS = ("method", *registry.PARTS, "method_options", *(f"{kind}_options" for kind in registry.PARTS))
 
 
 def _choices(kind: str):
@@ -76,8 +83,12 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
     block_size: int = option(128, "tokens per language-modelling block")
     max_length: int = option(128, "tokens per classification example (padded/truncated)")
-    train_samples: float | None = option(None, "low-data runs: a count (>= 1) or fraction (< 1) of the training set")
-    val_size: float = option(0.1, "classification: held-out slice of train for model selection (count or fraction)")
+    train_samples: int | float | None = option(
+        None, "low-data runs: an integer count >= 1 or a fraction in (0, 1] of the training set (1 = one, 1.0 = all)"
+    )
+    val_size: int | float = option(
+        0.1, "classification: held-out slice of train for model selection (integer count or fraction in (0, 1])"
+    )
     eval_every: int = option(50, "evaluate on the validation split every N steps")
     eval_batch_size: int = option(32, "batch size for evaluation")
     max_eval_batches: int | None = option(None, "cap evaluation at N batches (quick runs)")
@@ -144,6 +155,8 @@ def _check_config(cfg: TrainConfig, world: int) -> None:
         )
     if cfg.select_metric not in (None, "loss", "acc"):
         raise UserError(f"select_metric: expected loss or acc, got {cfg.select_metric!r}")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("resume, overwrite: pass one of them (--resume continues the run, --overwrite starts over)")
 
 
 def _seed_all(seed: int) -> None:
@@ -167,6 +180,8 @@ class _Run:
     parts: Parts
     stream: Stream
     metric: str
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    resumes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # step and changed options, each
     step: int = 0
     best: dict[str, Any] = dataclasses.field(default_factory=dict)
     best_state: dict[str, torch.Tensor] | None = None
@@ -188,36 +203,60 @@ class _Run:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the summary that is also written to summary.json."""
     ddp, device = init_distributed(cfg.device)
-    run = _setup(cfg, ddp, device)
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step", disable=not (cfg.progress and ddp.main))
-    start = time.perf_counter()
-    with Interrupt(ddp, device) as interrupt, bar:
-        while run.step < cfg.steps:
-            metrics = _train_step(run)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
-                _validate(run)
-            stop = interrupt.stop_now()
-            if stop or run.step % cfg.save_every == 0 or run.step == cfg.steps:
-                _save(run)
-            if stop:
-                raise KeyboardInterrupt(f"interrupted after step {run.step}; checkpoint saved in {run.out}")
-    return _report(run, time.perf_counter() - start)
-
-
-def _setup(cfg: TrainConfig, ddp: Dist, device: torch.device) -> _Run:
-    """Check the config, load data and model, apply the transforms, set up the stepper, restore a checkpoint."""
     _check_config(cfg, ddp.world)
-    out = Path(cfg.output_dir)
-    found = checkpoint.latest(out) if out.exists() else None
-    if cfg.resume and found is None:
-        raise UserError(f"resume: no checkpoint in {out}")
-    if not cfg.resume and found is not None and not cfg.overwrite:
-        raise UserError(f"output_dir: {out} already holds checkpoints; pass --resume to continue or --overwrite")
     check_model_spec(cfg.model)
-    parts = build_parts(cfg)  # every option checked before any data or model is loaded
-    out.mkdir(parents=True, exist_ok=True)
+    parts = build_parts(cfg)  # every option checked before the output folder or any data is touched
+    out = Path(cfg.output_dir)
+    rundir.prepare(out)
+    with rundir.RunLock(out) if ddp.main else contextlib.nullcontext():
+        run = _setup(cfg, parts, ddp, device, _claim(cfg, out, ddp))
+        bar = tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step",
+                   disable=not (cfg.progress and ddp.main))  # fmt: skip
+        start = time.perf_counter()
+        with Interrupt(ddp, device) as interrupt, bar:
+            while run.step < cfg.steps:
+                metrics = _train_step(run)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+                    _validate(run)
+                stop = interrupt.stop_now()
+                if stop or run.step % cfg.save_every == 0 or run.step == cfg.steps:
+                    _save(run)
+                if stop:
+                    raise KeyboardInterrupt(f"interrupted after step {run.step}; checkpoint saved in {run.out}")
+        return _report(run, time.perf_counter() - start)
+
+
+def _claim(cfg: TrainConfig, out: Path, ddp: Dist) -> Path | None:
+    """Rank 0 tidies the locked folder (temporaries of a killed run; everything with --overwrite) and picks
+    the newest intact checkpoint to resume from, removing damaged newer ones with a warning. Returns it."""
+    if ddp.main:
+        rundir.remove_temporaries(out)
+        if cfg.overwrite:
+            rundir.clear(out)
+        existing = checkpoint.folders(out)
+        if cfg.resume and not existing:
+            raise UserError(f"resume: no checkpoint in {out}")
+        if not cfg.resume and existing:
+            raise UserError(f"output_dir: {out} already holds checkpoints; pass --resume to continue or --overwrite")
+        if cfg.resume:
+            found, damaged = checkpoint.newest_intact(out)
+            if found is None:
+                reasons = "; ".join(f"{p.name}: {why}" for p, why in damaged.items())
+                raise UserError(f"resume: no intact checkpoint in {out} ({reasons})")
+            for folder, why in damaged.items():
+                warnings.warn(f"resume: {folder.name} is damaged ({why}); removed it, resuming from {found.name}",
+                              RunWarning, stacklevel=2)  # fmt: skip
+                checkpoint.remove(folder)
+            checkpoint.point_latest(out, found)
+    ddp.barrier()
+    return out / (out / checkpoint.LATEST).read_text().strip() if cfg.resume else None
+
+
+def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device, found: Path | None) -> _Run:
+    """Load data and model, apply the transforms, set up the stepper, restore the checkpoint ``found``."""
+    out = Path(cfg.output_dir)
     _seed_all(cfg.seed)
 
     task = detect_task(cfg.data)
@@ -249,7 +288,7 @@ def _setup(cfg: TrainConfig, ddp: Dist, device: torch.device) -> _Run:
     parts.stepper.setup(model, context)
     # Wrapped after the transforms: they may replace modules (dropout layers, adapters).
     run.trained = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
-    if cfg.resume:
+    if found is not None:
         _restore(run, found)
     run.log = MetricsLog(out / "metrics.jsonl", ddp.main, run.step if cfg.resume else None)
     return run
@@ -303,25 +342,38 @@ def _save(run: _Run) -> None:
     if run.ddp.main:
         state = {
             "step": run.step,
+            "run_id": run.run_id,
+            "resumes": run.resumes,
             "best": run.best,
             "best_state": run.best_state,
             "parts": {kind: part.state_dict() for kind, part in run.parts.by_kind.items()},
             "config": _config_record(run),
         }
-        checkpoint.commit(run.out, run.step, run.model, state, run.cfg.keep_checkpoints)
+        checkpoint.commit(run.out, run.step, run.model, state, run.cfg.keep_checkpoints, run.run_id)
     run.ddp.barrier()
 
 
 def _restore(run: _Run, folder: Path) -> None:
-    """Load a checkpoint into the run; refuse one whose run differs (data, model, parts, options, ...)."""
+    """Load a checkpoint into the run. Options outside ``CHANGEABLE_ON_RESUME`` must match the checkpoint's run
+    (an error lists every one that differs); changed bookkeeping options are applied, reported and recorded."""
     state = checkpoint.load(folder, run.model, run.ddp.rank)
     saved, given = state["config"], _config_record(run)
-    changed = {k: (saved.get(k), given[k]) for k in (*RESUME_KEYS, "parts") if saved.get(k) != given[k]}
-    if changed:
-        raise UserError(f"resume: options differ from the checkpoint's run (saved, given): {changed}")
+    differ = [k for k in given if k not in PART_FIELDS and saved.get(k) != given[k]]
+    rejected = {k: (saved.get(k), given[k]) for k in differ if k not in CHANGEABLE_ON_RESUME}
+    if rejected:
+        raise UserError(
+            f"resume: options differ from the checkpoint's run (saved, given): {rejected}; "
+            f"a resumed run may change only {', '.join(CHANGEABLE_ON_RESUME)}"
+        )
+    changed = {k: (saved[k], given[k]) for k in differ if k not in ("resume", "overwrite")}
+    if changed and run.ddp.main:
+        text = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        warnings.warn(f"resume: applying changed option(s) {text}", RunWarning, stacklevel=2)
     for kind, part in run.parts.by_kind.items():
         part.load_state_dict(state["parts"][kind])
     run.step, run.best, run.best_state = state["step"], state["best"], state.get("best_state")
+    run.run_id = state.get("run_id", run.run_id)  # checkpoints written before run ids: adopt them
+    run.resumes = [*state.get("resumes", []), {"step": run.step, "changed": changed}]
 
 
 def _report(run: _Run, seconds: float) -> dict[str, Any]:
@@ -336,6 +388,7 @@ def _report(run: _Run, seconds: float) -> dict[str, Any]:
         "params_trainable": trainable,
         "params_total": total,
         "train_seconds_this_session": seconds,
+        "resumes": run.resumes,
         "final_val": run.last_val or run.evaluate(run.model, run.splits.val),
         "test_final": run.evaluate(run.model, run.splits.test),
         "best_val": run.best,

@@ -162,8 +162,15 @@ def test_save_and_load_onto_a_fresh_base(tmp_path) -> None:
     wider = BertForSequenceClassification(
         BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=32, vocab_size=50)
     )
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in wider.named_parameters()}
     with pytest.raises(ValueError, match=r"path: bert.encoder.layer.0.attention.self.query.lora_A has shape \[4, 16\]"):
         adapters.load_adapter(wider, folder)
+    # A failed load leaves the model as it was: no adapters, no hooks, nothing frozen or changed.
+    assert not adapters.adapters(wider) and not hasattr(wider, "_linchain")
+    after = {n: (p.detach(), p.requires_grad) for n, p in wider.named_parameters()}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n][0], w) and after[n][1] == flag for n, (w, flag) in before.items())
+    adapters.load_adapter(_bert(), folder)  # and the same folder still loads onto a fitting model
     with pytest.raises(FileNotFoundError, match=r"adapter_config\.json not found"):
         adapters.load_adapter(_bert(), tmp_path)
 

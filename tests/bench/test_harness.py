@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +16,8 @@ import torch
 from finetune_ext import bench
 from finetune_ext.bench.harness import CSV_FIELDS
 from finetune_ext.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_run_writes_rows_csv_table_and_plot(tmp_path) -> None:
@@ -87,3 +94,15 @@ def test_gaussian_perturb_cases_ext_is_the_reference() -> None:
     assert set(cases) == {"reference", "eager", "ext"}
     assert torch.equal(cases["ext"].fn(), cases["reference"].fn())
     assert cases["eager"].fn().shape == (768, 8)
+
+
+def test_bench_prints_only_our_output(tmp_path) -> None:
+    """No transformers configuration notes, torch import notices or autograd warnings reach the user."""
+    args = ["bench", "--ops", "armijo_step", "--device", "cpu", "--providers", "adamw-fused", "--warmup", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "finetune_ext.cli", *args, "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    chatter = [line for line in re.split(r"[\r\n]", done.stderr) if line.strip() and not line.startswith("bench: ")]
+    assert chatter == []
+    assert "armijo_step" in done.stdout

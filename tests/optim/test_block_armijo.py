@@ -168,6 +168,14 @@ def test_bad_input_leaves_parameters_unchanged() -> None:
         opt.step(lambda: torch.stack([f(*blocks), f(*blocks)]))
     with pytest.raises(ValueError, match="closure: the loss is nan; parameters left unchanged"):
         opt.step(lambda: f(*blocks) * float("nan"))
+
+    def torch_style():  # torch.optim's convention: backward inside, the loss returned attached
+        loss = f(*blocks)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="closure: it called backward and returned a loss that requires grad"):
+        opt.step(torch_style)
     assert all(torch.equal(a, b) for a, b in zip(blocks, before, strict=True))
     assert all(torch.equal(opt.state[blocks[0]][k], v) for k, v in state.items())
 
