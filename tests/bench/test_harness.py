@@ -106,3 +106,17 @@ def test_bench_prints_only_our_output(tmp_path) -> None:
     chatter = [line for line in re.split(r"[\r\n]", done.stderr) if line.strip() and not line.startswith("bench: ")]
     assert chatter == []
     assert "armijo_step" in done.stdout
+
+
+def test_curvature_keeps_torch_internal_notices_out() -> None:
+    """Forward-mode AD loads torch's decompositions through the deprecated torch.jit.script on first use."""
+    code = (
+        "import torch; from finetune_ext import curvature; w = torch.randn(3, requires_grad=True); "
+        "curvature.hvp(lambda p: (p[0] ** 3).sum(), (w,), (torch.randn(2, 3),))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "jit.script" not in done.stderr, done.stderr

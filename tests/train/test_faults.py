@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune_ext.cli import main
 from finetune_ext.train import TrainConfig, checkpoint, rundir, train
 from finetune_ext.train.errors import RunWarning, UserError
 from tests.train.faults_driver import POINTS
@@ -93,7 +94,9 @@ def test_second_run_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(
     assert (out / ".lock").read_text() == ""  # released at the end
 
 
-def test_resume_rejects_changed_computation_and_records_applied_changes(tmp_path, wikitext_slice, gpt2_tokenizer):
+def test_resume_rejects_changed_computation_and_records_applied_changes(
+    tmp_path, wikitext_slice, gpt2_tokenizer, capsys
+) -> None:
     out = tmp_path / "run"
     _run(wikitext_slice, gpt2_tokenizer, out, steps=2)
     with pytest.raises(UserError, match=r"resume: options differ .*'lr': \(0.001, 0.01\), 'weight_decay'"):
@@ -102,6 +105,13 @@ def test_resume_rejects_changed_computation_and_records_applied_changes(tmp_path
         summary = _run(wikitext_slice, gpt2_tokenizer, out, steps=2, resume=True, eval_every=1)
     assert summary["config"]["eval_every"] == 1 and summary["config"]["lr"] == 1e-3
     assert summary["resumes"] == [{"step": 2, "changed": {"eval_every": (2, 1)}}]
+    args = ["train", "--model", "config:gpt2-tiny", "--tokenizer", gpt2_tokenizer, "--data", str(wikitext_slice),
+            "--output-dir", str(out), "--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--block-size", "32",
+            "--save-every", "1", "--max-eval-batches", "1", "--no-progress", "--resume",
+            "--eval-every", "3"]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "finetune-ext train: warning: resume: applying changed option(s) eval_every 2 -> 3\n" in err, err
 
 
 def test_label_only_in_dev_is_an_error_before_training(tmp_path, sst2_slice, gpt2_tokenizer) -> None:
@@ -172,7 +182,7 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path, wikitext_slice, gpt2_t
     (parts / "metrics.jsonl").write_text("\n".join(kept) + '\n{"step": 3, "split": "tra')
     (parts / "latest").write_text("checkpoint-0000002")
     with pytest.warns(RunWarning, match="metrics: dropped 1 unreadable line"):
-        _run(wikitext_slice, gpt2_tokenizer, parts, resume=True)
+        _run(wikitext_slice, gpt2_tokenizer, parts, resume=True, keep_checkpoints=4)
     _assert_same_run(whole, parts)
 
 
@@ -207,18 +217,12 @@ def test_non_utf8_data_names_file_and_line(tmp_path, gpt2_tokenizer) -> None:
 
 
 @pytest.mark.parametrize("kind", ["file", "proc", "under-a-file"])
-def test_unusable_output_dir_is_one_line(tmp_path, wikitext_slice, gpt2_tokenizer, kind) -> None:
+def test_unusable_output_dir_is_one_line(tmp_path, wikitext_slice, gpt2_tokenizer, kind, capsys) -> None:
     (tmp_path / "a-file").write_text("")
     out = {"file": tmp_path / "a-file", "proc": Path("/proc/finetune-ext-run"), "under-a-file": tmp_path / "a-file/x"}
-    done = _cli(wikitext_slice, gpt2_tokenizer, str(out[kind]))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.startswith("finetune-ext train: output_dir: ") and str(out[kind]) in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-
-
-def _cli(data: Path, tokenizer: str, out: str) -> subprocess.CompletedProcess:
-    args = ["train", "--model", "config:gpt2-tiny", "--tokenizer", tokenizer, "--data", str(data), "--steps", "1",
-            "--batch-size", "2", "--block-size", "16", "--no-progress", "--output-dir", out]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "finetune_ext.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)  # fmt: skip
+    args = ["train", "--model", "config:gpt2-tiny", "--tokenizer", gpt2_tokenizer, "--data", str(wikitext_slice),
+            "--steps", "1", "--no-progress", "--output-dir", str(out[kind])]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finetune-ext train: output_dir: ") and str(out[kind]) in err
+    assert len(err.strip().splitlines()) == 1, err
