@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot  # noqa: F401  (imported once here rather than in every child that plots)
 import torch
 
 from finetune_ext.train import TrainConfig, train
@@ -37,6 +38,7 @@ RUN = dict(
     save_every=2,
     keep_checkpoints=2,
     max_eval_batches=2,
+    eval_batch_size=4,
     progress=False,
 )
 

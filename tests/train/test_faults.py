@@ -47,7 +47,7 @@ def test_killed_at_every_point_then_resumed_equals_uninterrupted(tmp_path, wikit
 def _run(data: Path, tokenizer: str, out: Path, **kw) -> dict:
     cfg = dict(model="config:gpt2-tiny", tokenizer=tokenizer, data=str(data), output_dir=str(out), steps=4)
     cfg |= dict(batch_size=4, lr=1e-3, block_size=32, eval_every=2, save_every=1, keep_checkpoints=2)
-    cfg |= dict(max_eval_batches=1, progress=False)
+    cfg |= dict(max_eval_batches=1, eval_batch_size=8, progress=False)
     return train(TrainConfig(**{**cfg, **kw}))
 
 
@@ -108,7 +108,7 @@ def test_resume_rejects_changed_computation_and_records_applied_changes(
     args = ["train", "--model", "config:gpt2-tiny", "--tokenizer", gpt2_tokenizer, "--data", str(wikitext_slice),
             "--output-dir", str(out), "--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--block-size", "32",
             "--save-every", "1", "--max-eval-batches", "1", "--no-progress", "--resume",
-            "--eval-every", "3"]  # fmt: skip
+            "--eval-every", "3", "--eval-batch-size", "8"]  # fmt: skip
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "finetune-ext train: warning: resume: applying changed option(s) eval_every 2 -> 3\n" in err, err
@@ -170,6 +170,10 @@ def test_damaged_checkpoint_falls_back_to_the_newest_intact(tmp_path, wikitext_s
     _assert_same_run(whole, parts)
     for name in ("checkpoint-0000003", "checkpoint-0000004", "checkpoint-0000005"):
         assert checkpoint.damage(parts / name) is None  # written anew by the resumed run
+    for folder in checkpoint.folders(parts):
+        (folder / "manifest.json").write_text("{")
+    with pytest.raises(UserError, match=r"resume: no intact checkpoint in .*checkpoint-0000001: no readable manifest"):
+        _run(wikitext_slice, gpt2_tokenizer, parts, steps=5, resume=True, keep_checkpoints=5)
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
