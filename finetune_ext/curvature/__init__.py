@@ -2,7 +2,6 @@
 
 import warnings
 
-
 from finetune_ext.curvature.linops import flatten, hutchinson_trace, lanczos, random_vectors, sketch, unflatten
 from finetune_ext.curvature.models import ModelFunctions, eager_attention, for_model
 from finetune_ext.curvature.products import ggn_vp, hvp
