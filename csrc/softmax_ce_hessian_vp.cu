@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads)
     if (x > tmax) {
       tsum = tsum * exp(tmax - x) + acc_t(1);
       tmax = x;
-    } else {
+    } else if (x != -std::numeric_limits<acc_t>::infinity()) {  // exp(-inf - -inf) would be NaN
       tsum += exp(x - tmax);
     }
   }

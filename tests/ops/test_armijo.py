@@ -108,3 +108,27 @@ def test_compiled_step_matches_eager() -> None:
     torch.testing.assert_close(got, expected, **tolerance(torch.float64))
     for a, b in zip([t for ts in compiled for t in ts], [t for ts in eager for t in ts], strict=True):
         torch.testing.assert_close(a, b, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moments_accumulate_in_double_on_every_device(device) -> None:
+    """fp32 gradients whose squares a float accumulator drops: 2^6 (square 2^12) first in a chunk, then 2^-6
+    (square 2^-12, half an ulp of 2^12 in float). In double every sum here is exact, so the accept/reject
+    decisions built on them are the same on every device."""
+    first = torch.full((70_001,), 2.0**-6)  # two chunks
+    first[0] = 2.0**6
+    grads = [t.to(device) for t in (first, torch.full((65_536,), 2.0**-6), torch.full((3,), 2.0**6))]
+    sums = ops.armijo_moments_(grads, [], [], [0, 1, 0], 2, betas=(0.9, 0.999), bias_correction2=1.0, eps=1e-8,
+                               adam=False, backend="ext")  # fmt: skip
+    exact = [4 * 2.0**12 + 70_000 * 2.0**-12, 65_536 * 2.0**-12]
+    assert sums[:, 1].tolist() == exact and sums[:, 0].tolist() == exact  # SGD: gᵀPg = gᵀg
+
+
+@pytest.mark.cuda
+def test_moments_equal_on_cpu_and_cuda() -> None:
+    _, grads, m, v = _lists("cpu", torch.float32)
+    kw = dict(betas=(0.9, 0.999), bias_correction2=1 - 0.999**3, eps=1e-8, adam=True, backend="ext")
+    cuda = [[t.cuda() for t in ts] for ts in (grads, m, v)]
+    on_cpu = ops.armijo_moments_(grads, m, v, [0, 1, 1, 0, 1], 2, **kw)
+    on_cuda = ops.armijo_moments_(*cuda, [0, 1, 1, 0, 1], 2, **kw).cpu()
+    torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-12, atol=0)

@@ -112,3 +112,26 @@ def test_bad_input() -> None:
             ops.softmax_ce_hessian_vp(args["logits"], args["V"], args["labels"], backend=backend)
     with pytest.raises(RuntimeError, match=r"expected V of shape \[m, 5, 37\]"):
         torch.ops.finetune_ext.softmax_ce_hessian_vp(logits, V[:, :2], None, -100)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_and_very_negative_logits(device, dtype) -> None:
+    """-inf logits (a masked vocabulary) anywhere in a row, including first in every thread's stride, and logits
+    far below the row's maximum: finite outputs equal to the reference's, zero where the probability is zero."""
+    c = 2000
+    logits, V, labels = _inputs(device, dtype, m=3, lead=(6,), c=c)
+    logits[0, : c // 2] = float("-inf")  # the first half of the vocabulary masked: every CUDA thread starts on -inf
+    logits[1, ::2] = float("-inf")
+    logits[2, 1::7] = -1e30 if dtype == torch.float32 else -1e38
+    logits[3, -1] = float("-inf")
+    logits[4] = -3e4  # very negative everywhere, equal: a uniform distribution
+    labels[:5] = 1
+    labels[0] = c - 1  # a label on an unmasked entry
+    out = ops.softmax_ce_hessian_vp(logits, V, labels, backend="ext")
+    assert torch.isfinite(out).all()
+    exact = reference.softmax_ce_hessian_vp(logits.double(), V.double(), labels)
+    assert torch.isfinite(exact).all()
+    assert_within_2x_reference(out, reference.softmax_ce_hessian_vp(logits, V, labels), exact)
+    masked = torch.isinf(logits).unsqueeze(0).expand_as(V)
+    assert (out[masked] == 0).all()
