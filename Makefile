@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help env build test test-cuda bench wheel lint format clean
+.PHONY: help env build test test-cuda bench gpu-wheels wheel lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,11 @@ test-cuda: build  ## run only the GPU tests
 
 bench: build  ## op microbenchmarks on the default device: table, CSV and PNG in bench-out/
 	$(PY) -m finetune_ext.cli bench --out bench-out $(BENCH_ARGS)
+
+gpu-wheels: env  ## wheels the lent GPU's image lacks (highspy, Python 3.12) into .whl/, which benchmarks/gpu_run.sh installs
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl "highspy==$$($(PY) -c 'import importlib.metadata as m; print(m.version("highspy"))')"
 
 wheel: env  ## build a wheel into dist/
 	$(PIP) wheel --no-build-isolation --no-deps -w dist .

@@ -2,7 +2,9 @@
 
 Environment:
   FINETUNE_EXT_CUDA   unset/"auto": build CUDA sources if possible; "0": CPU only; "1": CUDA required.
-  TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" (A100, H100).
+  TORCH_CUDA_ARCH_LIST  defaults to DEFAULT_ARCHS: cubins for sm_75 (T4), sm_80 (A100; also runs on sm_86 A10/
+                      RTX 30 and sm_89 L4/Ada), sm_90 (H100/H200), sm_100 (B200), sm_120 (RTX 50) and PTX
+                      for sm_120, which the driver compiles for newer GPUs. sm_75 is the oldest CUDA 13 builds.
   DEBUG=1             -O0 -g builds.
   FINETUNE_EXT_SKIP_BUILD=1  install the Python package only (the Makefile then builds in place with ninja,
                       incrementally, instead of compiling twice).
@@ -25,7 +27,8 @@ if CUDA_FLAG not in {"auto", "0", "1"}:
 # torch guesses /usr/local when CUDA_HOME is unset (nvcc is linked into /usr/local/bin) and fails there.
 if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+DEFAULT_ARCHS = "7.5;8.0;9.0;10.0;12.0+PTX"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
 
 import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension reads it)
 from torch.utils import cpp_extension  # noqa: E402

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 
+#include "common/cuda_device.h"
 #include "fisher_dropout.h"
 
 namespace finetune_ext {
@@ -75,14 +76,11 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, bool kPerFeature, bool kResidual>
 void launch(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n, int64_t d,
-            PhiloxSeed s, cudaStream_t stream) {
+            PhiloxSeed s, int sms, cudaStream_t stream) {
   constexpr int N = elems_per_thread<scalar_t>();
   constexpr uintptr_t kAlign = sizeof(scalar_t) * N;
   const bool aligned = reinterpret_cast<uintptr_t>(x) % kAlign == 0 && reinterpret_cast<uintptr_t>(y) % kAlign == 0 &&
                        (!kResidual || reinterpret_cast<uintptr_t>(residual) % kAlign == 0);
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t chunks = (n + N - 1) / N;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((chunks + kThreads - 1) / kThreads, sms * 16));
   if (aligned) {
@@ -108,17 +106,19 @@ at::Tensor fisher_dropout_cuda(const at::Tensor& x, const at::Tensor& keep, cons
   const int64_t d = x.dim() == 0 ? 1 : x.size(-1);
   const bool per_feature = keep_c.numel() != 1;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  refuse_graph_capture(stream, "fisher_dropout");
+  const int sms = multiprocessors(x.get_device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fisher_dropout_cuda", [&] {
     const scalar_t* xp = x_c.const_data_ptr<scalar_t>();
     const scalar_t* rp = r_c.defined() ? r_c.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const float* kp = keep_c.const_data_ptr<float>();
     if (per_feature) {
-      rp ? launch<scalar_t, true, true>(xp, kp, rp, yp, n, d, s, stream)
-         : launch<scalar_t, true, false>(xp, kp, rp, yp, n, d, s, stream);
+      rp ? launch<scalar_t, true, true>(xp, kp, rp, yp, n, d, s, sms, stream)
+         : launch<scalar_t, true, false>(xp, kp, rp, yp, n, d, s, sms, stream);
     } else {
-      rp ? launch<scalar_t, false, true>(xp, kp, rp, yp, n, d, s, stream)
-         : launch<scalar_t, false, false>(xp, kp, rp, yp, n, d, s, stream);
+      rp ? launch<scalar_t, false, true>(xp, kp, rp, yp, n, d, s, sms, stream)
+         : launch<scalar_t, false, false>(xp, kp, rp, yp, n, d, s, sms, stream);
     }
   });
   return y;

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "common/cuda_device.h"
 #include "gaussian_perturb.h"
 
 namespace finetune_ext {
@@ -41,19 +42,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int multiprocessors(int device) {
-  static int cached[64] = {0};
-  if (device >= 64) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return sms;
-  }
-  if (cached[device] == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
-  }
-  return cached[device];
-}
-
 at::Tensor gaussian_perturb_cuda(const at::Tensor& weight, const at::Tensor& std, const at::Tensor& seed) {
   const PhiloxSeed key = check_gaussian_perturb_args(weight, std, seed, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(weight.device());
@@ -66,6 +54,7 @@ at::Tensor gaussian_perturb_cuda(const at::Tensor& weight, const at::Tensor& std
   const int64_t blocks = std::max<int64_t>(
       1, std::min<int64_t>((groups + kThreads - 1) / kThreads, multiprocessors(weight.get_device()) * 16));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  refuse_graph_capture(stream, "gaussian_perturb");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gaussian_perturb_cuda", [&] {
     _gaussian_perturb_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         layout.storage.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(),

@@ -2,7 +2,8 @@
 // per-chain math. One chain is W_0, ..., W_{k-1} (r x r, row-major) and optional biases b_0, ..., b_{k-1}:
 //   M = W_{k-1} ... W_0,   beff = c_{k-1},  c_i = W_i c_{i-1} + b_i,  c_{-1} = 0.
 // The same code runs on one CPU thread (tid 0, one "thread", no-op sync) and on one CUDA block (tid =
-// threadIdx.x, __syncthreads), so both backends compute identical sums in identical order.
+// threadIdx.x, __syncthreads), so both backends compute identical sums in identical order, and every
+// multiply-add goes through mul_add_rn (no FMA contraction on the GPU), so identical bits.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -100,12 +101,12 @@ FTX_HOST_DEVICE void chain_step(const scalar_t* Wi, const scalar_t* bi, const ac
   for (int64_t e = tid; e < r * r; e += nthreads) {
     const int64_t row = e / r, col = e % r;
     acc_t s = 0;
-    for (int64_t t = 0; t < r; ++t) s += static_cast<acc_t>(Wi[row * r + t]) * P[t * r + col];
+    for (int64_t t = 0; t < r; ++t) s = mul_add_rn(s, static_cast<acc_t>(Wi[row * r + t]), P[t * r + col]);
     out[e] = s;
   }
   for (int64_t e = tid; e < r; e += nthreads) {
     acc_t s = bi != nullptr ? static_cast<acc_t>(bi[e]) : acc_t(0);
-    for (int64_t t = 0; t < r; ++t) s += static_cast<acc_t>(Wi[e * r + t]) * c[t];
+    for (int64_t t = 0; t < r; ++t) s = mul_add_rn(s, static_cast<acc_t>(Wi[e * r + t]), c[t]);
     o[e] = s;
   }
 }
@@ -158,13 +159,13 @@ FTX_HOST_DEVICE void compose_chain_backward(const scalar_t* W, const scalar_t* b
       if (P == nullptr) {
         s = G[e];
       } else {
-        s = G[rr + row] * P[rr + col];
-        for (int64_t t = 0; t < r; ++t) s += G[row * r + t] * P[col * r + t];
+        s = G[rr + row] * P[rr + col];  // a lone product: nothing to contract
+        for (int64_t t = 0; t < r; ++t) s = mul_add_rn(s, G[row * r + t], P[col * r + t]);
       }
       gW[i * rr + e] = static_cast<scalar_t>(s);
       if (i > 0) {
         acc_t h = 0;
-        for (int64_t t = 0; t < r; ++t) h += static_cast<acc_t>(Wi[t * r + row]) * G[t * r + col];
+        for (int64_t t = 0; t < r; ++t) h = mul_add_rn(h, static_cast<acc_t>(Wi[t * r + row]), G[t * r + col]);
         H[e] = h;
       }
     }
@@ -172,7 +173,7 @@ FTX_HOST_DEVICE void compose_chain_backward(const scalar_t* W, const scalar_t* b
       if (gb != nullptr) gb[i * r + e] = static_cast<scalar_t>(G[rr + e]);
       if (i > 0) {
         acc_t h = 0;
-        for (int64_t t = 0; t < r; ++t) h += static_cast<acc_t>(Wi[t * r + e]) * G[rr + t];
+        for (int64_t t = 0; t < r; ++t) h = mul_add_rn(h, static_cast<acc_t>(Wi[t * r + e]), G[rr + t]);
         H[rr + e] = h;
       }
     }

@@ -30,6 +30,8 @@ def _quiet_libraries() -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     _quiet_libraries()
+    import re
+
     import torch
 
     from finetune_ext import bench
@@ -37,7 +39,7 @@ def _bench(args: argparse.Namespace) -> int:
     device = torch.device(
         "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     )
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         raise SystemExit("finetune-ext bench: --device cuda but no CUDA device is available")
     dtype = getattr(torch, DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32"))
     sizes = args.sizes or bench.DEFAULT_SIZES[device.type]
@@ -45,16 +47,20 @@ def _bench(args: argparse.Namespace) -> int:
     unknown = set(ops) - set(bench.OPS)
     if unknown:
         raise SystemExit(f"finetune-ext bench: unknown op(s) {sorted(unknown)}; available: {sorted(bench.OPS)}")
-    cases = (c for op in ops for c in bench.OPS[op](device, dtype, sizes, args.providers))
-    rows = bench.run(cases, warmup=args.warmup, reps=args.reps)
-    print(bench.format_table(rows))
-    out = Path(args.out)
-    csv_paths = []
-    for op in ops:
-        csv_paths.append(out / f"{op}_{device.type}.csv")
-        bench.append_csv([r for r in rows if r.op == op], csv_paths[-1])
+    if args.dry_run:
+        print(f"would time {', '.join(ops)} on {device} in {dtype} at sizes {sizes} into {args.out}")
+        return 0
+    out, rows = Path(args.out), []
+    for op in ops:  # each op's CSV is written as soon as it is timed: a run cut short keeps what it measured
+        op_rows = bench.run(bench.OPS[op](device, dtype, sizes, args.providers), warmup=args.warmup, reps=args.reps)
+        print(bench.format_table(op_rows), flush=True)
+        bench.append_csv(op_rows, out / f"{op}_{device.type}.csv")
+        if args.device_csv and op_rows:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", op_rows[0].device_name).strip("-")
+            bench.append_csv(op_rows, Path(args.device_csv) / f"{name}.csv")
+        rows += op_rows
     plots = bench.plot_speedup(rows, out)
-    print(f"\nCSV rows appended to {', '.join(map(str, csv_paths))}; plots: {', '.join(map(str, plots))}")
+    print(f"\nCSV rows appended to {out}/<op>_{device.type}.csv; plots: {', '.join(map(str, plots))}")
     return 0
 
 
@@ -147,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
     b.add_argument("--reps", type=int, default=20, help="timed calls; the median is reported (>= 20)")
     b.add_argument("--out", default="bench-out", help="folder for the CSV and PNG files")
+    b.add_argument("--device-csv", metavar="DIR", help="also append every row to DIR/<device name>.csv")
+    b.add_argument("--dry-run", action="store_true", help="check the options and print the plan; time nothing")
     b.set_defaults(func=_bench)
 
     from finetune_ext.train import TrainConfig, registry

@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
+import pytest
 import torch
 
 import finetune_ext
@@ -49,3 +51,40 @@ def test_import_without_compiled_library_falls_back_to_reference() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_architecture_coverage() -> None:
+    """Cubins run on the same major version at an equal or higher minor; PTX on anything at least as new."""
+    from finetune_ext._devices import parse_archs, runs_on
+
+    archs = "7.5;8.0;9.0;10.0;12.0+PTX"
+    assert parse_archs(archs) == ([(7, 5), (8, 0), (9, 0), (10, 0), (12, 0)], [(12, 0)])
+    assert parse_archs("8.0 9.0a") == ([(8, 0), (9, 0)], [])
+    covered = [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (10, 3), (12, 0), (12, 1), (13, 0)]
+    assert all(runs_on(c, archs) for c in covered)
+    assert not any(runs_on(c, archs) for c in [(7, 0), (6, 1), (11, 0)])
+    assert not runs_on((8, 9), "9.0") and not runs_on((7, 5), "8.0+PTX") and runs_on((8, 9), "8.0+PTX")
+
+
+def test_a_gpu_without_a_kernel_image_falls_back_to_the_reference(monkeypatch) -> None:
+    """Simulated: a device of compute capability 7.0 (V100) against a build without it, then one with it."""
+    from finetune_ext import _devices
+    from finetune_ext.ops._library import use_kernel
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla V100")
+    monkeypatch.setattr(_devices, "built_archs", lambda: "7.5;8.0;9.0;10.0;12.0+PTX")
+    monkeypatch.setattr("finetune_ext.ops._library.has_kernel", lambda op, device: True)
+    _devices._cuda_supported.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"Tesla V100 \(sm_70\) is not covered .* run the pure-PyTorch"):
+            assert not use_kernel("fisher_dropout", "auto", torch.device("cuda:0"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # decided once per device: no second warning
+            assert not use_kernel("softmax_ce_hessian_vp", "auto", torch.device("cuda:0"))
+        with pytest.raises(RuntimeError, match=r"backend='ext': the compiled CUDA kernels have no image for cuda:0"):
+            use_kernel("fisher_dropout", "ext", torch.device("cuda:0"))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
+        assert use_kernel("fisher_dropout", "auto", torch.device("cuda:1"))  # an L4 beside it: sm_80 cubins
+    finally:
+        _devices._cuda_supported.cache_clear()

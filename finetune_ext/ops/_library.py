@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from finetune_ext import _devices
+
 LIB = torch.library.Library("finetune_ext", "DEF")
 Backend = Literal["auto", "ext", "reference"]  # every public op's backend= argument
 _SEED_MAX = 2**63 - 1
@@ -50,12 +52,24 @@ def check_backend(backend: str) -> None:
 
 
 def use_kernel(op: str, backend: str, device: torch.device) -> bool:
-    """Whether a call with ``backend`` runs the compiled kernel of ``op`` on ``device`` (else the reference)."""
-    if backend == "reference" or (backend == "auto" and not has_kernel(op, device)):
+    """Whether a call with ``backend`` runs the compiled kernel of ``op`` on ``device`` (else the reference).
+    ``auto`` also falls back on a GPU the compiled kernels have no image for (``finetune_ext._devices``)."""
+    if backend == "reference":
         return False
+    if backend == "auto":
+        return has_kernel(op, device) and _image_for(device)
     if not has_kernel(op, device):
         raise RuntimeError(f"backend='ext': no compiled {op} kernel for {device.type} (see finetune_ext.build_info())")
+    if not _image_for(device):
+        raise RuntimeError(
+            f"backend='ext': the compiled CUDA kernels have no image for {device} (built for "
+            f"{_devices.built_archs()}); rebuild with TORCH_CUDA_ARCH_LIST set to its compute capability"
+        )
     return True
+
+
+def _image_for(device: torch.device) -> bool:
+    return device.type != "cuda" or _devices.kernels_run_on(_devices.device_index(device))
 
 
 def has_kernel(op: str, device: torch.device) -> bool:

@@ -223,3 +223,21 @@ def test_direct_op_call_checks_in_cpp() -> None:
         op(x, torch.tensor([0.5, 0.0, 0.5, 0.5]), None, seed)
     with pytest.raises(RuntimeError, match="expected seed to be a CPU int64 tensor of 2 elements"):
         op(x, torch.full((4,), 0.5), None, torch.tensor([1]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["fisher_dropout", "gaussian_perturb"])
+def test_cuda_graph_capture_is_refused(op) -> None:
+    """A captured graph would replay the capture's Philox key (the same mask every replay): refused clearly."""
+    x = torch.randn(64, 32, device="cuda")
+    run = {
+        "fisher_dropout": lambda: ops.fisher_dropout(x, 0.5, seed=1, backend="ext"),
+        "gaussian_perturb": lambda: ops.gaussian_perturb(
+            x, torch.full((64,), 0.1, device="cuda"), seed=1, backend="ext"
+        ),
+    }[op]
+    run()  # fine outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=f"{op}: cannot run inside CUDA graph capture"), torch.cuda.graph(graph):
+        run()

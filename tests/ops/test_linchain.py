@@ -210,12 +210,18 @@ def test_torch_compile_fullgraph(device) -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_and_cuda_agree(dtype) -> None:
-    """Same chains and the same dropout mask on both devices (the fused layer shares fisher_dropout's Philox)."""
+    """The chain compose and its backward give identical bits on both devices (same sums in the same order, no
+    FMA contraction); the fused layer draws the same dropout mask (fisher_dropout's Philox)."""
     W, b = _chains("cpu", dtype, n=9, k=3, r=16)
+    Wc, bc_ = W.cuda().requires_grad_(), b.cuda().requires_grad_()
+    W.requires_grad_(), b.requires_grad_()
     M, beff = ops.linchain_compose(W, b, backend="ext")
-    Mc, bc = ops.linchain_compose(W.cuda(), b.cuda(), backend="ext")
-    torch.testing.assert_close(Mc.cpu(), M, **tolerance(dtype))
-    torch.testing.assert_close(bc.cpu(), beff, **tolerance(dtype))
+    Mc, bc = ops.linchain_compose(Wc, bc_, backend="ext")
+    assert torch.equal(Mc.cpu(), M) and torch.equal(bc.cpu(), beff)
+    gM, gb = torch.randn_like(M), torch.randn_like(beff)
+    grads = torch.autograd.grad((M, beff), (W, b), (gM, gb))
+    grads_c = torch.autograd.grad((Mc, bc), (Wc, bc_), (gM.cuda(), gb.cuda()))
+    assert all(torch.equal(gc.cpu(), g) for gc, g in zip(grads_c, grads, strict=True))
     x, weight, bias, A, B, c = _layer("cpu", dtype, lead=(257,), d_in=64, d_out=48)
     y = ops.lora_linear(x, weight, bias, A, B, c, scale=2.0, dropout_p=0.2, seed=4, backend="ext")
     args = [t.cuda() for t in (x, weight, bias, A, B, c)]

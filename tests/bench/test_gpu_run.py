@@ -1,0 +1,22 @@
+"""benchmarks/gpu_run.sh, the one prepared call for a lent GPU, stays runnable: its dry run on this CPU machine
+checks every command and option it would call."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_run_dry_run_passes(tmp_path) -> None:
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_run.sh")], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+    log = (tmp_path / "gpu.log").read_text()
+    assert done.returncode == 0, log[-3000:]
+    assert log.count("== ") == 3 and ": exit" not in log
+    assert "would time " in log and "on cuda in torch.bfloat16" in log and "softmax_ce_hessian_vp" in log
+    assert "collected" in log  # pytest: the cuda tests collect
