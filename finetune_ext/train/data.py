@@ -1,16 +1,15 @@
-"""Data: language-modelling blocks and labelled sentences, from the hub or local files.
+"""Data: language-modelling blocks and labelled examples, from the hub or local files.
 
 Language modelling: ``train/valid/test`` text (a folder of ``train.txt``, ``valid.txt``, ``test.txt`` or the
 hub's WikiText-2) is tokenized line by line, concatenated and cut into ``block_size`` blocks; the validation
-split selects models, the test split is reported. Classification: a folder with ``train.tsv`` and
-``dev.tsv`` (GLUE layout: ``sentence``, ``label``) or the hub's GLUE SST-2. GLUE's test labels are
-hidden, so ``dev`` is the reported test split and a seeded held-out slice of train is the validation split.
+split selects models, the test split is reported. Labelled data (classification and regression, single sentences
+and pairs, GLUE's layout: ``train/glue.py``): ``dev`` is the reported test split and a seeded held-out slice of
+train is the validation split.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +17,31 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from finetune_ext.train import glue
 from finetune_ext.train.errors import UserError
 
 HUB_LM = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1"), "wikitext-103": ("wikitext", "wikitext-103-raw-v1")}
-HUB_CLS = {"sst2": ("glue", "sst2")}
 
 
 @dataclass
 class Splits:
-    """Tensors per split: ``input_ids`` (and ``attention_mask``, ``labels`` for classification)."""
+    """Tensors per split: ``input_ids`` (and ``attention_mask``, ``labels``, maybe ``token_type_ids`` for labelled
+    data). ``kind``: ``lm``, ``classification`` or ``regression``; ``metrics``: what evaluation reports."""
 
-    task: str  # "lm" or "cls"
+    task: str  # "lm" or "cls" (labelled: classification or regression)
     train: dict[str, torch.Tensor]
     val: dict[str, torch.Tensor]
     test: dict[str, torch.Tensor]
-    num_labels: int = 0
+    num_labels: int = 0  # 1 for regression
+    kind: str = "lm"
+    main_metric: str = "loss"
+    label_names: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        if self.kind == "lm":
+            return ("loss", "acc", "ppl")
+        return glue.METRICS[self.kind] if self.num_labels <= 2 else ("loss", "acc", "mcc")
 
 
 def shared_data_dir() -> Path:
@@ -42,19 +51,19 @@ def shared_data_dir() -> Path:
 
 
 def detect_task(data: str) -> str:
-    """``lm`` or ``cls`` from a hub name or a folder's files."""
+    """``lm`` or ``cls`` (labelled) from a hub name or a folder's files."""
     if data in HUB_LM:
         return "lm"
-    if data in HUB_CLS:
+    if data in glue.HUB:
         return "cls"
     path = Path(data).expanduser()
     if not path.exists():
-        raise UserError(f"data: no such file or folder {data!r} (hub names: {sorted(HUB_LM) + sorted(HUB_CLS)})")
-    if path.is_dir() and (path / "train.tsv").exists():
+        raise UserError(f"data: no such file or folder {data!r} (hub names: {sorted(HUB_LM) + sorted(glue.HUB)})")
+    if glue.is_labelled(data):
         return "cls"
     if path.is_dir() and (path / "train.txt").exists():
         return "lm"
-    raise UserError(f"data: {data!r} has neither train.txt (language modelling) nor train.tsv (classification)")
+    raise UserError(f"data: {data!r} has neither train.txt (language modelling) nor train.tsv (labelled examples)")
 
 
 def load_splits(
@@ -63,36 +72,32 @@ def load_splits(
     *,
     block_size: int,
     max_length: int,
-    train_samples: float | None,
-    val_size: float,
+    train_samples: int | float | None,
+    val_size: int | float,
     seed: int,
+    text_columns: list[str] | None = None,
+    label_column: str | None = None,
+    task_kind: str = "auto",
 ) -> Splits:
     """Tokenized splits. ``train_samples``: an integer count (>= 1) or a fraction in (0, 1] of the training
-    set, seeded."""
+    set, seeded. Labelled data: ``text_columns``/``label_column`` override the header's, ``task_kind`` the kind."""
     task = detect_task(data)
     if task == "lm":
         texts = _lm_texts(data)
         splits = {name: _blocks(tokenizer, lines, block_size, name) for name, lines in texts.items()}
         train = _subset(splits["train"], train_samples, seed)
         return Splits("lm", train, splits["valid"], splits["test"])
-    rows = _cls_rows(data)
-    train_rows, val_rows = _hold_out(rows["train"], val_size, seed)
+    examples = glue.read(data, text_columns, label_column)
+    train_rows, val_rows = _hold_out(examples["train"], val_size, seed)
     train_rows = _subset_rows(train_rows, train_samples, seed)
-    labels = sorted({label for _, label, _ in rows["train"]})
-    if labels != list(range(len(labels))):
-        raise UserError(f"data: labels must be 0..K-1, got {labels[:10]}")
-    for _, label, where in rows["test"]:
-        if label not in range(len(labels)):
-            raise UserError(
-                f"data: {where} has label {label}, which the training set does not have (0..{len(labels) - 1})"
-            )
-    enc = lambda r: _encode_cls(tokenizer, r, max_length)  # noqa: E731
-    return Splits("cls", enc(train_rows), enc(val_rows), enc(rows["test"]), num_labels=len(labels))
+    splits = {"train": train_rows, "val": val_rows, "test": examples["test"]}
+    t = glue.encode(splits, examples["train"], tokenizer, max_length, task_kind, data)
+    return Splits("cls", t.train, t.val, t.test, t.num_labels, t.kind, t.main_metric, t.labels)
 
 
 def _lm_texts(data: str) -> dict[str, list[str]]:
     if data in HUB_LM:
-        ds = _load_hub(data, HUB_LM[data])
+        ds = load_hub(data, HUB_LM[data])
         return {"train": ds["train"]["text"], "valid": ds["validation"]["text"], "test": ds["test"]["text"]}
     path = Path(data).expanduser()
     out = {}
@@ -100,11 +105,11 @@ def _lm_texts(data: str) -> dict[str, list[str]]:
         file = path / f"{split}.txt"
         if not file.exists():
             raise UserError(f"data: missing {file} (a language-modelling folder needs train.txt, valid.txt, test.txt)")
-        out[split] = _read_text(file).splitlines(keepends=True)
+        out[split] = read_text(file).splitlines(keepends=True)
     return out
 
 
-def _load_hub(name: str, spec: tuple[str, str]):
+def load_hub(name: str, spec: tuple[str, str]):
     import datasets
 
     try:
@@ -124,7 +129,7 @@ def _blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: in
     return {"input_ids": torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)}
 
 
-def _read_text(file: Path) -> str:
+def read_text(file: Path) -> str:
     """The file as UTF-8 text; an error naming the line of the first byte that is not UTF-8."""
     raw = file.read_bytes()
     try:
@@ -132,52 +137,6 @@ def _read_text(file: Path) -> str:
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise UserError(f"data: {file}:{line} is not UTF-8 (byte {raw[err.start]:#04x}); convert it to UTF-8") from None
-
-
-def _cls_rows(data: str) -> dict[str, list[tuple[str, int, str]]]:
-    """``(sentence, label, where)`` rows of train and test; ``where`` names file and line for error messages."""
-    if data in HUB_CLS:
-        ds = _load_hub(data, HUB_CLS[data])
-
-        def rows(split: str) -> list[tuple[str, int, str]]:
-            pairs = zip(ds[split]["sentence"], ds[split]["label"], strict=True)
-            return [(s, label, f"{data} {split} row {i}") for i, (s, label) in enumerate(pairs)]
-
-        return {"train": rows("train"), "test": rows("validation")}
-    path = Path(data).expanduser()
-    return {"train": _read_tsv(path / "train.tsv"), "test": _read_tsv(path / "dev.tsv")}
-
-
-def _read_tsv(file: Path) -> list[tuple[str, int, str]]:
-    if not file.exists():
-        raise UserError(f"data: missing {file} (a classification folder needs train.tsv and dev.tsv)")
-    reader = csv.reader(io.StringIO(_read_text(file), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-    header = next(reader, None)
-    if header is None or "sentence" not in header or "label" not in header:
-        raise UserError(f"data: {file} must start with a header naming 'sentence' and 'label', got {header}")
-    s_col, l_col = header.index("sentence"), header.index("label")
-    rows = []
-    for line_no, row in enumerate(reader, start=2):
-        if len(row) != len(header):
-            raise UserError(f"data: {file}:{line_no} has {len(row)} fields, expected {len(header)}")
-        try:
-            rows.append((row[s_col], int(row[l_col]), f"{file}:{line_no}"))
-        except ValueError:
-            raise UserError(f"data: {file}:{line_no} has label {row[l_col]!r}, expected an integer") from None
-    if not rows:
-        raise UserError(f"data: {file} has no rows")
-    return rows
-
-
-def _encode_cls(tokenizer: PreTrainedTokenizerBase, rows: list[tuple[str, int, str]], max_length: int) -> dict:
-    enc = tokenizer(
-        [s for s, _, _ in rows], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    return {
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "labels": torch.tensor([label for _, label, _ in rows], dtype=torch.long),
-    }
 
 
 def _count(n: int, amount: int | float | None, what: str) -> int:

@@ -24,41 +24,82 @@ from finetune_ext.train.errors import RunWarning, UserError
 def evaluate(
     model: nn.Module,
     split: dict[str, torch.Tensor],
-    task: str,
+    kind: str,
     *,
+    num_labels: int = 0,
     batch_size: int,
     max_batches: int | None,
     device: torch.device,
     ddp: Dist,
     autocast: Callable[[], Any],
 ) -> dict[str, float]:
-    """Mean NLL over every predicted token (LM) or example (classification), accuracy, perplexity (LM).
+    """The metrics of ``kind`` (``lm``, ``classification``, ``regression``) on ``split``.
 
-    Each process evaluates every ``world``-th batch; the sums are all-reduced.
+    ``lm``: mean NLL over every predicted token, accuracy, perplexity. ``classification``: mean NLL, accuracy,
+    Matthews correlation and, with two classes, F1 of class 1. ``regression``: mean squared error as the loss,
+    Pearson and Spearman correlation. Each process evaluates every ``world``-th batch; the predictions are
+    gathered, so every process returns the same numbers.
     """
     was_training = model.training
     model.eval()
     n = len(split["input_ids"])
     starts = list(range(0, n, batch_size))[:max_batches]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, count, correct
+    losses, predictions, targets = [], [], []
     for start in starts[ddp.rank :: ddp.world]:
-        batch = make_batch(split, torch.arange(start, min(start + batch_size, n)), task, device)
+        batch = make_batch(split, torch.arange(start, min(start + batch_size, n)), "lm" if kind == "lm" else "cls",
+                           device)  # fmt: skip
         labels = batch.pop("labels")
         with autocast():
             logits = model(**batch).logits.float()
-        if task == "lm":
+        if kind == "lm":
             logits, labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += labels.numel()
-        sums[2] += (logits.argmax(-1) == labels).sum().double()
-    if ddp.world > 1:
-        dist.all_reduce(sums)
+        if kind == "regression":
+            losses.append(F.mse_loss(logits.view(-1), labels, reduction="sum").double())
+            predictions.append(logits.view(-1).cpu())
+        else:
+            losses.append(F.cross_entropy(logits, labels, reduction="sum").double())
+            predictions.append(logits.argmax(-1).cpu())
+        targets.append(labels.cpu())
     model.train(was_training)
-    loss = float(sums[0] / sums[1])
-    out = {"loss": loss, "acc": float(sums[2] / sums[1])}
-    if task == "lm":
-        out["ppl"] = math.exp(min(loss, 700.0))
+    loss_sum = torch.stack(losses).sum().cpu() if losses else torch.zeros((), dtype=torch.float64)
+    pred, target, loss_sum = _gathered(predictions, targets, loss_sum, ddp)
+    out = {"loss": float(loss_sum / len(target))}
+    if kind == "regression":
+        return out | _correlations(pred.double().numpy(), target.double().numpy())
+    out["acc"] = float((pred == target).double().mean())
+    if kind == "lm":
+        return out | {"ppl": math.exp(min(out["loss"], 700.0))}
+    return out | _class_metrics(pred.numpy(), target.numpy(), binary=num_labels == 2)
+
+
+def _gathered(predictions: list, targets: list, loss_sum: torch.Tensor, ddp: Dist):
+    """Every process's predictions, targets and loss sum, in one place on every process."""
+    pred, target = torch.cat(predictions) if predictions else None, torch.cat(targets) if targets else None
+    if ddp.world == 1:
+        return pred, target, loss_sum
+    parts: list = [None] * ddp.world
+    dist.all_gather_object(parts, (pred, target, float(loss_sum)))
+    mine = [p for p in parts if p[0] is not None]
+    return torch.cat([p[0] for p in mine]), torch.cat([p[1] for p in mine]), torch.tensor(sum(p[2] for p in parts))
+
+
+def _class_metrics(pred, target, binary: bool) -> dict[str, float]:
+    """Matthews correlation (any number of classes) and, for two classes, F1 of class 1 (GLUE's)."""
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    out = {"mcc": float(matthews_corrcoef(target, pred))}
+    if binary:
+        out["f1"] = float(f1_score(target, pred, zero_division=0.0))
     return out
+
+
+def _correlations(pred, target) -> dict[str, float]:
+    """Pearson and Spearman correlation of predictions and scores (0 where either side is constant)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    if pred.std() == 0 or target.std() == 0:
+        return {"pearson": 0.0, "spearman": 0.0}
+    return {"pearson": float(pearsonr(pred, target)[0]), "spearman": float(spearmanr(pred, target)[0])}
 
 
 class MetricsLog:
@@ -109,21 +150,31 @@ def _read_records(path: Path) -> list[dict]:
     return records
 
 
+QUALITY = ("acc", "f1", "mcc", "pearson", "spearman")  # validation metrics drawn beside the loss
+
+
 def plot_curves(records: list[dict], path: Path) -> None:
-    """Train and validation loss against the step, as PNG."""
+    """Train and validation loss against the step and, beside it, the validation metrics, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    val = [r for r in records if r["split"] == "val"]
+    shown = [m for m in QUALITY if any(m in r for r in val)]
+    fig, axes = plt.subplots(1, 2 if shown else 1, figsize=(11 if shown else 6.4, 4.0), squeeze=False)
     for split, style in (("train", "-"), ("val", "o-")):
         pts = [(r["step"], r["loss"]) for r in records if r["split"] == split]
         if pts:
-            ax.plot(*zip(*pts, strict=True), style, label=split, ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
+            axes[0, 0].plot(*zip(*pts, strict=True), style, label=split, ms=3)
+    axes[0, 0].set(xlabel="step", ylabel="loss")
+    axes[0, 0].legend()
+    for metric in shown:
+        pts = [(r["step"], r[metric]) for r in val if metric in r]
+        axes[0, 1].plot(*zip(*pts, strict=True), "o-", label=metric, ms=3)
+    if shown:
+        axes[0, 1].set(xlabel="step", ylabel="validation metric")
+        axes[0, 1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

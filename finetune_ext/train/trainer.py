@@ -5,8 +5,8 @@ adapters), sets up its stepper, runs ``steps`` optimizer steps with evaluation e
 checkpoints every ``save_every`` steps, and writes ``metrics.jsonl``, ``curves.png`` and ``summary.json`` into
 ``output_dir``. Under ``torchrun`` it runs data-parallel (gloo on CPU, NCCL on GPUs) with the same global batch,
 hence the same result, as one process. The model reported on the test split is the one with the best validation
-``select_metric`` (loss for language modelling, accuracy for classification); the final model's test metrics
-are reported too. ``batch_size`` is the global number of sequences per optimizer step; it is split into
+``select_metric`` (loss for language modelling, the task's GLUE metric for labelled data); the final model's test
+metrics are reported too. ``batch_size`` is the global number of sequences per optimizer step; it is split into
 ``grad_accum`` micro-batches and each micro-batch across the processes.
 """
 
@@ -82,7 +82,14 @@ class TrainConfig:
     warmup_steps: int = option(0, "linear warm-up steps, then linear decay to 0")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
     block_size: int = option(128, "tokens per language-modelling block")
-    max_length: int = option(128, "tokens per classification example (padded/truncated)")
+    max_length: int = option(128, "tokens per labelled example, both sentences of a pair (padded/truncated)")
+    text_columns: list[str] | None = option(
+        None, "labelled data: the text column(s) of train.tsv/dev.tsv, two for pairs (default: from the header)"
+    )
+    label_column: str | None = option(None, "labelled data: the label column (default: from the header)")
+    task_kind: Literal["auto", "classification", "regression"] = option(
+        "auto", "labelled data: classes or real-valued scores (auto: real-valued labels make a regression)"
+    )
     train_samples: int | float | None = option(
         None, "low-data runs: an integer count >= 1 or a fraction in (0, 1] of the training set (1 = one, 1.0 = all)"
     )
@@ -98,8 +105,8 @@ class TrainConfig:
     overwrite: bool = option(False, "start over in an --output-dir that holds checkpoints")
     bf16: bool = option(False, "bf16 autocast for forward passes")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "default: cuda if available")
-    select_metric: Literal["loss", "acc"] | None = option(
-        None, "validation metric that selects the reported model (default: loss for LM, acc for classification)"
+    select_metric: Literal["loss", "acc", "f1", "mcc", "pearson", "spearman"] | None = option(
+        None, "validation metric that selects the reported model (default: loss for LM, the task's GLUE metric)"
     )
     progress: bool = option(True, "the progress bar (--no-progress hides it)")
     method_options: dict[str, Any] = option({}, "options of the --method preset's parts, routed by name")
@@ -153,8 +160,6 @@ def _check_config(cfg: TrainConfig, world: int) -> None:
         raise UserError(
             f"batch_size: {cfg.batch_size} must be divisible by grad_accum x processes = {cfg.grad_accum} x {world}"
         )
-    if cfg.select_metric not in (None, "loss", "acc"):
-        raise UserError(f"select_metric: expected loss or acc, got {cfg.select_metric!r}")
     if cfg.resume and cfg.overwrite:
         raise UserError("resume, overwrite: pass one of them (--resume continues the run, --overwrite starts over)")
 
@@ -192,7 +197,8 @@ class _Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16 else contextlib.nullcontext()
 
     def evaluate(self, model: nn.Module, split: dict[str, torch.Tensor]) -> dict[str, float]:
-        return evaluate(model, split, self.task, batch_size=self.cfg.eval_batch_size,
+        return evaluate(model, split, self.splits.kind, num_labels=self.splits.num_labels,
+                        batch_size=self.cfg.eval_batch_size,
                         max_batches=self.cfg.max_eval_batches, device=self.device, ddp=self.ddp,
                         autocast=self.autocast)  # fmt: skip
 
@@ -262,11 +268,16 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device, foun
     task = detect_task(cfg.data)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.removeprefix("config:"))
     splits = load_splits(cfg.data, tokenizer, block_size=cfg.block_size, max_length=cfg.max_length,
-                         train_samples=cfg.train_samples, val_size=cfg.val_size, seed=cfg.seed)  # fmt: skip
-    model = load_model(cfg.model, task, tokenizer, num_labels=max(splits.num_labels, 2))
+                         train_samples=cfg.train_samples, val_size=cfg.val_size, seed=cfg.seed,
+                         text_columns=cfg.text_columns, label_column=cfg.label_column,
+                         task_kind=cfg.task_kind)  # fmt: skip
+    metric = cfg.select_metric or splits.main_metric
+    if metric not in splits.metrics:
+        raise UserError(f"select_metric: {metric} is not reported for {splits.kind} (choose from {splits.metrics})")
+    labels = 1 if splits.kind == "regression" else max(splits.num_labels, 2)
+    model = load_model(cfg.model, task, tokenizer, num_labels=labels)
     _check_context(model, cfg, task)
     model.to(device).train()
-    metric = cfg.select_metric or ("loss" if task == "lm" else "acc")
     run = _Run(cfg, ddp, device, out, task, splits, model, model, parts,
                Stream(len(splits.train["input_ids"]), cfg.batch_size, cfg.seed), metric)  # fmt: skip
     run.best = {"metric": metric, "value": math.inf if metric == "loss" else -math.inf, "step": 0}

@@ -121,7 +121,7 @@ def test_label_only_in_dev_is_an_error_before_training(tmp_path, sst2_slice, gpt
     dev = (sst2_slice / "dev.tsv").read_text().splitlines()
     dev[3] = dev[3].rsplit("\t", 1)[0] + "\t2"
     (data / "dev.tsv").write_text("\n".join(dev) + "\n")
-    with pytest.raises(UserError, match=rf"data: {data / 'dev.tsv'}:4 has label 2, which the training set does not"):
+    with pytest.raises(UserError, match=rf"data: {data / 'dev.tsv'}:4 column 'label' has label 2, which the training"):
         _run(data, gpt2_tokenizer, tmp_path / "run", model="config:bert-tiny", max_length=16)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
