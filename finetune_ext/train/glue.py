@@ -71,7 +71,7 @@ class Table:
 
 
 def is_labelled(data: str) -> bool:
-    return data in HUB or (Path(data).expanduser().is_dir() and (Path(data).expanduser() / "train.tsv").exists())
+    return data in HUB or (Path(data).expanduser() / "train.tsv").is_file()
 
 
 def read(data: str, text_columns: list[str] | None, label_column: str | None) -> dict[str, list[Example]]:
@@ -79,8 +79,8 @@ def read(data: str, text_columns: list[str] | None, label_column: str | None) ->
     if data in HUB:
         return _hub_examples(data)
     path = Path(data).expanduser()
-    return {split: _read_tsv(path / f"{name}.tsv", text_columns, label_column)
-            for split, name in (("train", "train"), ("test", "dev"))}  # fmt: skip
+    return {"train": _read_tsv(path / "train.tsv", text_columns, label_column),
+            "test": _read_tsv(path / "dev.tsv", text_columns, label_column)}  # fmt: skip
 
 
 def task_name(data: str) -> str:

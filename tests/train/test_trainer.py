@@ -120,6 +120,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
         eval_every=2,
         save_every=5,
         max_eval_batches=2,
+        eval_batch_size=8,
         progress=False,
     )
     whole = tmp_path / "whole"
@@ -157,7 +158,8 @@ def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, 
     args = [
         "train", "--model", gpt2_no_dropout, "--tokenizer", gpt2_tokenizer, "--data", str(wikitext_slice),
         "--steps", "4", "--batch-size", "8", "--grad-accum", "2", "--lr", "1e-3", "--block-size", "32",
-        "--eval-every", "2", "--save-every", "4", "--device", "cpu", "--no-progress",
+        "--eval-every", "2", "--save-every", "4", "--device", "cpu", "--no-progress", "--max-eval-batches", "2",
+        "--eval-batch-size", "8",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
