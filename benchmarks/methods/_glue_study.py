@@ -1,0 +1,149 @@
+"""A method-against-baseline study on GLUE tasks with all-MiniLM-L6-v2: the protocol both GLUE study scripts share.
+
+For each task, training fraction, seed and variant: fine-tune for ``--epochs`` epochs (at most ``--max-steps``
+steps, said in the table), select the checkpoint by the task's GLUE metric on a held-out slice of train
+(``--val-size``), report that metric on the GLUE dev set (the test split here). Rows are appended to the CSV as
+each run ends and runs already in it are skipped, so an interrupted sweep continues where it stopped; the table
+(mean ± sd over seeds, seeds per cell, the paper's figures beside) and the plot are rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from _sweep import load_rows, mean_std, minilm_path, record
+
+from finetune_ext.train import TrainConfig, train
+from finetune_ext.train.data import shared_data_dir
+
+TASKS = {"RTE": ("acc", 128, 2490), "MRPC": ("f1", 128, 3668), "CoLA": ("mcc", 64, 8551)}  # metric, length, size
+FIELDS = ["task", "fraction", "variant", "seed", "steps", "metric", "test", "test_final", "best_step", "seconds"]
+
+
+@dataclass
+class Study:
+    description: str
+    tasks: list[str]
+    variants: list[str]
+    method: Callable[[str, argparse.Namespace], tuple[str, dict]]  # variant -> (--method, its options)
+    paper: dict[tuple[str, str], str]  # (task, variant) -> the paper's figure, as printed in the table
+    lr: float
+    out: str
+
+
+def main(study: Study) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = _parser(study)
+    args = parser.parse_args()
+    _check(parser, args)
+    model = minilm_path()
+    csv_path, md_path, png_path = (Path(args.out + ext) for ext in (".csv", ".md", ".png"))
+    done = load_rows(csv_path)
+    seen = {(r["task"], float(r["fraction"]), r["variant"], int(r["seed"])) for r in done}
+    for task in args.tasks:
+        metric, max_length, n_train = TASKS[task]
+        for fraction in args.fractions:
+            size = round(fraction * (n_train - args.val_size))
+            steps = min(math.ceil(args.epochs * size / args.batch_size), args.max_steps)
+            for seed in args.seeds:
+                for variant in args.variants:
+                    if (task, fraction, variant, seed) in seen:
+                        continue
+                    method, options = study.method(variant, args)
+                    with tempfile.TemporaryDirectory() as out:
+                        cfg = TrainConfig(
+                            model=model, data=str(shared_data_dir() / task), output_dir=out, method=method,
+                            method_options=options, seed=seed, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                            warmup_steps=steps // 10, max_length=max_length, train_samples=fraction,
+                            val_size=args.val_size, eval_every=max(1, steps // 6), save_every=steps,
+                            keep_checkpoints=1, progress=False,
+                        )  # fmt: skip
+                        summary = train(cfg)
+                    row = {
+                        "task": task, "fraction": fraction, "variant": variant, "seed": seed, "steps": steps,
+                        "metric": metric, "test": round(summary["test"][metric], 5),
+                        "test_final": round(summary["test_final"][metric], 5),
+                        "best_step": summary["best_val"]["step"],
+                        "seconds": round(summary["train_seconds_this_session"], 1),
+                    }  # fmt: skip
+                    record(csv_path, row, FIELDS, done)
+                    write_table(study, done, md_path, args)
+                    plot(study, done, png_path)
+    print(md_path.read_text())
+
+
+def _parser(study: Study) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=study.description)
+    parser.add_argument("--tasks", nargs="+", default=study.tasks, choices=list(TASKS))
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.3, 1.0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=study.variants, choices=study.variants)
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=study.lr)
+    parser.add_argument("--val-size", type=int, default=250)
+    parser.add_argument("--fisher-samples", type=int, default=256, help="guided dropout: texts for the Fisher")
+    parser.add_argument("--out", default=study.out)
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("epochs", "max_steps", "batch_size", "lr", "val_size", "fisher_samples"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive value, got {getattr(args, name)}")
+    if not all(0 < f <= 1 for f in args.fractions):
+        parser.error(f"--fractions: expected values in (0, 1], got {args.fractions}")
+
+
+def write_table(study: Study, rows: list[dict], path: Path, args: argparse.Namespace) -> None:
+    cells: dict[tuple[str, float, str], list[float]] = {}
+    steps: dict[tuple[str, float], str] = {}
+    for r in rows:
+        key = (r["task"], float(r["fraction"]))
+        cells.setdefault((*key, r["variant"]), []).append(100 * float(r["test"]))
+        steps[key] = r["steps"]
+    keys = sorted(steps)
+    metrics = ", ".join(f"{t}: dev {TASKS[t][0]}" for t in sorted({t for t, _ in keys}))
+    head = " | ".join(f"{t} {f:.0%} ({steps[(t, f)]} steps)" for t, f in keys)
+    lines = [
+        f"MiniLM (all-MiniLM-L6-v2), {args.epochs:g} epochs (at most {args.max_steps} steps), batch {args.batch_size}, "
+        f"lr {args.lr:g}; {metrics} (x100), best validation checkpoint; mean ± sd (seeds).",
+        "",
+        f"| variant | {head} | paper |",
+        "|---|" + "---|" * len(keys) + "---|",
+    ]
+    for variant in study.variants:
+        row = [mean_std(cells.get((*k, variant), []), lambda v: f"{v:.1f}") for k in keys]
+        paper = "; ".join(f"{t} {v}" for (t, var), v in study.paper.items() if var == variant) or "-"
+        lines.append(f"| {variant} | " + " | ".join(row) + f" | {paper} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(study: Study, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for i, variant in enumerate(study.variants):
+            offset = 0.02 * (i - (len(study.variants) - 1) / 2)
+            pts = [(float(r["fraction"]) + offset, 100 * float(r["test"])) for r in rows
+                   if r["task"] == task and r["variant"] == variant]  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o", label=variant, alpha=0.7)
+        ax.set(title=f"{task} ({TASKS[task][0]})", xlabel="fraction of train", ylabel=f"dev {TASKS[task][0]} x100")
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
