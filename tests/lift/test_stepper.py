@@ -116,7 +116,7 @@ def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, 
         "--optimizer", "lift", "--optimizer-option", "warmup_steps=2", "--optimizer-option", "rows=16",
         "--optimizer-option", "columns=256", "--optimizer-option", "val_batches=2", "--steps", "4",
         "--batch-size", "8", "--lr", "1e-3", "--block-size", "32", "--eval-every", "4", "--save-every", "4",
-        "--max-eval-batches", "2", "--device", "cpu", "--no-progress",
+        "--max-eval-batches", "2", "--eval-batch-size", "8", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launch = {
