@@ -50,10 +50,12 @@ def test_too_few_reps_is_refused() -> None:
 
 def test_cli_bench_and_errors(tmp_path, capsys) -> None:
     args = ["bench", "--ops", "fisher_dropout", "--device", "cpu", "--sizes", "2048", "--providers", "reference", "ext"]
-    args += ["--out", str(tmp_path)]
+    args += ["--out", str(tmp_path), "--device-csv", str(tmp_path / "by-device")]
     assert main(args) == 0
     assert "fisher_dropout" in capsys.readouterr().out
     assert (tmp_path / "fisher_dropout_cpu.csv").exists() and (tmp_path / "fisher_dropout_cpu.png").exists()
+    (device_csv,) = (tmp_path / "by-device").iterdir()  # every row again, in one file named after the device
+    assert device_csv.read_text() == (tmp_path / "fisher_dropout_cpu.csv").read_text()
     assert main(["bench", "--device", "cpu", "--sizes", "2048", "--providers", "nope", "--out", str(tmp_path)]) == 2
     assert "providers: unknown ['nope']" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown op"):
