@@ -58,9 +58,13 @@ def folders(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _tmp_dir(out: Path, step: int) -> Path:
+    return out / f"{TMP_PREFIX}{step:07d}"
+
+
 def write_rng(out: Path, step: int, rank: int) -> None:
     """Every rank writes its generator states into the checkpoint being assembled."""
-    tmp = out / f"{TMP_PREFIX}{step:07d}"
+    tmp = _tmp_dir(out, step)
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
@@ -72,7 +76,7 @@ def commit(out: Path, step: int, model: nn.Module, state: dict[str, Any], keep: 
     """Rank 0: add weights, state and manifest to the assembled folder, rename it into place, move ``latest``,
     prune this run's older checkpoints. A write error (disk full) removes the temporary folder and raises a
     ``UserError``; the previous checkpoint stays as it was."""
-    tmp = out / f"{TMP_PREFIX}{step:07d}"
+    tmp = _tmp_dir(out, step)
     final = out / name(step)
     try:
         tmp.mkdir(parents=True, exist_ok=True)

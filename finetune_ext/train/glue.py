@@ -154,7 +154,7 @@ def encode(
     """Tokenize ``splits`` (train, val, test; pairs as pairs) and convert their labels by the kind and class
     names that ``every`` training example gives (``kind="auto"``: detected)."""
     if kind == "auto":
-        integers, reals = all(_is_int(e.label) for e in every), all(_is_real(e) for e in every)
+        integers, reals = (all(_parses(e.label, t) for e in every) for t in (int, float))
         kind = "regression" if reals and not integers else "classification"
     names = _class_names(every) if kind == "classification" else []
     convert = (lambda e: _class_id(e, names)) if kind == "classification" else _real
@@ -172,17 +172,10 @@ def encode(
     return Table(split(splits["train"]), split(splits["val"]), split(splits["test"]), kind, names, metric)
 
 
-def _is_int(text: str) -> bool:
+def _parses(text: str, convert: type) -> bool:
+    """Whether ``convert(text)`` (``int`` or ``float``) accepts the label."""
     try:
-        int(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_real(example: Example) -> bool:
-    try:
-        float(example.label)
+        convert(text)
     except ValueError:
         return False
     return True
@@ -197,7 +190,7 @@ def _real(example: Example) -> float:
 
 def _class_names(train: list[Example]) -> list[str]:
     found = {e.label for e in train}
-    if all(_is_int(label) for label in found):
+    if all(_parses(label, int) for label in found):
         ids = sorted(int(label) for label in found)
         if ids != list(range(len(ids))):
             raise UserError(f"data: integer labels must be 0..K-1, got {ids[:10]}")
@@ -206,7 +199,7 @@ def _class_names(train: list[Example]) -> list[str]:
 
 
 def _class_id(example: Example, names: list[str]) -> int:
-    label = str(int(example.label)) if _is_int(example.label) else example.label
+    label = str(int(example.label)) if _parses(example.label, int) else example.label
     if label not in names:
         known = ", ".join(names)
         raise UserError(f"data: {example.where} has label {example.label}, which the training set lacks ({known})")

@@ -44,7 +44,8 @@ def evaluate(
     model.eval()
     n = len(split["input_ids"])
     starts = list(range(0, n, batch_size))[:max_batches]
-    losses, predictions, targets = [], [], []
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, count, correct
+    predictions, targets = [], []  # labelled data only: its correlations need every prediction
     for start in starts[ddp.rank :: ddp.world]:
         batch = make_batch(split, torch.arange(start, min(start + batch_size, n)), "lm" if kind == "lm" else "cls",
                            device)  # fmt: skip
@@ -54,33 +55,39 @@ def evaluate(
         if kind == "lm":
             logits, labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
         if kind == "regression":
-            losses.append(F.mse_loss(logits.view(-1), labels, reduction="sum").double())
-            predictions.append(logits.view(-1).cpu())
+            sums[0] += F.mse_loss(logits.view(-1), labels, reduction="sum").double()
+            pred = logits.view(-1)
         else:
-            losses.append(F.cross_entropy(logits, labels, reduction="sum").double())
-            predictions.append(logits.argmax(-1).cpu())
-        targets.append(labels.cpu())
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+            pred = logits.argmax(-1)
+            sums[2] += (pred == labels).sum().double()
+        sums[1] += labels.numel()
+        if kind != "lm":
+            predictions.append(pred)
+            targets.append(labels)
+    if ddp.world > 1:
+        dist.all_reduce(sums)
     model.train(was_training)
-    loss_sum = torch.stack(losses).sum().cpu() if losses else torch.zeros((), dtype=torch.float64)
-    pred, target, loss_sum = _gathered(predictions, targets, loss_sum, ddp)
-    out = {"loss": float(loss_sum / len(target))}
-    if kind == "regression":
-        return out | _correlations(pred.double().numpy(), target.double().numpy())
-    out["acc"] = float((pred == target).double().mean())
+    out = {"loss": float(sums[0] / sums[1])}
+    if kind != "regression":
+        out["acc"] = float(sums[2] / sums[1])
     if kind == "lm":
         return out | {"ppl": math.exp(min(out["loss"], 700.0))}
+    pred, target = _gathered(predictions, targets, ddp)
+    if kind == "regression":
+        return out | _correlations(pred.double().numpy(), target.double().numpy())
     return out | _class_metrics(pred.numpy(), target.numpy(), binary=num_labels == 2)
 
 
-def _gathered(predictions: list, targets: list, loss_sum: torch.Tensor, ddp: Dist):
-    """Every process's predictions, targets and loss sum, in one place on every process."""
-    pred, target = torch.cat(predictions) if predictions else None, torch.cat(targets) if targets else None
+def _gathered(predictions: list[torch.Tensor], targets: list[torch.Tensor], ddp: Dist):
+    """Every process's predictions and targets, on the CPU of every process (one copy from the device)."""
+    mine = (torch.cat(predictions).cpu(), torch.cat(targets).cpu()) if predictions else None
     if ddp.world == 1:
-        return pred, target, loss_sum
+        return mine
     parts: list = [None] * ddp.world
-    dist.all_gather_object(parts, (pred, target, float(loss_sum)))
-    mine = [p for p in parts if p[0] is not None]
-    return torch.cat([p[0] for p in mine]), torch.cat([p[1] for p in mine]), torch.tensor(sum(p[2] for p in parts))
+    dist.all_gather_object(parts, mine)
+    parts = [p for p in parts if p is not None]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _class_metrics(pred, target, binary: bool) -> dict[str, float]:
