@@ -1,4 +1,4 @@
-"""``finetune-ext``: command-line entry point (``train``, ``methods``, ``bench``, ``info``)."""
+"""``finetune-ext``: command-line entry point (``train``, ``export``, ``methods``, ``bench``, ``info``)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,15 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     keys = ("steps", "params_trainable", "params_total", "best_val", "final_val", "test")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from finetune_ext.train.export import export
+
+    out = export(args.run_dir, args.format, args.output, weights=args.weights)
+    print(f"wrote {args.format} export of {args.run_dir} ({args.weights} weights) to {out}")
     return 0
 
 
@@ -171,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(t, TrainConfig)
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="a run's model as a PEFT adapter folder or a merged Hugging Face model")
+    e.add_argument("run_dir", help="the --output-dir of a finetune-ext train run")
+    e.add_argument("--format", required=True, choices=["peft", "merged"],
+                   help="peft: adapter_config.json + adapter_model.safetensors for peft.PeftModel.from_pretrained; "
+                   "merged: a full model folder (adapters merged) with its tokenizer, for AutoModel")  # fmt: skip
+    e.add_argument("--output", required=True, help="folder to write (new or empty)")
+    e.add_argument("--weights", choices=["best", "final"], default="best",
+                   help="best-validation weights (what summary.json's test reports) or the final ones")  # fmt: skip
+    e.set_defaults(func=_export)
 
     m = sub.add_parser("methods", help="every transform and stepper with its options, types and defaults")
     m.set_defaults(func=_methods)

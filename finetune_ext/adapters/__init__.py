@@ -12,6 +12,7 @@ from finetune_ext.adapters.model import (
     save_adapter,
     unmerge,
 )
+from finetune_ext.adapters.peft_format import load_peft, save_peft
 
 __all__ = [
     "LinChainConfig",
@@ -20,8 +21,10 @@ __all__ = [
     "adapters",
     "apply_linchain",
     "load_adapter",
+    "load_peft",
     "merge",
     "merge_and_unload",
     "save_adapter",
+    "save_peft",
     "unmerge",
 ]

@@ -20,12 +20,16 @@ class LinChain(Transform):
     def adapter_config(self) -> LinChainConfig:
         return self.options
 
-    def apply(self, model: nn.Module, run: RunContext) -> None:
+    def model_config(self, model: nn.Module, task: str) -> LinChainConfig:
+        """The adapter config for ``model``: by default a classifier's head is saved (trained in full)."""
         config = self.adapter_config()
-        if not config.modules_to_save and run.task == "cls":
+        if not config.modules_to_save and task == "cls":
             heads = [n for n, _ in model.named_children() if n in HEAD_NAMES and n not in ("lm_head", "cls")]
             config = dataclasses.replace(config, modules_to_save=heads)
-        apply_linchain(model, config)
+        return config
+
+    def apply(self, model: nn.Module, run: RunContext) -> None:
+        apply_linchain(model, self.model_config(model, run.task))
 
 
 class LoRA(LinChain):

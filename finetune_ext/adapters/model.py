@@ -173,6 +173,13 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, LinChainLinear
     trainable = {p: p.requires_grad for p in model.parameters()}
     with torch.random.fork_rng(devices=[]):  # the fresh adapters' initial draws are overwritten below
         found = apply_linchain(model, config)
+    copy_checked(model, tensors, trainable)
+    return found
+
+
+def copy_checked(model: nn.Module, tensors: dict[str, torch.Tensor], trainable: dict[nn.Parameter, bool]) -> None:
+    """Copy ``tensors`` into the adapters just put on ``model`` if they fit exactly; otherwise remove the
+    adapters again (``requires_grad`` flags back to ``trainable``) and raise a one-line ``ValueError``."""
     expected = adapter_state_dict(model)
     try:
         _check_fits(expected, tensors)
@@ -182,7 +189,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, LinChainLinear
     with torch.no_grad():
         for name, target in expected.items():
             target.copy_(tensors[name])
-    return found
 
 
 def _check_fits(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:

@@ -359,6 +359,7 @@ def _save(run: _Run) -> None:
             "best_state": run.best_state,
             "parts": {kind: part.state_dict() for kind, part in run.parts.by_kind.items()},
             "config": _config_record(run),
+            "model": {"task": run.task, "num_labels": run.model.config.num_labels},
         }
         checkpoint.commit(run.out, run.step, run.model, state, run.cfg.keep_checkpoints, run.run_id)
     run.ddp.barrier()

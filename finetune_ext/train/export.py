@@ -1,0 +1,82 @@
+"""``finetune-ext export``: a run's model as a PEFT adapter folder or as a merged Hugging Face model folder.
+
+The model is rebuilt from the run's newest intact checkpoint: the base model and tokenizer named in its
+config, the run's adapters put on it, then the checkpoint's weights (``final``) or the best-validation ones
+(``best``, what summary.json's ``test`` reports) loaded in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_model
+from torch import nn
+
+from finetune_ext.adapters.model import apply_linchain, merge_and_unload
+from finetune_ext.adapters.peft_format import save_peft
+from finetune_ext.train import checkpoint, registry
+from finetune_ext.train.errors import RunWarning, UserError
+from finetune_ext.train.models import load_model as load_base
+from finetune_ext.train.models import load_tokenizer
+
+
+def export(run_dir: str | Path, fmt: Literal["peft", "merged"], output: str | Path, weights: str = "best") -> Path:
+    """Write the run's adapters (``peft``) or its whole model with adapters merged (``merged``) into ``output``."""
+    if fmt not in ("peft", "merged"):
+        raise UserError(f"format: expected peft or merged, got {fmt!r}")
+    if weights not in ("best", "final"):
+        raise UserError(f"weights: expected best or final, got {weights!r}")
+    folder, state = _newest_checkpoint(Path(run_dir))
+    cfg = state["config"]
+    adapter = cfg["parts"].get("adapter", {}).get("name", "none")
+    if fmt == "peft" and adapter not in ("lora", "linchain"):
+        raise UserError(f"format: the run in {run_dir} trained without adapters (--adapter {adapter}); use merged")
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output: {out} exists and is not an empty folder")
+    tokenizer = load_tokenizer(cfg["tokenizer"] or cfg["model"].removeprefix("config:"))
+    model = load_base(cfg["model"], state["model"]["task"], tokenizer, num_labels=state["model"]["num_labels"])
+    if adapter in ("lora", "linchain"):
+        part = registry.build("adapter", adapter, cfg["parts"]["adapter"]["options"])
+        apply_linchain(model, part.model_config(model, state["model"]["task"]))
+    _load_weights(model, folder, state, weights)
+    model.eval()
+    if fmt == "peft":
+        if cfg["model"].startswith("config:"):
+            note = "export --format merged to keep them"
+            warnings.warn(f"the base model {cfg['model']} is built from a configuration with random weights, which "
+                          f"the adapter needs: {note}", RunWarning, stacklevel=2)  # fmt: skip
+        save_peft(model, out)
+        return out
+    if adapter in ("lora", "linchain"):
+        merge_and_unload(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _newest_checkpoint(run: Path) -> tuple[Path, dict[str, Any]]:
+    """The run's newest intact checkpoint and its saved state; a one-line error for anything else."""
+    if not run.is_dir() or not checkpoint.folders(run):
+        raise UserError(f"run_dir: {run} is not a finetune-ext run (no checkpoint-* folder)")
+    folder, damaged = checkpoint.newest_intact(run)
+    if folder is None:
+        raise UserError(
+            f"run_dir: no intact checkpoint in {run} ({'; '.join(f'{p.name}: {w}' for p, w in damaged.items())})"
+        )
+    state = torch.load(folder / "state.pt", weights_only=False)
+    if "model" not in state:
+        raise UserError(f"run_dir: {folder} was written by an older finetune-ext without the model's task; re-run it")
+    return folder, state
+
+
+def _load_weights(model: nn.Module, folder: Path, state: dict[str, Any], weights: str) -> None:
+    if weights == "final" or state.get("best_state") is None:
+        missing, _ = load_model(model, str(folder / "model.safetensors"), strict=False)
+    else:
+        missing, _ = model.load_state_dict(state["best_state"], strict=False)
+    if missing:
+        raise UserError(f"run_dir: {folder} does not fit the rebuilt model (missing {sorted(missing)[:3]})")
