@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help env build test test-cuda bench gpu-wheels wheel lint format clean
+.PHONY: help env build test test-cuda bench gpu-wheels wheel wheel-check lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -45,8 +45,19 @@ gpu-wheels: env  ## wheels the lent GPU's image lacks (highspy, Python 3.12) int
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl "highspy==$$($(PY) -c 'import importlib.metadata as m; print(m.version("highspy"))')"
 
-wheel: env  ## build a wheel into dist/
-	$(PIP) wheel --no-build-isolation --no-deps -w dist .
+wheel: env  ## build a wheel (CPU + CUDA kernels, setup.py's arch list) into dist/, against .venv's torch
+	rm -f dist/finetune_ext-*.whl
+	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+	@ls dist/finetune_ext-*.whl
+
+WHEEL_VENV := $(abspath build/wheel-check-venv)
+wheel-check:  ## install dist/'s wheel into a fresh venv (not editable, outside the tree) and run every op once
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q $(abspath $(firstword $(wildcard dist/finetune_ext-*.whl)))
+	cd $$(mktemp -d) && env -u PYTHONPATH $(WHEEL_VENV)/bin/python -c \
+		"import finetune_ext; print('imported from', finetune_ext.__file__)"
+	cd $$(mktemp -d) && env -u PYTHONPATH $(WHEEL_VENV)/bin/finetune-ext info --check
 
 lint: env  ## ruff and clang-format checks
 	$(PY) -m ruff check finetune_ext tests benchmarks setup.py

@@ -6,6 +6,9 @@ Environment:
                       RTX 30 and sm_89 L4/Ada), sm_90 (H100/H200), sm_100 (B200), sm_120 (RTX 50) and PTX
                       for sm_120, which the driver compiles for newer GPUs. sm_75 is the oldest CUDA 13 builds.
   DEBUG=1             -O0 -g builds.
+A wheel (make wheel) requires exactly the torch release it was built against (its C++ ABI) and carries a local
+version label naming it: finetune_ext-0.1.0+pt2141cu130 is built against torch 2.14.1 with CUDA 13.0 kernels,
++pt2141cpu a CPU-only build.
   FINETUNE_EXT_SKIP_BUILD=1  install the Python package only (the Makefile then builds in place with ninja,
                       incrementally, instead of compiling twice).
 We never look at torch.cuda.is_available(): a build machine needs no GPU.
@@ -71,8 +74,36 @@ def write_build_meta(with_cuda: bool, reason: str) -> None:
     )
 
 
+VERSION = "0.1.0"
+DEPENDENCIES = [
+    "numpy",
+    "transformers>=4.40",
+    "datasets",
+    "safetensors",
+    "highspy",
+    "tqdm",
+    "matplotlib",
+    "scipy",
+    "scikit-learn",
+]
+
+
+def building() -> bool:
+    return os.environ.get("FINETUNE_EXT_SKIP_BUILD") != "1"
+
+
+def torch_release() -> str:
+    return torch.__version__.split("+")[0]
+
+
+def local_label(with_cuda: bool) -> str:
+    """``pt2141cu130``: the torch release and CUDA version (or ``cpu``) the kernels were built for."""
+    cuda = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
+    return f"pt{torch_release().replace('.', '')}{cuda}"
+
+
 def extensions() -> list:
-    if os.environ.get("FINETUNE_EXT_SKIP_BUILD") == "1":
+    if not building():
         return []
     with_cuda, reason = cuda_decision()
     print(f"finetune_ext: CUDA kernels {'ON' if with_cuda else 'OFF'} ({reason})")
@@ -95,7 +126,10 @@ def extensions() -> list:
     return [cpp_extension.CUDAExtension("finetune_ext._C", sources, **kwargs)]
 
 
+WITH_CUDA = building() and cuda_decision()[0]
 setup(
+    version=f"{VERSION}+{local_label(WITH_CUDA)}" if building() else VERSION,
+    install_requires=[f"torch=={torch_release()}" if building() else "torch>=2.4", *DEPENDENCIES],
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import warnings
 from typing import Any
 
@@ -42,10 +43,15 @@ def has_cuda_kernels() -> bool:
 
 
 def build_info() -> dict[str, Any]:
-    """What was built and loaded: compiled library, CUDA kernels, archs, the torch it was built against."""
+    """What was built and loaded: package version, compiled library, the ops with a kernel per device type,
+    CUDA archs, the torch it was built against."""
     meta = _build_meta()
+    schemas = sorted({s.name.split("::")[1].split(".")[0] for s in torch._C._jit_get_all_schemas()
+                      if s.name.startswith("finetune_ext::")})  # fmt: skip
     return {
+        "version": _version(),
         "extension_loaded": _STATE["loaded"],
+        "kernels": {dev: [op for op in schemas if has_kernel(op, torch.device(dev))] for dev in ("cpu", "cuda")},
         "load_error": _STATE["error"],
         "cuda_kernels": has_cuda_kernels(),
         "cuda_archs": meta.get("cuda_archs", ""),
@@ -55,3 +61,10 @@ def build_info() -> dict[str, Any]:
         "runtime_torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
     }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("finetune_ext")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"

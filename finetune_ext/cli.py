@@ -117,8 +117,21 @@ def _catalogue_text(registry) -> str:
 def _info(args: argparse.Namespace) -> int:
     import finetune_ext
 
-    print(json.dumps(finetune_ext.build_info(), indent=2))
-    return 0
+    info = finetune_ext.build_info()
+    print(json.dumps(info, indent=2))
+    if not args.check:
+        return 0
+    import torch
+
+    from finetune_ext.selfcheck import check_ops
+
+    devices = ["cpu", "cuda"] if info["cuda_kernels"] and torch.cuda.is_available() else ["cpu"]
+    failed = 0
+    for device in devices:
+        for op, err, ok in check_ops(torch.device(device)):
+            print(f"{device:5s} {op:32s} max |ext - reference| = {err:.3g}  {'ok' if ok else 'FAILED'}")
+            failed += not ok
+    return 1 if failed else 0
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
@@ -195,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_methods)
 
     i = sub.add_parser("info", help="what was built: CUDA kernels, archs, torch version")
+    i.add_argument("--check", action="store_true", help="also run every op once against its reference")
     i.set_defaults(func=_info)
     return parser
 

@@ -21,6 +21,17 @@ def test_build_info_reports_the_build() -> None:
     assert info["cuda_kernels"] == finetune_ext.has_cuda_kernels()
     if info["cuda_kernels"]:
         assert info["cuda_archs"]
+    public = {"fisher_dropout", "softmax_ce_hessian_vp", "linchain_compose", "lora_linear", "gaussian_perturb"}
+    assert public | {"armijo_moments_", "armijo_update_"} <= set(info["kernels"]["cpu"])
+
+
+def test_info_check_runs_every_op_against_its_reference(capsys) -> None:
+    from finetune_ext.cli import main
+    from finetune_ext.selfcheck import CHECKS
+
+    assert main(["info", "--check"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cpu ")]
+    assert len(lines) == len(CHECKS) and all(line.endswith(" ok") for line in lines)
 
 
 def test_import_without_compiled_library_falls_back_to_reference() -> None:
