@@ -51,8 +51,9 @@ __device__ T block_reduce(T v, bool is_max, T* smem) {
 template <typename logit_t, typename vec_t>
 __global__ void __launch_bounds__(kThreads)
     _softmax_ce_hessian_vp_kernel(const logit_t* __restrict__ z, const vec_t* __restrict__ v,
-                                  const int64_t* __restrict__ labels, int64_t ignore_index, vec_t* __restrict__ out,
-                                  int64_t m, int64_t n, int64_t c) {
+                                  const int64_t* __restrict__ labels, int64_t ignore_index,
+                                  const void* __restrict__ scale, vec_t* __restrict__ out, int64_t m, int64_t n,
+                                  int64_t c) {
   using acc_t = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
   __shared__ acc_t smem[32];
   __shared__ acc_t dots[kChunk];
@@ -77,6 +78,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t gmax = block_reduce(tmax, true, smem);
   tsum = tmax == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : tsum * exp(tmax - gmax);
   const acc_t inv = acc_t(1) / block_reduce(tsum, false, smem);
+  const acc_t s = scale != nullptr ? *static_cast<const acc_t*>(scale) : acc_t(1);
 
   for (int64_t k0 = 0; k0 < m; k0 += kChunk) {
     const int kk = static_cast<int>(m - k0 < kChunk ? m - k0 : kChunk);
@@ -104,7 +106,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < kChunk; ++i) {
         if (i < kk) {
           const int64_t idx = ((k0 + i) * n + row) * c + j;
-          out[idx] = static_cast<vec_t>(p * (static_cast<acc_t>(v[idx]) - dots[i]));
+          out[idx] = static_cast<vec_t>(p * (static_cast<acc_t>(v[idx]) - dots[i]) * s);
         }
       }
     }
@@ -113,19 +115,21 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor softmax_ce_hessian_vp_cuda(const at::Tensor& logits, const at::Tensor& V,
-                                      const std::optional<at::Tensor>& labels, int64_t ignore_index) {
-  const HessianVpTensors t = prepare_softmax_ce_hessian_vp(logits, V, labels, c10::DeviceType::CUDA);
+                                      const std::optional<at::Tensor>& labels, int64_t ignore_index,
+                                      const std::optional<at::Tensor>& scale) {
+  const HessianVpTensors t = prepare_softmax_ce_hessian_vp(logits, V, labels, scale, c10::DeviceType::CUDA);
   const at::Tensor &z = t.logits, &v = t.V, &lab = t.labels, &out = t.out;
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t m = V.size(0), n = V.size(1), c = V.size(2);
   if (out.numel() == 0) return out;
   const int64_t* lp = lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr;
+  const void* sp = t.scale.defined() ? t.scale.const_data_ptr() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_ce_hessian_vp_cuda", [&] {
     using logit_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "softmax_ce_hessian_vp_cuda_v", [&] {
       _softmax_ce_hessian_vp_kernel<logit_t, scalar_t>
-          <<<n, kThreads, 0, stream>>>(z.const_data_ptr<logit_t>(), v.const_data_ptr<scalar_t>(), lp, ignore_index,
+          <<<n, kThreads, 0, stream>>>(z.const_data_ptr<logit_t>(), v.const_data_ptr<scalar_t>(), lp, ignore_index, sp,
                                        out.mutable_data_ptr<scalar_t>(), m, n, c);
     });
   });

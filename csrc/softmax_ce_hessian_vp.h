@@ -36,16 +36,25 @@ inline void check_softmax_ce_hessian_vp_args(const at::Tensor& logits, const at:
   }
 }
 
-// What both backends launch on: contiguous inputs and the uninitialised output, after the argument checks.
+// What both backends launch on: contiguous inputs, the scale in the accumulation type (float64 for float64 V,
+// else float32) and the uninitialised output, after the argument checks.
 struct HessianVpTensors {
-  at::Tensor logits, V, labels, out;  // labels undefined when not given
+  at::Tensor logits, V, labels, scale, out;  // labels and scale undefined when not given
 };
 
 inline HessianVpTensors prepare_softmax_ce_hessian_vp(const at::Tensor& logits, const at::Tensor& V,
                                                       const std::optional<at::Tensor>& labels,
+                                                      const std::optional<at::Tensor>& scale,
                                                       c10::DeviceType device_type) {
   check_softmax_ce_hessian_vp_args(logits, V, labels, device_type);
-  return {logits.contiguous(), V.contiguous(), labels.has_value() ? labels->contiguous() : at::Tensor(),
+  at::Tensor s;
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->dim() == 0 && scale->device() == logits.device(),
+                "softmax_ce_hessian_vp: expected scale as a 0-dim tensor on ", logits.device(), ", got ",
+                scale->sizes(), " on ", scale->device());
+    s = scale->to(V.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  }
+  return {logits.contiguous(), V.contiguous(), labels.has_value() ? labels->contiguous() : at::Tensor(), s,
           at::empty(V.sizes(), V.options())};
 }
 

@@ -36,9 +36,10 @@ double dot(const acc_t* a, const vec_t* b, int64_t c) {
 }
 
 template <typename logit_t, typename vec_t>
-void hessian_vp_cpu_impl(const logit_t* z, const vec_t* v, const int64_t* labels, int64_t ignore_index, vec_t* out,
-                         int64_t m, int64_t n, int64_t c) {
+void hessian_vp_cpu_impl(const logit_t* z, const vec_t* v, const int64_t* labels, int64_t ignore_index,
+                         const void* scale, vec_t* out, int64_t m, int64_t n, int64_t c) {
   using acc_t = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
+  const acc_t s = scale != nullptr ? *static_cast<const acc_t*>(scale) : acc_t(1);
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> p(c);
     for (int64_t row = begin; row < end; ++row) {
@@ -60,24 +61,26 @@ void hessian_vp_cpu_impl(const logit_t* z, const vec_t* v, const int64_t* labels
           continue;
         }
         const acc_t d = static_cast<acc_t>(dot(p.data(), vr, c));
-        for (int64_t j = 0; j < c; ++j) orow[j] = static_cast<vec_t>(p[j] * (static_cast<acc_t>(vr[j]) - d));
+        for (int64_t j = 0; j < c; ++j) orow[j] = static_cast<vec_t>(p[j] * (static_cast<acc_t>(vr[j]) - d) * s);
       }
     }
   });
 }
 
 at::Tensor softmax_ce_hessian_vp_cpu(const at::Tensor& logits, const at::Tensor& V,
-                                     const std::optional<at::Tensor>& labels, int64_t ignore_index) {
-  const HessianVpTensors t = prepare_softmax_ce_hessian_vp(logits, V, labels, c10::DeviceType::CPU);
+                                     const std::optional<at::Tensor>& labels, int64_t ignore_index,
+                                     const std::optional<at::Tensor>& scale) {
+  const HessianVpTensors t = prepare_softmax_ce_hessian_vp(logits, V, labels, scale, c10::DeviceType::CPU);
   const at::Tensor &z = t.logits, &v = t.V, &lab = t.labels, &out = t.out;
   const int64_t m = V.size(0), n = V.size(1), c = V.size(2);
   if (out.numel() == 0) return out;
   const int64_t* lp = lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr;
+  const void* sp = t.scale.defined() ? t.scale.const_data_ptr() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_ce_hessian_vp_cpu", [&] {
     using logit_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "softmax_ce_hessian_vp_cpu_v", [&] {
       hessian_vp_cpu_impl<logit_t, scalar_t>(z.const_data_ptr<logit_t>(), v.const_data_ptr<scalar_t>(), lp,
-                                             ignore_index, out.mutable_data_ptr<scalar_t>(), m, n, c);
+                                             ignore_index, sp, out.mutable_data_ptr<scalar_t>(), m, n, c);
     });
   });
   return out;

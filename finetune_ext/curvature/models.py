@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from finetune_ext.curvature.loss import cross_entropy
+from finetune_ext.curvature.matmul import tangent_aware_matmuls
 from finetune_ext.curvature.products import Tensors
 
 
@@ -26,15 +28,15 @@ class ModelFunctions:
     causal: bool
 
     def output_fn(self, ps: Tensors) -> torch.Tensor:
-        """Logits of the predicted positions (shifted for causal LMs) with the selected parameters set to ``ps``."""
-        out = functional_call(self.model, dict(zip(self.names, ps, strict=True)), args=(), kwargs=self.batch)
-        logits = out.logits
-        return logits[:, :-1] if self.causal else logits
+        """Logits with the selected parameters set to ``ps``; for causal LMs every position's, the last one's
+        label being -100 (no slice: a sliced ``[m, ...]`` tangent would be copied at every product)."""
+        with tangent_aware_matmuls():
+            out = functional_call(self.model, dict(zip(self.names, ps, strict=True)), args=(), kwargs=self.batch)
+        return out.logits
 
     def loss_fn(self, ps: Tensors) -> torch.Tensor:
-        """Mean cross-entropy over the rows whose label is not -100."""
-        logits = self.output_fn(ps)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.labels.reshape(-1), ignore_index=-100)
+        """Mean cross-entropy over the rows whose label is not -100 (its Hessian is the fused kernel)."""
+        return cross_entropy(self.output_fn(ps), self.labels)
 
 
 @contextmanager
@@ -60,7 +62,8 @@ def for_model(
     ``params`` (all trainable ones if ``None``). Inside the block the model is in eval mode (no dropout) and
     uses eager attention; both are restored on exit.
 
-    Causal LMs (a batch without ``labels``) predict ``input_ids[:, 1:]``; classifiers need ``labels``.
+    Causal LMs (a batch without ``labels``) predict ``input_ids[:, 1:]`` (``labels`` has -100 at the last
+    position); classifiers need ``labels``.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if params is not None:
@@ -73,7 +76,8 @@ def for_model(
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     causal = "labels" not in batch or batch["labels"].shape == batch["input_ids"].shape
     labels = batch.get("labels", batch["input_ids"])
-    labels = labels[:, 1:] if causal else labels
+    if causal:  # position t predicts token t + 1
+        labels = F.pad(labels[:, 1:], (0, 1), value=-100)
     was_training = model.training
     model.eval()
     try:

@@ -77,6 +77,9 @@ def _cat(parts: list[Tensors]) -> Tensors:
     return tuple(torch.cat(ts).detach() for ts in zip(*parts, strict=True))
 
 
+# Both products run under no_grad: torch.func transforms ignore it, and it stops autograd from recording a graph
+# for the model's own parameters outside the subset (a third of the time of a product).
+@torch.no_grad()
 def hvp(
     loss_fn: LossFn,
     params: Sequence[torch.Tensor],
@@ -113,6 +116,7 @@ def hvp(
     return _cat([tuple(h[None] for h in hv) for hv in out])
 
 
+@torch.no_grad()
 def ggn_vp(
     output_fn: Callable[[Tensors], torch.Tensor],
     params: Sequence[torch.Tensor],
@@ -135,14 +139,14 @@ def ggn_vp(
         raise ValueError(
             f"labels: expected shape {list(logits.shape[:-1])} (the logits' rows), got {list(labels.shape)}"
         )
-    rows = logits[..., 0].numel() if labels is None else int((labels != ignore_index).sum())
-    scale = 1.0 / max(rows, 1)
+    rows = torch.tensor(logits[..., 0].numel()) if labels is None else (labels != ignore_index).sum()
+    scale = 1.0 / rows.clamp(min=1).to(device=logits.device, dtype=torch.float64)  # on the device: no host sync
     push = vmap(lambda v: jvp(output_fn, (primals,), (v,))[1], randomness="same")
     pull = vmap(lambda u: pullback(u)[0])
 
     def run(s: slice) -> Tensors:
         jv = push(tuple(v[s] for v in V))
-        hjv = softmax_ce_hessian_vp(logits.detach(), jv, labels, ignore_index=ignore_index) * scale
+        hjv = softmax_ce_hessian_vp(logits.detach(), jv, labels, ignore_index=ignore_index, scale=scale)
         return pull(hjv.to(logits.dtype))
 
     return _cat([run(s) for s in _chunks(m, chunk_size, memory_budget_mb, run, primals[0].device)])

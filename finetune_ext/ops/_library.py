@@ -84,17 +84,35 @@ def _has_kernel(op: str, device_type: str) -> bool:
 
 
 # (diag(p) - p p^T) v per row, p = softmax(logits[n]), for m vectors: V [m, N, C] -> [m, N, C] in V's dtype.
-# Rows whose label equals ignore_index give zeros. Accumulates in float32 (float64 for float64 inputs).
-LIB.define("softmax_ce_hessian_vp(Tensor logits, Tensor V, Tensor? labels, int ignore_index) -> Tensor")
+# Rows whose label equals ignore_index give zeros. Accumulates in float32 (float64 for float64 inputs). The result
+# is multiplied by scale (a 0-dim tensor on the logits' device, read there: no host sync) when given.
+LIB.define(
+    "softmax_ce_hessian_vp(Tensor logits, Tensor V, Tensor? labels, int ignore_index, Tensor? scale=None) -> Tensor"
+)
 
 
 @torch.library.register_fake("finetune_ext::softmax_ce_hessian_vp")
 def _softmax_ce_hessian_vp_fake(
-    logits: torch.Tensor, V: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
+    logits: torch.Tensor, V: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, scale=None
 ) -> torch.Tensor:
     torch._check(logits.dim() == 2 and V.dim() == 3, lambda: "expected logits [N, C] and V [m, N, C]")
     torch._check(V.shape[1:] == logits.shape, lambda: f"V {tuple(V.shape)} does not match logits {tuple(logits.shape)}")
     return V.new_empty(V.shape)
+
+
+@torch.library.register_vmap("finetune_ext::softmax_ce_hessian_vp")
+def _softmax_ce_hessian_vp_vmap(info, in_dims, logits, V, labels, ignore_index, scale=None):
+    """Batched vectors over shared logits (Hessian products under ``vmap``) join the m vectors: one call."""
+    logits_dim, v_dim, labels_dim = in_dims[:3]
+    scale_dim = in_dims[4] if len(in_dims) > 4 else None
+    op = torch.ops.finetune_ext.softmax_ce_hessian_vp
+    if logits_dim is None and labels_dim is None and scale_dim is None:
+        V = V.movedim(v_dim, 0)
+        return op(logits, V.flatten(0, 1).contiguous(), labels, ignore_index, scale).view(V.shape), 0
+    at = lambda t, dim, i: t if dim is None else t.select(dim, i)  # noqa: E731
+    outs = [op(at(logits, logits_dim, i), at(V, v_dim, i), at(labels, labels_dim, i), ignore_index,
+               at(scale, scale_dim, i)) for i in range(info.batch_size)]  # fmt: skip
+    return torch.stack(outs), 0
 
 
 # LinChain: every chain of one shape in one call. W [N, k, r, r] (mixer i of chain n at W[n, i]), b [N, k, r] or

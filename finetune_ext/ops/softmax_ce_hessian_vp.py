@@ -21,6 +21,7 @@ def softmax_ce_hessian_vp(
     labels: torch.Tensor | None = None,
     *,
     ignore_index: int = -100,
+    scale: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """``(diag(p) - p pᵀ) v`` for every row of ``logits`` and every vector in ``V``.
@@ -29,11 +30,13 @@ def softmax_ce_hessian_vp(
         logits: ``[..., C]`` (any leading shape), float16/bfloat16/float32/float64.
         V: ``[m, ..., C]``: m vectors in logit space, the leading shape of ``logits`` after m.
         labels: optional ``[...]`` int64; rows whose label is ``ignore_index`` give zeros (the loss ignores them).
+        scale: optional 0-dim tensor on ``logits``' device multiplying the result inside the kernel (e.g. 1 / rows
+            of a mean loss; a tensor, so no host sync), saving a pass over ``[m, ..., C]``.
         backend: ``"ext"``, ``"reference"`` or ``"auto"`` (the kernel when one is registered).
 
     Returns:
         ``[m, ..., C]`` in ``V``'s dtype, accumulated in float32 (float64 for float64 inputs). Not scaled by
-        the number of rows: divide by it for a mean-reduced loss.
+        the number of rows unless ``scale`` says so.
     """
     check_backend(backend)
     for name, t in (("logits", logits), ("V", V)):
@@ -56,9 +59,12 @@ def softmax_ce_hessian_vp(
                 f"got {labels.dtype} of shape {list(labels.shape)} on {labels.device}"
             )
         lab = labels.reshape(-1)
+    if scale is not None and (not isinstance(scale, torch.Tensor) or scale.dim() != 0 or scale.device != logits.device):
+        got = f"{list(scale.shape)} on {scale.device}" if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise ValueError(f"scale: expected a 0-dim tensor on {logits.device}, got {got}")
     if not use_kernel("softmax_ce_hessian_vp", backend, logits.device):
-        return reference.softmax_ce_hessian_vp(z, v, lab, ignore_index).view(V.shape)
-    return torch.ops.finetune_ext.softmax_ce_hessian_vp(z, v, lab, ignore_index).view(V.shape)
+        return reference.softmax_ce_hessian_vp(z, v, lab, ignore_index, scale).view(V.shape)
+    return torch.ops.finetune_ext.softmax_ce_hessian_vp(z, v, lab, ignore_index, scale).view(V.shape)
 
 
 def _describe(t: object) -> str:
@@ -66,17 +72,17 @@ def _describe(t: object) -> str:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, _, labels, ignore_index = inputs
-    ctx.save_for_backward(logits, labels)
+    logits, _, labels, ignore_index, scale = inputs
+    ctx.save_for_backward(logits, labels, scale)
     ctx.ignore_index = ignore_index
 
 
 def _backward(ctx, grad: torch.Tensor):
     # H is symmetric, so the gradient w.r.t. V is H applied to the incoming gradient. The logits are
     # treated as constants (curvature at a fixed point), as in every use of this op.
-    logits, labels = ctx.saved_tensors
-    grad_v = torch.ops.finetune_ext.softmax_ce_hessian_vp(logits, grad, labels, ctx.ignore_index)
-    return None, grad_v if ctx.needs_input_grad[1] else None, None, None
+    logits, labels, scale = ctx.saved_tensors
+    grad_v = torch.ops.finetune_ext.softmax_ce_hessian_vp(logits, grad, labels, ctx.ignore_index, scale)
+    return None, grad_v if ctx.needs_input_grad[1] else None, None, None, None
 
 
 torch.library.register_autograd("finetune_ext::softmax_ce_hessian_vp", _backward, setup_context=_setup_context)

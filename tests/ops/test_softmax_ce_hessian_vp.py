@@ -48,6 +48,32 @@ def test_matches_reference(device, dtype, m, lead, c) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_scale_multiplies_inside_the_kernel(device, dtype) -> None:
+    logits, V, labels = _inputs(device, dtype, m=3, lead=(5,), c=301)
+    scale = torch.tensor(0.37, device=device, dtype=torch.float64)
+    out = ops.softmax_ce_hessian_vp(logits, V, labels, scale=scale, backend="ext")
+    exact = reference.softmax_ce_hessian_vp(logits.double(), V.double(), labels) * 0.37
+    assert_within_2x_reference(out, reference.softmax_ce_hessian_vp(logits, V, labels, scale=scale), exact)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_over_vectors_is_one_batched_call(device, monkeypatch) -> None:
+    """Under vmap (Hessian products of torch.func) the batched vectors join the m vectors of one call; batched
+    logits fall back to one call per batch entry. Both equal the unbatched results."""
+    logits, V, labels = _inputs(device, torch.float32, m=2, lead=(4,), c=23)
+    W = torch.randn(5, *V.shape, device=device)
+    scale = torch.tensor(0.5, device=device)
+    got = torch.vmap(lambda v: ops.softmax_ce_hessian_vp(logits, v, labels, scale=scale, backend="ext"))(W)
+    expected = ops.softmax_ce_hessian_vp(logits, W.flatten(0, 1), labels, scale=scale, backend="ext")
+    torch.testing.assert_close(got, expected.view(W.shape), **tolerance(torch.float32))
+    Z = torch.randn(5, *logits.shape, device=device)
+    got = torch.vmap(lambda z, v: ops.softmax_ce_hessian_vp(z, v, labels, backend="ext"))(Z, W)
+    expected = torch.stack([reference.softmax_ce_hessian_vp(z, w, labels) for z, w in zip(Z, W, strict=True)])
+    torch.testing.assert_close(got, expected, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_mixed_precision_and_views(device) -> None:
     logits, V, labels = _inputs(device, torch.bfloat16, m=4, lead=(6,), c=129)
     V32 = V.float()
@@ -70,6 +96,8 @@ def test_opcheck_and_gradient(device) -> None:
     V.requires_grad_(True)
     torch.library.opcheck(torch.ops.finetune_ext.softmax_ce_hessian_vp.default, (logits, V, labels, -100))
     torch.library.opcheck(torch.ops.finetune_ext.softmax_ce_hessian_vp.default, (logits, V, None, -100))
+    scale = torch.tensor(0.25, device=device)
+    torch.library.opcheck(torch.ops.finetune_ext.softmax_ce_hessian_vp.default, (logits, V, labels, -100, scale))
     grad = torch.randn_like(V)
     (g_ext,) = torch.autograd.grad(ops.softmax_ce_hessian_vp(logits, V, labels, backend="ext"), V, grad)
     (g_ref,) = torch.autograd.grad(reference.softmax_ce_hessian_vp(logits, V, labels), V, grad)
@@ -104,12 +132,14 @@ def test_bad_input() -> None:
         (dict(labels=labels.int()), r"labels: expected int64 of shape \[5\]"),
         (dict(labels=labels[:3]), r"labels: expected int64 of shape \[5\]"),
         (dict(backend="cuda"), "backend: expected 'auto', 'ext' or 'reference'"),
+        (dict(scale=torch.ones(1)), r"scale: expected a 0-dim tensor on cpu, got \[1\] on cpu"),
+        (dict(scale=0.5), "scale: expected a 0-dim tensor on cpu, got float"),
     ]
     for kwargs, message in cases:
-        args = {"logits": logits, "V": V, "labels": None} | kwargs
+        args = {"logits": logits, "V": V, "labels": None, "scale": None} | kwargs
         backend = args.pop("backend", "auto")
         with pytest.raises(ValueError, match=message):
-            ops.softmax_ce_hessian_vp(args["logits"], args["V"], args["labels"], backend=backend)
+            ops.softmax_ce_hessian_vp(args["logits"], args["V"], args["labels"], scale=args["scale"], backend=backend)
     with pytest.raises(RuntimeError, match=r"expected V of shape \[m, 5, 37\]"):
         torch.ops.finetune_ext.softmax_ce_hessian_vp(logits, V[:, :2], None, -100)
 
