@@ -183,12 +183,15 @@ def test_bad_scalar_keep(bad) -> None:
         ops.fisher_dropout(torch.randn(3, 4), bad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["ext", "reference"])
 @pytest.mark.parametrize("bad", [0.0, 1.01, math.nan])
-def test_bad_tensor_keep_values(bad) -> None:
-    keep = torch.full((4,), 0.5)
+def test_bad_tensor_keep_values(device, backend, bad) -> None:
+    """The same error on every device and backend (the CUDA kernel is never reached with a bad rate)."""
+    keep = torch.full((4,), 0.5, device=device)
     keep[2] = bad
     with pytest.raises(ValueError, match=r"keep: expected every value in \(0, 1\].*at index 2"):
-        ops.fisher_dropout(torch.randn(3, 4), keep)
+        ops.fisher_dropout(torch.randn(3, 4, device=device), keep, backend=backend)
 
 
 def test_bad_arguments() -> None:
