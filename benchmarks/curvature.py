@@ -38,6 +38,14 @@ def write_table(rows, bounds: dict[str, float], path: Path, device_name: str) ->
             grads = r.median_ms / unit
             ratio = f"{grads / bound:.2f}" if provider != "gradient" else "-"
             lines.append(f"| {mode} | {provider} | {r.median_ms:.1f} | {grads:.1f} | {bound:.1f} | {ratio} |")
+    lines += [
+        "",
+        "`reference`: a double-backward loop over the vectors; `exact`, `ggn`: ours (batched forward-over-reverse, "
+        "fused softmax Hessian); `curvlinops-*`: curvlinops' HessianLinearOperator / GGNLinearOperator on the same "
+        "model, parameters, batch, loss and 16 vectors. The FLOP bound counts matmul FLOPs only; a gradient also "
+        "spends time in the softmax over the vocabulary and in autograd, so a product can take fewer gradients "
+        "than the bound (x bound under 1). Command: `python benchmarks/curvature.py` (threads: see the device).",
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
