@@ -1,7 +1,9 @@
 // CUDA kernel of finetune_ext::softmax_ce_hessian_vp (_softmax_ce_hessian_vp_kernel). One block per row:
 // an online max/sum pass over the logits, then for each chunk of up to kChunk vectors one pass that reduces
-// p.v for all of them and one pass that writes p * (v - p.v). The probabilities are recomputed from the
-// logits in each pass instead of being stored (a row of 50257 fp32 would not fit in shared memory).
+// p.v for all of them and one pass that writes p * (v - p.v). When the row's probabilities fit in the
+// device's shared memory (kCached: a 50257-word fp32 row needs 196 KiB, which H100/H200/B200 have, A100 not)
+// the logits are read once and the probabilities kept there; otherwise they are recomputed from the logits
+// in each pass.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +16,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/cuda_device.h"
 #include "softmax_ce_hessian_vp.h"
 
 namespace finetune_ext {
@@ -48,7 +51,7 @@ __device__ T block_reduce(T v, bool is_max, T* smem) {
   return smem[0];
 }
 
-template <typename logit_t, typename vec_t>
+template <typename logit_t, typename vec_t, bool kCached>
 __global__ void __launch_bounds__(kThreads)
     _softmax_ce_hessian_vp_kernel(const logit_t* __restrict__ z, const vec_t* __restrict__ v,
                                   const int64_t* __restrict__ labels, int64_t ignore_index,
@@ -57,6 +60,8 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
   __shared__ acc_t smem[32];
   __shared__ acc_t dots[kChunk];
+  extern __shared__ __align__(16) unsigned char cache_bytes[];  // kCached: the row, then its probabilities (c values)
+  acc_t* cache = reinterpret_cast<acc_t*>(cache_bytes);
   const int64_t row = blockIdx.x;
   if (labels != nullptr && labels[row] == ignore_index) {
     for (int64_t k = 0; k < m; ++k) {
@@ -68,6 +73,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t tmax = -std::numeric_limits<acc_t>::infinity(), tsum = 0;
   for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
     const acc_t x = static_cast<acc_t>(zr[j]);
+    if constexpr (kCached) cache[j] = x;  // each thread reads back only its own entries: no barrier needed
     if (x > tmax) {
       tsum = tsum * exp(tmax - x) + acc_t(1);
       tmax = x;
@@ -79,6 +85,13 @@ __global__ void __launch_bounds__(kThreads)
   tsum = tmax == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : tsum * exp(tmax - gmax);
   const acc_t inv = acc_t(1) / block_reduce(tsum, false, smem);
   const acc_t s = scale != nullptr ? *static_cast<const acc_t*>(scale) : acc_t(1);
+  if constexpr (kCached) {
+    for (int64_t j = threadIdx.x; j < c; j += blockDim.x) cache[j] = exp(cache[j] - gmax) * inv;
+  }
+  const auto prob = [&](int64_t j) -> acc_t {
+    if constexpr (kCached) return cache[j];
+    return exp(static_cast<acc_t>(zr[j]) - gmax) * inv;
+  };
 
   for (int64_t k0 = 0; k0 < m; k0 += kChunk) {
     const int kk = static_cast<int>(m - k0 < kChunk ? m - k0 : kChunk);
@@ -86,7 +99,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) d[i] = 0;
     for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
-      const acc_t p = exp(static_cast<acc_t>(zr[j]) - gmax) * inv;
+      const acc_t p = prob(j);
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
         if (i < kk) d[i] += p * static_cast<acc_t>(v[((k0 + i) * n + row) * c + j]);
@@ -101,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
-      const acc_t p = exp(static_cast<acc_t>(zr[j]) - gmax) * inv;
+      const acc_t p = prob(j);
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
         if (i < kk) {
@@ -111,6 +124,27 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();  // dots is rewritten by the next chunk
+  }
+}
+
+// The cached kernel when a row of probabilities fits in the shared memory a block may opt into, else the other.
+template <typename logit_t, typename vec_t>
+void launch(const logit_t* z, const vec_t* v, const int64_t* labels, int64_t ignore_index, const void* scale,
+            vec_t* out, int64_t m, int64_t n, int64_t c, int device, cudaStream_t stream) {
+  using acc_t = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
+  constexpr size_t kStaticBytes = 1024;  // the kernel's own shared arrays, with room to spare
+  constexpr size_t kDefaultBytes = 48 * 1024;
+  const size_t bytes = static_cast<size_t>(c) * sizeof(acc_t);
+  if (bytes + kStaticBytes <= static_cast<size_t>(shared_memory_per_block_optin(device))) {
+    const auto kernel = _softmax_ce_hessian_vp_kernel<logit_t, vec_t, true>;
+    if (bytes + kStaticBytes > kDefaultBytes) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    }
+    kernel<<<n, kThreads, bytes, stream>>>(z, v, labels, ignore_index, scale, out, m, n, c);
+  } else {
+    _softmax_ce_hessian_vp_kernel<logit_t, vec_t, false>
+        <<<n, kThreads, 0, stream>>>(z, v, labels, ignore_index, scale, out, m, n, c);
   }
 }
 
@@ -128,9 +162,8 @@ at::Tensor softmax_ce_hessian_vp_cuda(const at::Tensor& logits, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_ce_hessian_vp_cuda", [&] {
     using logit_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "softmax_ce_hessian_vp_cuda_v", [&] {
-      _softmax_ce_hessian_vp_kernel<logit_t, scalar_t>
-          <<<n, kThreads, 0, stream>>>(z.const_data_ptr<logit_t>(), v.const_data_ptr<scalar_t>(), lp, ignore_index, sp,
-                                       out.mutable_data_ptr<scalar_t>(), m, n, c);
+      launch<logit_t, scalar_t>(z.const_data_ptr<logit_t>(), v.const_data_ptr<scalar_t>(), lp, ignore_index, sp,
+                                out.mutable_data_ptr<scalar_t>(), m, n, c, logits.get_device(), stream);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

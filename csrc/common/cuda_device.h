@@ -12,19 +12,26 @@
 
 namespace finetune_ext {
 
-inline int multiprocessors(int device) {
+// A device attribute, queried once per device.
+template <cudaDeviceAttr kAttr>
+inline int device_attribute(int device) {
   constexpr int kMaxDevices = 64;
   static std::array<std::once_flag, kMaxDevices> once;
-  static std::array<int, kMaxDevices> count{};
+  static std::array<int, kMaxDevices> value{};
   if (device < 0 || device >= kMaxDevices) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return sms;
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, device));
+    return v;
   }
-  std::call_once(once[device], [device] {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count[device], cudaDevAttrMultiProcessorCount, device));
-  });
-  return count[device];
+  std::call_once(once[device], [device] { C10_CUDA_CHECK(cudaDeviceGetAttribute(&value[device], kAttr, device)); });
+  return value[device];
+}
+
+inline int multiprocessors(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+
+// The most shared memory one block may ask for (opting in beyond the default 48 KiB).
+inline int shared_memory_per_block_optin(int device) {
+  return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
 }
 
 // The random ops read their Philox key on the host, so a captured CUDA graph would replay the key of the capture:
