@@ -96,11 +96,12 @@ class _CrossEntropyGrad(torch.autograd.Function):
     def jvp(ctx, logits_t, labels_t, ignore_index_t, weight_t):
         # Tangents are not materialised: None for an input without one (the gradient seed has none in an HVP).
         logits, labels, weight = ctx.saved_tensors
-        out = torch.zeros_like(logits)
+        out = None
         if logits_t is not None:
             out = _hessian_vp(logits, logits_t, labels, ctx.ignore_index, _scale(labels, ctx.ignore_index, weight))
         if weight_t is not None:
-            out = out + _unit_grad(logits, labels, ctx.ignore_index) * _scale(labels, ctx.ignore_index, weight_t)
+            term = _unit_grad(logits, labels, ctx.ignore_index) * _scale(labels, ctx.ignore_index, weight_t)
+            out = term if out is None else out + term
         return out
 
 

@@ -3,9 +3,9 @@
 PyTorch's forward AD differentiates ``a @ b`` as ``a_t @ b + a @ b_t`` with a materialised zero ``b_t`` when only
 ``a`` carries a tangent: for a language model's head that is a whole extra ``[rows, 768] x [768, 50257]`` product
 and an addition over the batched tangents, in every product and again in the backward of the tangents. Inside
-``tangent_aware_matmuls()`` the linear layers of a model (``F.linear``, ``torch.addmm`` as in GPT-2's ``Conv1D``,
-``torch.matmul``) go through ``_MatMul``, whose ``jvp`` computes only the terms that exist and whose backward is
-made of ``_MatMul`` too, so forward-over-reverse (exact HVPs) gains the same.
+``tangent_aware_matmuls()`` the linear layers of a model (``F.linear``, ``torch.addmm`` as in GPT-2's ``Conv1D``)
+with at least ``MIN_WEIGHT_NUMEL`` weights go through ``_MatMul``, whose ``jvp`` computes only the terms that
+exist and whose backward is made of ``_MatMul`` too, so forward-over-reverse (exact HVPs) gains the same.
 """
 
 from __future__ import annotations
@@ -74,18 +74,18 @@ def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1, alph
     return (out if alpha == 1 else alpha * out) + (bias if beta == 1 else beta * bias)
 
 
-_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+# Below this many weight elements the saved matmul costs less than the autograd.Function's own overhead under
+# torch.func (measured on tiny float64 test models: 3x slower products when every layer is routed).
+MIN_WEIGHT_NUMEL = 1 << 16
 
 
 class _TangentAwareMatmuls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and args[0].dim() >= 2:
+        if func is F.linear and args[0].dim() >= 2 and args[1].numel() >= MIN_WEIGHT_NUMEL:
             return _linear(*args, **kwargs)
-        if func is torch.addmm and not kwargs.keys() - {"beta", "alpha"}:
+        if func is torch.addmm and not kwargs.keys() - {"beta", "alpha"} and args[2].numel() >= MIN_WEIGHT_NUMEL:
             return _addmm(*args, **kwargs)
-        if func in _MATMULS and not kwargs and min(args[0].dim(), args[1].dim()) >= 2:  # matrices (batched)
-            return matmul(*args)
         return func(*args, **kwargs)
 
 

@@ -202,10 +202,15 @@ def test_curvlinops_operators_of_the_benchmark_agree_with_ours(kind) -> None:
     torch.testing.assert_close(flatten(ours), flatten(tuple(t.movedim(-1, 0) for t in theirs)), **DENSE)
 
 
-def test_model_loss_has_the_hessian_of_plain_pytorch() -> None:
-    """for_model's loss (fused cross-entropy, tangent-aware matmuls) against F.cross_entropy on a plain
-    functional_call: the same dense Hessian, formed by double backward through code that is not ours."""
+def test_model_loss_has_the_hessian_of_plain_pytorch(monkeypatch) -> None:
+    """for_model's loss (fused cross-entropy, tangent-aware matmuls on every layer of the tiny model) against
+    F.cross_entropy on a plain functional_call: the same dense Hessian and the same exact products, the
+    reference formed by double backward through code that is not ours."""
     from torch.func import functional_call
+
+    from finetune_ext.curvature import matmul
+
+    monkeypatch.setattr(matmul, "MIN_WEIGHT_NUMEL", 0)
 
     model, batch, prefixes = gpt2_block_case()
     with curvature.for_model(model, batch, prefixes) as fns:
@@ -217,4 +222,7 @@ def test_model_loss_has_the_hessian_of_plain_pytorch() -> None:
 
         ours = _dense_hessian(Case("ours", fns.loss_fn, None, None, fns.params))
         expected = _dense_hessian(Case("plain", plain, None, None, fns.params))
+        V = tuple(torch.randn(3, *p.shape, dtype=p.dtype) for p in fns.params)
+        products = flatten(curvature.hvp(fns.loss_fn, fns.params, V))
     torch.testing.assert_close(ours, expected, **DENSE)
+    torch.testing.assert_close(products, flatten(V) @ expected, **DENSE)
