@@ -25,7 +25,6 @@ class ModelFunctions:
     labels: torch.Tensor
     model: nn.Module
     batch: dict[str, torch.Tensor]
-    causal: bool
 
     def output_fn(self, ps: Tensors) -> torch.Tensor:
         """Logits with the selected parameters set to ``ps``; for causal LMs every position's, the last one's
@@ -82,8 +81,6 @@ def for_model(
     model.eval()
     try:
         with eager_attention(model):
-            yield ModelFunctions(
-                tuple(n for n, _ in named), tuple(p.detach() for _, p in named), labels, model, inputs, causal
-            )
+            yield ModelFunctions(tuple(n for n, _ in named), tuple(p.detach() for _, p in named), labels, model, inputs)
     finally:
         model.train(was_training)
