@@ -56,6 +56,8 @@ def save_peft(model: nn.Module, path: str | Path) -> Path:
     """Write the model's adapters as a PEFT LoRA folder (loadable with ``PeftModel.from_pretrained``)."""
     config = _config(model)
     found = adapters(model)
+    if any(a.merged for a in found.values()):
+        raise ValueError("model: its adapters are merged into the base weights; unmerge(model) before save_peft")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = peft_state_dict(model)

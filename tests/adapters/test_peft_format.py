@@ -120,6 +120,11 @@ def test_load_peft_refuses_what_does_not_fit(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"lora_A has shape \[2, 16\], the model \[2, 8\]"):
         load_peft(small, tmp_path / "wider")
     assert not adapters.adapters(small)
+    merged = _gpt2()
+    adapters.apply_linchain(merged, LinChainConfig(r=2))
+    adapters.merge(merged)
+    with pytest.raises(ValueError, match=r"merged into the base weights; unmerge\(model\) before save_peft"):
+        save_peft(merged, tmp_path / "merged")
     dora = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
     dora.save_pretrained(tmp_path / "dora")
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
