@@ -113,6 +113,9 @@ def lora_config_from_peft(data: dict[str, Any]) -> LinChainConfig:
         value = data.get(key)
         if value not in (None, {}, []) and value != unused:
             raise ValueError(f"adapter_config.json: {key}={data[key]!r} is not supported (expected {unused!r})")
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if data.get(key) is None]
+    if missing:
+        raise ValueError(f"adapter_config.json: missing {', '.join(missing)}")
     return LinChainConfig(
         r=data["r"],
         alpha=float(data["lora_alpha"]),

@@ -129,6 +129,10 @@ def test_load_peft_refuses_what_does_not_fit(tmp_path) -> None:
     dora.save_pretrained(tmp_path / "dora")
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         load_peft(_gpt2(), tmp_path / "dora")
+    config = json.loads((tmp_path / "gpt2" / "adapter_config.json").read_text())
+    (tmp_path / "gpt2" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": None}))
+    with pytest.raises(ValueError, match=r"adapter_config\.json: missing target_modules"):
+        load_peft(_gpt2(), tmp_path / "gpt2")
 
 
 @pytest.fixture(scope="module")
