@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,7 +124,26 @@ def write_table(study: Study, rows: list[dict], path: Path, args: argparse.Names
         row = [mean_std(cells.get((*k, variant), []), lambda v: f"{v:.1f}") for k in keys]
         paper = "; ".join(f"{t} {v}" for (t, var), v in study.paper.items() if var == variant) or "-"
         lines.append(f"| {variant} | " + " | ".join(row) + f" | {paper} |")
+    lines += ["", *_verdicts(study, cells, keys)]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _verdicts(study: Study, cells: dict[tuple[str, float, str], list[float]], keys: list) -> list[str]:
+    """Per cell with 2+ seeds on both sides, each method against the first variant (the baseline): it wins or loses
+    when the means differ by more than the two standard deviations together, else it ties."""
+    base, out = study.variants[0], []
+    for task, fraction in keys:
+        ref = cells.get((task, fraction, base), [])
+        for variant in study.variants[1:]:
+            got = cells.get((task, fraction, variant), [])
+            if len(ref) < 2 or len(got) < 2:
+                continue
+            diff = statistics.mean(got) - statistics.mean(ref)
+            spread = statistics.stdev(got) + statistics.stdev(ref)
+            verdict = "wins" if diff > spread else "loses" if diff < -spread else "ties"
+            out.append(f"- {task} {fraction:.0%}: {variant} {verdict} against {base} ({diff:+.1f}, sd {spread:.1f} "
+                       f"together; {len(got)} and {len(ref)} seeds).")  # fmt: skip
+    return out
 
 
 def plot(study: Study, rows: list[dict], path: Path) -> None:
