@@ -15,10 +15,10 @@ namespace finetune_ext {
 namespace {
 
 // The 4 * groups normals of the block starting at Philox group first_group: Philox, then Box-Muller in loops
-// over arrays (radius, then angle) that the compiler vectorises. Compiled for AVX2 and for the baseline and
+// over arrays (radius, then angle) that the compiler vectorises. Compiled for AVX-512, AVX2 and the baseline and
 // chosen at load time; the arithmetic is the same IEEE operations either way (no FMA), so are the bits.
-__attribute__((target_clones("avx2", "default"))) void normals_block(PhiloxSeed key, int64_t first_group,
-                                                                     int64_t groups, float* z) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) void normals_block(PhiloxSeed key, int64_t first_group,
+                                                                                int64_t groups, float* z) {
   constexpr float kInv = 1.0f / 16777216.0f;
   uint32_t words[4 * kPhiloxBlock];
   float u[2 * kPhiloxBlock], t[2 * kPhiloxBlock], r[2 * kPhiloxBlock], c[2 * kPhiloxBlock], s[2 * kPhiloxBlock];

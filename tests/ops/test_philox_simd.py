@@ -1,0 +1,33 @@
+"""The CPU kernels' Philox words on every vector path (AVX-512, AVX2, scalar): each path, chosen with
+FINETUNE_EXT_SIMD in a fresh process, gives the references' bits for fisher_dropout and gaussian_perturb, on
+sizes whose last block is not a whole number of vectors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECK = """
+import torch
+from finetune_ext import ops, reference
+for n, d in ((1, 1), (5, 37), (257, 129), (1024, 64)):
+    x = torch.randn(n, d)
+    keep = torch.rand(d) * 0.9 + 0.1
+    got = ops.fisher_dropout(x, keep, seed=123456789012, offset=987654321, backend="ext")
+    want = reference.fisher_dropout(x, keep, seed=123456789012, offset=987654321)
+    assert torch.equal(got, want), ("fisher_dropout", n, d)
+    std = torch.rand(n)
+    got = ops.gaussian_perturb(x, std, seed=2**61 + 5, offset=2**35 + 7, backend="ext")
+    assert torch.equal(got, reference.gaussian_perturb(x, std, seed=2**61 + 5, offset=2**35 + 7)), ("perturb", n, d)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("level", ["avx512", "avx2", "scalar"])
+def test_every_vector_path_gives_the_reference_bits(level: str) -> None:
+    env = {**os.environ, "FINETUNE_EXT_SIMD": level, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
