@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import statistics
 import subprocess
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,9 +114,14 @@ def measure(case: Case, warmup: int, reps: int, commit: str) -> Row:
         torch.cuda.synchronize(case.device)
         base = torch.cuda.memory_allocated(case.device)
         torch.cuda.reset_peak_memory_stats(case.device)
-    times = sorted(time_ms(case.fn, case.device, warmup, reps))
+    times = time_ms(case.fn, case.device, warmup, reps)
     if case.device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(case.device) - base) / 2**20
+    return row_of(case, times, commit, peak_mb)
+
+
+def row_of(case: Case, times: list[float], commit: str, peak_mb: float | None = None) -> Row:
+    """The CSV row of a case timed ``times`` (ms per call)."""
     median = statistics.median(times)
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [median] * 4
     return Row(
@@ -163,6 +169,37 @@ def run_full_size(cases: Iterable[Case], mode: str, warmup: int, reps: int, out:
     print(format_table(rows))
     append_csv(rows, out)
     return rows
+
+
+def run_rounds(
+    cases: list[Case], mode: str, warmup: int, reps: int, out: Path
+) -> tuple[list[Row], dict[str, list[float]]]:
+    """Time cases that take seconds each in ``reps`` rounds, each case once per round in turn, so that a slow
+    spell of a shared machine falls on every case alike; append the rows to ``out``. Returns the rows and each
+    provider's times by round, for ratios paired within a round."""
+    commit = git_commit()
+    for case in cases:
+        case.mode = mode
+        for _ in range(warmup):
+            case.fn()
+    times: dict[str, list[float]] = {case.provider: [] for case in cases}
+    for _ in range(reps):
+        for case in cases:
+            times[case.provider].append(_call_ms(case))
+    rows = [row_of(case, times[case.provider], commit) for case in cases]
+    print(format_table(rows))
+    append_csv(rows, out)
+    return rows, times
+
+
+def _call_ms(case: Case) -> float:
+    """Milliseconds of one call (``torch.utils.benchmark``'s ``timeit`` would add two warm-up calls each time)."""
+    sync = torch.cuda.synchronize if case.device.type == "cuda" else lambda device: None
+    sync(case.device)
+    start = time.perf_counter()
+    case.fn()
+    sync(case.device)
+    return (time.perf_counter() - start) * 1e3
 
 
 def append_csv(rows: list[Row], path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from finetune_ext import bench
-from finetune_ext.bench.harness import CSV_FIELDS
+from finetune_ext.bench.harness import CSV_FIELDS, Case, run_rounds
 from finetune_ext.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +89,20 @@ def test_ggpo_step_cases_run_every_provider() -> None:
     losses = {c.provider: [c.fn() for _ in range(2)] for c in cases}
     assert all(math.isfinite(v) for values in losses.values() for v in values)
     assert losses["ggpo"][0] != losses["lora"][0] != losses["flat-lora"][0]  # the noise changes the loss
+
+
+def test_run_rounds_times_every_case_once_per_round_in_turn(tmp_path) -> None:
+    calls: list[str] = []
+    cases = [
+        Case("op", "mode", name, (2,), torch.float32, torch.device("cpu"), 0, lambda name=name: calls.append(name))
+        for name in ("a", "b")
+    ]
+    rows, times = run_rounds(cases, "full", warmup=1, reps=3, out=tmp_path / "rows.csv")
+    assert calls[-6:] == ["a", "b"] * 3 and calls[:2] == ["a", "b"]  # warm-ups first, then rounds
+    assert [r.provider for r in rows] == ["a", "b"] and {r.mode for r in rows} == {"full"}
+    assert all(len(t) == 3 and all(x > 0 for x in t) for t in times.values())
+    with (tmp_path / "rows.csv").open() as f:
+        assert [r["provider"] for r in csv.DictReader(f)] == ["a", "b"]
 
 
 def test_gaussian_perturb_cases_ext_is_the_reference() -> None:
