@@ -24,7 +24,7 @@ from finetune_ext.train import TrainConfig, train
 from finetune_ext.train.data import shared_data_dir
 
 TASKS = {"RTE": ("acc", 128, 2490), "MRPC": ("f1", 128, 3668), "CoLA": ("mcc", 64, 8551)}  # metric, length, size
-FIELDS = ["task", "fraction", "variant", "seed", "steps", "metric", "test", "test_final", "best_step", "seconds"]
+FIELDS = ["task", "fraction", "variant", "seed", "lr", "steps", "metric", "test", "test_final", "best_step", "seconds"]
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Study:
     variants: list[str]
     method: Callable[[str, argparse.Namespace], tuple[str, dict]]  # variant -> (--method, its options)
     paper: dict[tuple[str, str], str]  # (task, variant) -> the paper's figure, as printed in the table
-    lr: float
+    lr: dict[str, float]  # task -> learning rate
     out: str
 
 
@@ -46,28 +46,29 @@ def main(study: Study) -> None:
     model = minilm_path()
     csv_path, md_path, png_path = (Path(args.out + ext) for ext in (".csv", ".md", ".png"))
     done = load_rows(csv_path)
-    seen = {(r["task"], float(r["fraction"]), r["variant"], int(r["seed"])) for r in done}
+    seen = {(r["task"], float(r["fraction"]), r["variant"], int(r["seed"]), float(r["lr"])) for r in done}
     for task in args.tasks:
         metric, max_length, n_train = TASKS[task]
+        lr = learning_rate(study, task, args)
         for fraction in args.fractions:
             size = round(fraction * (n_train - args.val_size))
             steps = min(math.ceil(args.epochs * size / args.batch_size), args.max_steps)
             for seed in args.seeds:
                 for variant in args.variants:
-                    if (task, fraction, variant, seed) in seen:
+                    if (task, fraction, variant, seed, lr) in seen:
                         continue
                     method, options = study.method(variant, args)
                     with tempfile.TemporaryDirectory() as out:
                         cfg = TrainConfig(
                             model=model, data=str(shared_data_dir() / task), output_dir=out, method=method,
-                            method_options=options, seed=seed, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                            method_options=options, seed=seed, steps=steps, batch_size=args.batch_size, lr=lr,
                             warmup_steps=steps // 10, max_length=max_length, train_samples=fraction,
                             val_size=args.val_size, eval_every=max(1, steps // 6), save_every=steps,
                             keep_checkpoints=1, progress=False,
                         )  # fmt: skip
                         summary = train(cfg)
                     row = {
-                        "task": task, "fraction": fraction, "variant": variant, "seed": seed, "steps": steps,
+                        "task": task, "fraction": fraction, "variant": variant, "seed": seed, "lr": lr, "steps": steps,
                         "metric": metric, "test": round(summary["test"][metric], 5),
                         "test_final": round(summary["test_final"][metric], 5),
                         "best_step": summary["best_val"]["step"],
@@ -75,8 +76,13 @@ def main(study: Study) -> None:
                     }  # fmt: skip
                     record(csv_path, row, FIELDS, done)
                     write_table(study, done, md_path, args)
-                    plot(study, done, png_path)
+                    plot(study, _split_by_lr(study, done, args)[0], png_path)
     print(md_path.read_text())
+
+
+def learning_rate(study: Study, task: str, args: argparse.Namespace) -> float:
+    """``--lr`` when given, else the study's rate for the task."""
+    return args.lr if args.lr is not None else study.lr[task]
 
 
 def _parser(study: Study) -> argparse.ArgumentParser:
@@ -88,7 +94,7 @@ def _parser(study: Study) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=study.lr)
+    parser.add_argument("--lr", type=float, help=f"every task's learning rate (default: {study.lr})")
     parser.add_argument("--val-size", type=int, default=250)
     parser.add_argument("--fisher-samples", type=int, default=256, help="guided dropout: texts for the Fisher")
     parser.add_argument("--out", default=study.out)
@@ -97,25 +103,29 @@ def _parser(study: Study) -> argparse.ArgumentParser:
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("epochs", "max_steps", "batch_size", "lr", "val_size", "fisher_samples"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')}: expected a positive value, got {getattr(args, name)}")
     if not all(0 < f <= 1 for f in args.fractions):
         parser.error(f"--fractions: expected values in (0, 1], got {args.fractions}")
 
 
 def write_table(study: Study, rows: list[dict], path: Path, args: argparse.Namespace) -> None:
+    """The table of the runs at each task's learning rate; runs at other rates are listed under it."""
+    table, other = _split_by_lr(study, rows, args)
     cells: dict[tuple[str, float, str], list[float]] = {}
     steps: dict[tuple[str, float], str] = {}
-    for r in rows:
+    for r in table:
         key = (r["task"], float(r["fraction"]))
         cells.setdefault((*key, r["variant"]), []).append(100 * float(r["test"]))
         steps[key] = r["steps"]
     keys = sorted(steps)
-    metrics = ", ".join(f"{t}: dev {TASKS[t][0]}" for t in sorted({t for t, _ in keys}))
+    tasks = sorted({t for t, _ in keys})
+    metrics = ", ".join(f"{t}: dev {TASKS[t][0]}" for t in tasks)
+    rates = ", ".join(f"{t} {learning_rate(study, t, args):g}" for t in tasks)
     head = " | ".join(f"{t} {f:.0%} ({steps[(t, f)]} steps)" for t, f in keys)
     lines = [
         f"MiniLM (all-MiniLM-L6-v2), {args.epochs:g} epochs (at most {args.max_steps} steps), batch {args.batch_size}, "
-        f"lr {args.lr:g}; {metrics} (x100), best validation checkpoint; mean ± sd (seeds).",
+        f"lr {rates}; {metrics} (x100), best validation checkpoint; mean ± sd (seeds).",
         "",
         f"| variant | {head} | paper |",
         "|---|" + "---|" * len(keys) + "---|",
@@ -125,7 +135,25 @@ def write_table(study: Study, rows: list[dict], path: Path, args: argparse.Names
         paper = "; ".join(f"{t} {v}" for (t, var), v in study.paper.items() if var == variant) or "-"
         lines.append(f"| {variant} | " + " | ".join(row) + f" | {paper} |")
     lines += ["", *_verdicts(study, cells, keys)]
+    if other:
+        lines += ["", "Runs at other learning rates, not in the table (x100):", *_other_runs(other)]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _split_by_lr(study: Study, rows: list[dict], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(rows at their task's learning rate, the others)."""
+    table = [r for r in rows if float(r["lr"]) == learning_rate(study, r["task"], args)]
+    return table, [r for r in rows if r not in table]
+
+
+def _other_runs(rows: list[dict]) -> list[str]:
+    groups: dict[tuple[str, float, str, float], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], float(r["fraction"]), float(r["lr"]), r["variant"]), []).append(
+            100 * float(r["test"])
+        )
+    return [f"- {t} {f:.0%}, lr {lr:g}, {v}: {mean_std(vals, lambda x: f'{x:.1f}')}"
+            for (t, f, lr, v), vals in sorted(groups.items())]  # fmt: skip
 
 
 def _verdicts(study: Study, cells: dict[tuple[str, float, str], list[float]], keys: list) -> list[str]:

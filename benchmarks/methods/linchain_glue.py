@@ -30,7 +30,7 @@ STUDY = Study(
     variants=list(VARIANTS),
     method=method,
     paper={},
-    lr=1e-3,
+    lr={"RTE": 1e-3, "MRPC": 1e-3},
     out="benchmarks/results/linchain_glue",
 )
 
