@@ -74,6 +74,9 @@ def _newest_checkpoint(run: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def _load_weights(model: nn.Module, folder: Path, state: dict[str, Any], weights: str) -> None:
+    if weights == "best" and state.get("best_state") is None:
+        warnings.warn(f"{folder} has no best-validation weights (no validation ran); exporting the final ones",
+                      RunWarning, stacklevel=3)  # fmt: skip
     if weights == "final" or state.get("best_state") is None:
         missing, _ = load_model(model, str(folder / "model.safetensors"), strict=False)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -174,6 +175,21 @@ def test_export_errors_are_one_line(tmp_path, lora_run, capsys) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err and err.startswith("finetune-ext export: ")
+
+
+def test_export_best_before_any_validation_says_it_exports_the_final_weights(
+    tmp_path, wikitext_slice, gpt2_tokenizer, capsys
+) -> None:
+    """A run stopped before its first validation: the newest checkpoint has no best weights."""
+    cfg = TrainConfig(
+        model="config:gpt2-tiny", tokenizer=gpt2_tokenizer, data=str(wikitext_slice), steps=2, batch_size=2,
+        block_size=16, eval_every=100, save_every=1, keep_checkpoints=2, progress=False,
+        output_dir=str(tmp_path / "run"), method="linchain", method_options={"r": 4},
+    )  # fmt: skip
+    train(cfg)
+    shutil.rmtree(folders(tmp_path / "run")[-1])  # the last step validates; drop its checkpoint
+    assert main(["export", str(tmp_path / "run"), "--format", "merged", "--output", str(tmp_path / "merged")]) == 0
+    assert "has no best-validation weights (no validation ran); exporting the final ones" in capsys.readouterr().err
 
 
 def _run_model(run) -> torch.nn.Module:
