@@ -46,15 +46,18 @@ inline PhiloxSeed check_fisher_dropout_args(const at::Tensor& x, const at::Tenso
 template <typename acc_t>
 FTX_HOST_DEVICE acc_t dropout_value(acc_t x, float keep, float u) {
   const float scale = 1.0f / keep;
+  // multiplied whatever u is, then selected: a branch-free select the CPU loops vectorise
 #if defined(__CUDA_ARCH__)
+  acc_t kept;
   if constexpr (sizeof(acc_t) == sizeof(double)) {
-    return u < keep ? __dmul_rn(x, static_cast<acc_t>(scale)) : acc_t(0);
+    kept = __dmul_rn(x, static_cast<acc_t>(scale));
   } else {
-    return u < keep ? __fmul_rn(x, scale) : acc_t(0);
+    kept = __fmul_rn(x, scale);
   }
 #else
-  return u < keep ? x * static_cast<acc_t>(scale) : acc_t(0);
+  const acc_t kept = x * static_cast<acc_t>(scale);
 #endif
+  return u < keep ? kept : acc_t(0);
 }
 
 }  // namespace finetune_ext

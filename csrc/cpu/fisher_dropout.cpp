@@ -15,10 +15,23 @@
 namespace finetune_ext {
 namespace {
 
-template <typename scalar_t>
-void fisher_dropout_cpu_impl(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n,
-                             int64_t d, bool per_feature, PhiloxSeed s) {
+// Elements [0, run) of one stretch that does not cross a feature row: keep[k] per element (per_feature) or
+// keep[0]. Branch-free, so the compiler vectorises it; compiled for AVX-512, AVX2 and the baseline.
+template <typename scalar_t, bool per_feature, bool with_residual>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void dropout_run(const scalar_t* x, const float* keep,
+                                                                              const scalar_t* residual, const float* u,
+                                                                              scalar_t* y, int64_t run) {
   using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t k = 0; k < run; ++k) {
+    acc_t v = dropout_value<acc_t>(static_cast<acc_t>(x[k]), keep[per_feature ? k : 0], u[k]);
+    if constexpr (with_residual) v = static_cast<acc_t>(residual[k]) + v;
+    y[k] = static_cast<scalar_t>(v);
+  }
+}
+
+template <typename scalar_t, bool per_feature, bool with_residual>
+void fisher_dropout_cpu_impl(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n,
+                             int64_t d, PhiloxSeed s) {
   constexpr int64_t kElems = 4 * kPhiloxBlock;
   const int64_t blocks = (n + kElems - 1) / kElems;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
@@ -29,15 +42,13 @@ void fisher_dropout_cpu_impl(const scalar_t* x, const float* keep, const scalar_
       const int64_t count = std::min<int64_t>(kElems, n - first);
       philox_block(s.seed, s.offset, b * kPhiloxBlock, (count + 3) / 4, words);
       for (int64_t i = 0; i < count; ++i) u[i] = philox_uniform(words[i]);
-      int64_t f = per_feature ? first % d : 0;
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t idx = first + i;
-        acc_t v = dropout_value<acc_t>(static_cast<acc_t>(x[idx]), keep[f], u[i]);
-        if (per_feature && ++f == d) f = 0;
-        if (residual != nullptr) {
-          v = static_cast<acc_t>(residual[idx]) + v;
-        }
-        y[idx] = static_cast<scalar_t>(v);
+      for (int64_t e = 0; e < count;) {
+        const int64_t f = per_feature ? (first + e) % d : 0;
+        const int64_t run = per_feature ? std::min<int64_t>(count - e, d - f) : count - e;
+        const int64_t idx = first + e;
+        dropout_run<scalar_t, per_feature, with_residual>(x + idx, keep + f, with_residual ? residual + idx : nullptr,
+                                                          u + e, y + idx, run);
+        e += run;
       }
     }
   });
@@ -58,9 +69,13 @@ at::Tensor fisher_dropout_cpu(const at::Tensor& x, const at::Tensor& keep, const
   const int64_t d = x.dim() == 0 ? 1 : x.size(-1);
   const bool per_feature = keep_c.numel() != 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fisher_dropout_cpu", [&] {
-    fisher_dropout_cpu_impl<scalar_t>(x_c.const_data_ptr<scalar_t>(), kp,
-                                      r_c.defined() ? r_c.const_data_ptr<scalar_t>() : nullptr,
-                                      y.mutable_data_ptr<scalar_t>(), x.numel(), d, per_feature, s);
+    using Impl = void (*)(const scalar_t*, const float*, const scalar_t*, scalar_t*, int64_t, int64_t, PhiloxSeed);
+    const Impl impl = per_feature ? (r_c.defined() ? &fisher_dropout_cpu_impl<scalar_t, true, true>
+                                                   : &fisher_dropout_cpu_impl<scalar_t, true, false>)
+                                  : (r_c.defined() ? &fisher_dropout_cpu_impl<scalar_t, false, true>
+                                                   : &fisher_dropout_cpu_impl<scalar_t, false, false>);
+    impl(x_c.const_data_ptr<scalar_t>(), kp, r_c.defined() ? r_c.const_data_ptr<scalar_t>() : nullptr,
+         y.mutable_data_ptr<scalar_t>(), x.numel(), d, s);
   });
   return y;
 }
