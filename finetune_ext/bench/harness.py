@@ -1,8 +1,9 @@
 """Benchmark harness shared by every op: time providers over a sweep, write long-format CSV, table and plots.
 
-Timing: ``warmup`` untimed calls, then ``reps`` timed blocks of calls through ``torch.utils.benchmark.Timer``
-(synchronised at the block ends on GPU); we report the median and the 20th/80th percentiles of the per-call
-times. Peak memory is the CUDA allocator's
+Timing: ``warmup`` untimed calls, then ``reps`` timed blocks of back-to-back calls (synchronised at the block
+ends on GPU, garbage collection off, as ``timeit`` does); we report the median and the 20th/80th percentiles of
+the per-call times. ``torch.utils.benchmark.Timer`` is not used: each of its ``timeit`` calls adds at least two
+warm-up calls, which triples the time of cases that take one call a block. Peak memory is the CUDA allocator's
 peak during the timed calls above what was allocated before; on CPU it is not measured (left empty).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import gc
 import statistics
 import subprocess
 import time
@@ -18,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as benchmark
 
 BLOCK_S = 2e-3  # a timed block lasts about this long
 CSV_FIELDS = [
@@ -94,17 +95,32 @@ def git_commit() -> str:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> list[float]:
-    """Milliseconds per call in each of ``reps`` blocks, after ``warmup`` calls (``torch.utils.benchmark``).
+    """Milliseconds per call in each of ``reps`` blocks, after ``warmup`` calls.
 
-    A block runs enough calls to last about ``BLOCK_S`` (one call for slow ones), and the timer synchronises
-    CUDA at its ends, so launch overhead and host-device syncs do not dominate short kernels.
+    A block runs enough calls to last about ``BLOCK_S`` (one call for slow ones) and is synchronised with CUDA
+    at its ends, so launch overhead and host-device syncs do not dominate short kernels.
     """
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    if warmup > 0:
-        timer.timeit(warmup)
-    once = timer.timeit(1).median
-    number = max(1, int(BLOCK_S / max(once, 1e-9)))
-    return [timer.timeit(number).median * 1e3 for _ in range(reps)]
+    for _ in range(warmup):
+        fn()
+    number = max(1, int(BLOCK_S * 1e3 / max(block_ms(fn, device, 1), 1e-6)))
+    return [block_ms(fn, device, number) for _ in range(reps)]
+
+
+def block_ms(fn: Callable[[], object], device: torch.device, number: int) -> float:
+    """Milliseconds per call over ``number`` back-to-back calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        sync(device)
+        return (time.perf_counter() - start) * 1e3 / number
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def measure(case: Case, warmup: int, reps: int, commit: str) -> Row:
@@ -185,21 +201,11 @@ def run_rounds(
     times: dict[str, list[float]] = {case.provider: [] for case in cases}
     for _ in range(reps):
         for case in cases:
-            times[case.provider].append(_call_ms(case))
+            times[case.provider].append(block_ms(case.fn, case.device, 1))
     rows = [row_of(case, times[case.provider], commit) for case in cases]
     print(format_table(rows))
     append_csv(rows, out)
     return rows, times
-
-
-def _call_ms(case: Case) -> float:
-    """Milliseconds of one call (``torch.utils.benchmark``'s ``timeit`` would add two warm-up calls each time)."""
-    sync = torch.cuda.synchronize if case.device.type == "cuda" else lambda device: None
-    sync(case.device)
-    start = time.perf_counter()
-    case.fn()
-    sync(case.device)
-    return (time.perf_counter() - start) * 1e3
 
 
 def append_csv(rows: list[Row], path: Path) -> None:

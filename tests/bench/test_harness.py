@@ -8,13 +8,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from finetune_ext import bench
-from finetune_ext.bench.harness import CSV_FIELDS, Case, run_rounds
+from finetune_ext.bench.harness import CSV_FIELDS, Case, run_rounds, time_ms
 from finetune_ext.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +90,13 @@ def test_ggpo_step_cases_run_every_provider() -> None:
     losses = {c.provider: [c.fn() for _ in range(2)] for c in cases}
     assert all(math.isfinite(v) for values in losses.values() for v in values)
     assert losses["ggpo"][0] != losses["lora"][0] != losses["flat-lora"][0]  # the noise changes the loss
+
+
+def test_time_ms_calls_a_slow_function_once_per_block_and_times_it() -> None:
+    calls = []
+    times = time_ms(lambda: (calls.append(1), time.sleep(0.005)), torch.device("cpu"), warmup=2, reps=3)
+    assert len(calls) == 2 + 1 + 3  # warm-ups, the probe that sizes the blocks, one call per block
+    assert len(times) == 3 and all(5.0 <= t < 50.0 for t in times)
 
 
 def test_run_rounds_times_every_case_once_per_round_in_turn(tmp_path) -> None:
