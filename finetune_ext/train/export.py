@@ -74,12 +74,13 @@ def _newest_checkpoint(run: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def _load_weights(model: nn.Module, folder: Path, state: dict[str, Any], weights: str) -> None:
-    if weights == "best" and state.get("best_state") is None:
+    best = state.get("best_state") if weights == "best" else None
+    if weights == "best" and best is None:
         warnings.warn(f"{folder} has no best-validation weights (no validation ran); exporting the final ones",
                       RunWarning, stacklevel=3)  # fmt: skip
-    if weights == "final" or state.get("best_state") is None:
+    if best is None:
         missing, _ = load_model(model, str(folder / "model.safetensors"), strict=False)
     else:
-        missing, _ = model.load_state_dict(state["best_state"], strict=False)
+        missing, _ = model.load_state_dict(best, strict=False)
     if missing:
         raise UserError(f"run_dir: {folder} does not fit the rebuilt model (missing {sorted(missing)[:3]})")
