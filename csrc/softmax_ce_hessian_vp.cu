@@ -3,7 +3,9 @@
 // p.v for all of them and one pass that writes p * (v - p.v). When the row's probabilities fit in the
 // device's shared memory (kCached: a 50257-word fp32 row needs 196 KiB, which H100/H200/B200 have, A100 not)
 // the logits are read once and the probabilities kept there; otherwise they are recomputed from the logits
-// in each pass.
+// in each pass. When there are fewer rows than multiprocessors, each row is cut into slices of one block each
+// (_softmax_ce_hessian_vp_split_kernel): a first kernel writes each slice's max, sum of exp and unnormalised dots,
+// a second combines the slices of its row and writes its slice of the output.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -22,8 +24,12 @@
 namespace finetune_ext {
 namespace {
 
+template <typename vec_t>
+using acc_type = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
+
 constexpr int kThreads = 512;
 constexpr int kChunk = 8;
+constexpr int kSlice = 4096;  // the longest slice of a split row: its exp values fit in static shared memory
 
 template <typename T>
 __device__ __forceinline__ T warp_reduce(T v, bool is_max) {
@@ -57,7 +63,7 @@ __global__ void __launch_bounds__(kThreads)
                                   const int64_t* __restrict__ labels, int64_t ignore_index,
                                   const void* __restrict__ scale, vec_t* __restrict__ out, int64_t m, int64_t n,
                                   int64_t c) {
-  using acc_t = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
+  using acc_t = acc_type<vec_t>;
   __shared__ acc_t smem[32];
   __shared__ acc_t dots[kChunk];
   extern __shared__ __align__(16) unsigned char cache_bytes[];  // kCached: the row, then its probabilities (c values)
@@ -127,11 +133,131 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The cached kernel when a row of probabilities fits in the shared memory a block may opt into, else the other.
+// Pass 1 of a split row, block (slice, row): the slice's max, sum of exp(z - max) and, for every vector k,
+// sum of exp(z - max) * v_k, written to ws[row][slice] = [max, sum, dot_0 .. dot_{m-1}].
+template <typename logit_t, typename vec_t>
+__global__ void __launch_bounds__(kThreads)
+    _softmax_ce_hessian_vp_split_kernel(const logit_t* __restrict__ z, const vec_t* __restrict__ v,
+                                        const int64_t* __restrict__ labels, int64_t ignore_index,
+                                        acc_type<vec_t>* __restrict__ ws, int64_t m, int64_t n, int64_t c,
+                                        int64_t slice) {
+  using acc_t = acc_type<vec_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  __shared__ acc_t smem[32];
+  __shared__ acc_t e[kSlice];
+  const int64_t row = blockIdx.y, j0 = blockIdx.x * slice;
+  const int64_t len = c - j0 < slice ? c - j0 : slice;
+  if (labels != nullptr && labels[row] == ignore_index) return;  // pass 2 writes its zeros
+  acc_t* w = ws + (row * gridDim.x + blockIdx.x) * (2 + m);
+  acc_t tmax = kNegInf;
+  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+    const acc_t x = static_cast<acc_t>(z[row * c + j0 + j]);
+    tmax = x > tmax ? x : tmax;
+  }
+  const acc_t smax = block_reduce(tmax, true, smem);
+  acc_t tsum = 0;
+  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {  // each thread reads back only its own entries
+    e[j] = smax == kNegInf ? acc_t(0) : exp(static_cast<acc_t>(z[row * c + j0 + j]) - smax);
+    tsum += e[j];
+  }
+  const acc_t ssum = block_reduce(tsum, false, smem);
+  if (threadIdx.x == 0) {
+    w[0] = smax;
+    w[1] = ssum;
+  }
+  for (int64_t k = 0; k < m; ++k) {
+    acc_t d = 0;
+    for (int64_t j = threadIdx.x; j < len; j += blockDim.x)
+      d += e[j] * static_cast<acc_t>(v[(k * n + row) * c + j0 + j]);
+    d = block_reduce(d, false, smem);
+    if (threadIdx.x == 0) w[2 + k] = d;
+  }
+}
+
+// Pass 2 of a split row, block (slice, row): the row's max, sum and dots from its slices' partials, then
+// out = p * (v - p.v) * scale over the slice.
+template <typename logit_t, typename vec_t>
+__global__ void __launch_bounds__(kThreads)
+    _softmax_ce_hessian_vp_combine_kernel(const logit_t* __restrict__ z, const vec_t* __restrict__ v,
+                                          const int64_t* __restrict__ labels, int64_t ignore_index,
+                                          const acc_type<vec_t>* __restrict__ ws, const void* __restrict__ scale,
+                                          vec_t* __restrict__ out, int64_t m, int64_t n, int64_t c, int64_t slice) {
+  using acc_t = acc_type<vec_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  __shared__ acc_t smem[32];
+  __shared__ acc_t dots[kChunk];
+  const int64_t row = blockIdx.y, j0 = blockIdx.x * slice, slices = gridDim.x;
+  const int64_t len = c - j0 < slice ? c - j0 : slice;
+  if (labels != nullptr && labels[row] == ignore_index) {
+    for (int64_t k = 0; k < m; ++k) {
+      for (int64_t j = threadIdx.x; j < len; j += blockDim.x) out[(k * n + row) * c + j0 + j] = vec_t(0);
+    }
+    return;
+  }
+  const acc_t* w = ws + row * slices * (2 + m);
+  acc_t tmax = kNegInf;
+  for (int64_t i = threadIdx.x; i < slices; i += blockDim.x) tmax = w[i * (2 + m)] > tmax ? w[i * (2 + m)] : tmax;
+  const acc_t gmax = block_reduce(tmax, true, smem);
+  // A slice's weight exp(max_slice - max_row); 0 for an all -inf slice (exp(-inf - -inf) would be NaN).
+  const auto weight = [&](int64_t i) -> acc_t {
+    return w[i * (2 + m)] == kNegInf ? acc_t(0) : exp(w[i * (2 + m)] - gmax);
+  };
+  acc_t tsum = 0;
+  for (int64_t i = threadIdx.x; i < slices; i += blockDim.x) tsum += w[i * (2 + m) + 1] * weight(i);
+  const acc_t inv = acc_t(1) / block_reduce(tsum, false, smem);
+  const acc_t s = scale != nullptr ? *static_cast<const acc_t*>(scale) : acc_t(1);
+  for (int64_t k0 = 0; k0 < m; k0 += kChunk) {
+    const int kk = static_cast<int>(m - k0 < kChunk ? m - k0 : kChunk);
+    if (threadIdx.x < kk) {
+      acc_t d = 0;
+      for (int64_t i = 0; i < slices; ++i) d += w[i * (2 + m) + 2 + k0 + threadIdx.x] * weight(i);
+      dots[threadIdx.x] = d * inv;
+    }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+      const acc_t p = exp(static_cast<acc_t>(z[row * c + j0 + j]) - gmax) * inv;
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        if (i < kk) {
+          const int64_t idx = ((k0 + i) * n + row) * c + j0 + j;
+          out[idx] = static_cast<vec_t>(p * (static_cast<acc_t>(v[idx]) - dots[i]) * s);
+        }
+      }
+    }
+    __syncthreads();  // dots is rewritten by the next chunk
+  }
+}
+
+// The slice length that gives about two blocks per multiprocessor, a multiple of the block size and at most kSlice;
+// 0 when one block per row already fills the device or the row would be a single slice.
+int64_t split_slice(int64_t n, int64_t c, int device) {
+  const int64_t sms = multiprocessors(device);
+  if (n >= sms) return 0;
+  const int64_t want = (c * n + 2 * sms - 1) / (2 * sms);
+  int64_t slice = (want + kThreads - 1) / kThreads * kThreads;
+  slice = slice < kSlice ? slice : kSlice;
+  return slice < c ? slice : 0;
+}
+
+// Split rows when there are few, else the cached kernel when a row of probabilities fits in the shared memory a
+// block may opt into, else the recomputing one.
 template <typename logit_t, typename vec_t>
 void launch(const logit_t* z, const vec_t* v, const int64_t* labels, int64_t ignore_index, const void* scale,
-            vec_t* out, int64_t m, int64_t n, int64_t c, int device, cudaStream_t stream) {
-  using acc_t = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
+            vec_t* out, int64_t m, int64_t n, int64_t c, const at::TensorOptions& options, cudaStream_t stream) {
+  using acc_t = acc_type<vec_t>;
+  const int device = options.device().index();
+  if (const int64_t slice = split_slice(n, c, device)) {
+    const dim3 grid(static_cast<unsigned>((c + slice - 1) / slice), static_cast<unsigned>(n));
+    const at::Tensor ws = at::empty({static_cast<int64_t>(grid.x) * n * (2 + m)},
+                                    options.dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat));
+    acc_t* wp = static_cast<acc_t*>(ws.data_ptr());
+    _softmax_ce_hessian_vp_split_kernel<logit_t, vec_t>
+        <<<grid, kThreads, 0, stream>>>(z, v, labels, ignore_index, wp, m, n, c, slice);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    _softmax_ce_hessian_vp_combine_kernel<logit_t, vec_t>
+        <<<grid, kThreads, 0, stream>>>(z, v, labels, ignore_index, wp, scale, out, m, n, c, slice);
+    return;
+  }
   constexpr size_t kStaticBytes = 1024;  // the kernel's own shared arrays, with room to spare
   constexpr size_t kDefaultBytes = 48 * 1024;
   const size_t bytes = static_cast<size_t>(c) * sizeof(acc_t);
@@ -163,7 +289,7 @@ at::Tensor softmax_ce_hessian_vp_cuda(const at::Tensor& logits, const at::Tensor
     using logit_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "softmax_ce_hessian_vp_cuda_v", [&] {
       launch<logit_t, scalar_t>(z.const_data_ptr<logit_t>(), v.const_data_ptr<scalar_t>(), lp, ignore_index, sp,
-                                out.mutable_data_ptr<scalar_t>(), m, n, c, logits.get_device(), stream);
+                                out.mutable_data_ptr<scalar_t>(), m, n, c, logits.options(), stream);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
