@@ -3,6 +3,8 @@
 // holds one group's counter word; the 32 x 32 -> 64-bit products come from two even-lane multiplies.
 #include "philox_block.h"
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 #include <string>
 
@@ -157,6 +159,8 @@ VectorBlock vector_block() {
   static const VectorBlock chosen = [] {
     const char* cap = std::getenv("FINETUNE_EXT_SIMD");
     const std::string level = cap == nullptr ? "avx512" : cap;
+    TORCH_CHECK(level == "avx512" || level == "avx2" || level == "scalar",
+                "FINETUNE_EXT_SIMD: expected avx512, avx2 or scalar, got '", level, "'");
     __builtin_cpu_init();
     if (level == "avx512" && __builtin_cpu_supports("avx512f")) return &philox_block_avx512;
     if (level != "scalar" && __builtin_cpu_supports("avx2")) return &philox_block_avx2;

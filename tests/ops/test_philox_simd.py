@@ -38,3 +38,15 @@ def test_every_vector_path_gives_the_reference_bits() -> None:
     for level, proc in runs.items():
         out, err = proc.communicate()
         assert proc.returncode == 0 and out.strip() == "ok", f"{level}: {err[-2000:]}"
+
+
+def test_an_unknown_simd_level_is_an_error_that_names_it() -> None:
+    code = (
+        "import torch; from finetune_ext import ops\n"
+        "ops.fisher_dropout(torch.ones(4, 4), torch.full((4,), 0.5), backend='ext')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "FINETUNE_EXT_SIMD": "avx3"}, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "FINETUNE_EXT_SIMD: expected avx512, avx2 or scalar, got 'avx3'" in proc.stderr
