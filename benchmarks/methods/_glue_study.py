@@ -36,6 +36,7 @@ class Study:
     paper: dict[tuple[str, str], str]  # (task, variant) -> the paper's figure, as printed in the table
     lr: dict[str, float]  # task -> learning rate
     out: str
+    max_steps: int = 400  # the cap on a run's steps that sizes the study to this machine
 
 
 def main(study: Study) -> None:
@@ -92,7 +93,7 @@ def _parser(study: Study) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=study.variants, choices=study.variants)
     parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument("--max-steps", type=int, default=study.max_steps)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, help=f"every task's learning rate (default: {study.lr})")
     parser.add_argument("--val-size", type=int, default=250)
