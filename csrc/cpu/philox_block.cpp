@@ -13,6 +13,9 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define FTX_X86_SIMD 1
+// GCC 12's AVX-512 intrinsics start from their own "undefined" vectors, which it then reports as maybe
+// uninitialised wherever they are inlined (GCC bug 105593, fixed in 13).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace finetune_ext {
