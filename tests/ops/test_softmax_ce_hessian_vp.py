@@ -51,6 +51,20 @@ def test_matches_reference(device, dtype, m, lead, c) -> None:
     assert (ops.softmax_ce_hessian_vp(logits, V, labels, backend="ext")[ignored] == 0).all()
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_wider_than_shared_memory_on_every_multiprocessor(dtype) -> None:
+    """The kernel that recomputes probabilities from the logits: one block per row (as many rows as the GPU has
+    multiprocessors) and rows wider than the shared memory a block may opt into."""
+    props = torch.cuda.get_device_properties(0)
+    rows, c = props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 227 * 1024) // 4 + 1000
+    logits, V, labels = _inputs("cuda", dtype, m=2, lead=(rows,), c=c)
+    logits[0, : c // 2] = float("-inf")
+    out = ops.softmax_ce_hessian_vp(logits, V, labels, backend="ext")
+    exact = reference.softmax_ce_hessian_vp(logits.double(), V.double(), labels)
+    assert_within_2x_reference(out, reference.softmax_ce_hessian_vp(logits, V, labels), exact)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_scale_multiplies_inside_the_kernel(device, dtype) -> None:
