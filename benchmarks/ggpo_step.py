@@ -6,7 +6,7 @@ linear, plain and perturbed, side by side; then the base-weight drift of the in-
 The providers take turns, one step each per round, and each step's time is divided by lora's in the same
 round: on a shared machine whose speed drifts by 10 % from minute to minute, pairing is what makes a 5 %
 target measurable at all (the range over rounds says how well). Appends rows to
-benchmarks/results/ggpo_step_cpu.csv (mode ``train-step-gpt2``) and writes benchmarks/results/ggpo_step.md.
+benchmarks/results/ggpo_step_cpu.csv (mode ``train-step-gpt2``; ``--out``) and writes its table beside it (``.md``).
 The drift: every adapted weight of the model in bf16, 100 rounds of the in-place ``W += eps; W -= eps``
 (Flat-LoRA's row stds at f = 1), against the weight before. Our fused path never writes ``W`` (tests/perturb
 hash it).
@@ -84,5 +84,5 @@ if __name__ == "__main__":
         f"the adapted weights' elements changed, max |dW| {worst:.3g}, ||dW||_F / ||W||_F = {rel:.3g}. "
         "Ours: bit-identical (the weight is never written).",
     ]
-    Path(args.out).with_name("ggpo_step.md").write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -16,8 +16,10 @@ def _factors(out_f: int, in_f: int, r: int, seed: int):
 def test_merged_row_norms_match_the_dense_merge() -> None:
     for out_f, in_f, r, s in ((7, 5, 3, 2.0), (33, 129, 8, 0.5), (64, 16, 16, 1.0)):
         W, A, B = _factors(out_f, in_f, r, out_f)
-        got = stats.merged_row_norms(stats.row_sq_norms(W), W, A, B, s)
-        torch.testing.assert_close(got, torch.linalg.vector_norm(W + s * B @ A, dim=1), **tolerance(torch.float64))
+        for layout in (W, W.t().contiguous().t()):  # row-major, and GPT-2's Conv1D (a transposed view)
+            got = stats.merged_row_norms(stats.row_sq_norms(layout), layout, A, B, s)
+            exact = torch.linalg.vector_norm(W + s * B @ A, dim=1)
+            torch.testing.assert_close(got, exact, **tolerance(torch.float64))
 
 
 def test_gradient_proxy_row_norms_match_the_dense_product() -> None:
