@@ -7,7 +7,7 @@ The regime of the paper's "small" runs (shared/reference/methods.md §4.4): 500 
 sample of train after ``--val-size`` are held out for selection), batch 32, 5 epochs (80 steps), c = 0.1,
 the cycle strategy; PLASLS has one block per layer plus embeddings and head (8 for MiniLM's 6 layers; the
 paper's BERT-base has 10 groups). Sequences are cut at 64 (SST-2) and 128 (MRPC) tokens instead of 256.
-Phases, each over both tasks, so that an interrupted sweep still has whole comparisons:
+Phases (``--phases``), each over both tasks, so that an interrupted sweep still has whole comparisons:
 
 1. AdamW's learning rate: ``--lrs`` on the first seed (linear decay, 10 % warm-up), the best by held-out metric.
 2. PLASLS, AdamSLS and AdamW at that rate, every seed.
@@ -40,6 +40,7 @@ SENSITIVITY = {
     "gamma": [1.0, 10.0],
     "n_batches_per_epoch": [16],
 }
+PHASES = ("lr", "compare", "sensitivity")  # the docstring's 1, 2, 3
 FIELDS = ["task", "variant", "setting", "seed", "steps", "metric", "test", "test_final", "val", "backtracks",
           "step_size_last", "seconds"]  # fmt: skip
 
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--val-size", type=int, default=200)
     parser.add_argument("--out", default="benchmarks/results/armijo_glue")
+    parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
+                        help="which phases to run (two processes may share the CSV, one per phase)")  # fmt: skip
     args = parser.parse_args()
     for name in ("steps", "val_size"):
         if getattr(args, name) < 5:
@@ -135,24 +138,28 @@ def main() -> None:
     done = load_rows(csv_path)
 
     def once(task: str, variant: str, setting: str, seed: int) -> None:
+        done[:] = load_rows(csv_path)  # another process may share the CSV (one per phase)
         if not any((r["task"], r["variant"], r["setting"], r["seed"]) == (task, variant, setting, str(seed))
                    for r in done):  # fmt: skip
             record(csv_path, run(task, variant, setting, seed, args), FIELDS, done)
             write_table(done, md_path, args)
 
     first = args.seeds[0]
-    for task in args.tasks:
-        for lr in args.lrs:
-            once(task, "adamw", f"lr={lr:g}", first)
-    for seed in args.seeds:
+    if "lr" in args.phases:
         for task in args.tasks:
-            for variant in ("plasls", "adamsls"):
-                once(task, variant, "default", seed)
-            once(task, "adamw", best_lr(done, task, first), seed)
-    for task in args.tasks:
-        for name, values in SENSITIVITY.items():
-            for value in values:
-                once(task, "plasls", f"{name}={value:g}", first)
+            for lr in args.lrs:
+                once(task, "adamw", f"lr={lr:g}", first)
+    if "compare" in args.phases:
+        for seed in args.seeds:
+            for task in args.tasks:
+                for variant in ("plasls", "adamsls"):
+                    once(task, variant, "default", seed)
+                once(task, "adamw", best_lr(done, task, first), seed)
+    if "sensitivity" in args.phases:
+        for task in args.tasks:
+            for name, values in SENSITIVITY.items():
+                for value in values:
+                    once(task, "plasls", f"{name}={value:g}", first)
     print(md_path.read_text())
 
 
