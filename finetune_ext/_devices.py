@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from functools import cache
+from typing import ParamSpec, TypeVar
 
 import torch
 
+P, R = ParamSpec("P"), TypeVar("R")
 _ARCH = re.compile(r"(\d+)\.(\d+)[a-z]?(\+PTX)?")
 
 
@@ -38,6 +41,13 @@ def runs_on(capability: tuple[int, int], archs: str) -> bool:
     return any(m == major and n <= minor for m, n in cubins) or any(p <= capability for p in ptx)
 
 
+def constant_for_compile(fn: Callable[P, R]) -> Callable[P, R]:
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (1.8 s) at our import: that
+    decorator only sets this attribute (tests/test_package.py checks it still does)."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
 def built_archs() -> str:
     try:
         from finetune_ext._build_meta import BUILD_META
@@ -46,7 +56,7 @@ def built_archs() -> str:
     return BUILD_META.get("cuda_archs", "")
 
 
-@torch.compiler.assume_constant_result  # fixed per device for the life of the process
+@constant_for_compile  # fixed per device for the life of the process
 def kernels_run_on(index: int) -> bool:
     """Whether the compiled kernels have an image for CUDA device ``index`` (warns once if not)."""
     return _cuda_supported(index)

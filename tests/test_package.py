@@ -64,6 +64,29 @@ def test_import_without_compiled_library_falls_back_to_reference() -> None:
     assert out.stdout.strip() == "ok"
 
 
+def test_import_leaves_torch_dynamo_unloaded() -> None:
+    """``import finetune_ext`` costs torch's import and little more: not torch._dynamo's 1.8 s."""
+    script = "import sys, finetune_ext; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_constant_for_compile_marks_as_torch_compiler_does() -> None:
+    """Our marker is what ``torch.compiler.assume_constant_result`` sets (so torch.compile folds the checks)."""
+    from finetune_ext._devices import constant_for_compile
+
+    def theirs() -> int:
+        return 1
+
+    def ours() -> int:
+        return 1
+
+    torch.compiler.assume_constant_result(theirs)
+    constant_for_compile(ours)
+    assert vars(ours) == vars(theirs) != {}
+
+
 def test_architecture_coverage() -> None:
     """Cubins run on the same major version at an equal or higher minor; PTX on anything at least as new."""
     from finetune_ext._devices import parse_archs, runs_on

@@ -77,7 +77,7 @@ def has_kernel(op: str, device: torch.device) -> bool:
     return _has_kernel(op, device.type)
 
 
-@torch.compiler.assume_constant_result  # fixed once the library is loaded; lets torch.compile fold the branch
+@_devices.constant_for_compile  # fixed once the library is loaded; lets torch.compile fold the branch
 def _has_kernel(op: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"finetune_ext::{op}", key)
