@@ -162,7 +162,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
                                 metavar="{" + ",".join(values) + "}" if values else None, help=text)  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_options: bool = True) -> argparse.ArgumentParser:
+    """The CLI's parser; ``train_options=False`` leaves out ``train``'s options, whose import (the trainer,
+    transformers) takes seconds that ``--help``, ``info`` and ``bench`` do not need."""
     parser = argparse.ArgumentParser(prog="finetune-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -179,8 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="check the options and print the plan; time nothing")
     b.set_defaults(func=_bench)
 
-    from finetune_ext.train import TrainConfig, registry
-
     t = sub.add_parser(
         "train",
         help="fine-tune a model: one stepper plus any transforms",
@@ -188,10 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter), each with its options (--<kind>-option KEY=VALUE), or a --method preset. Writes "
         "metrics.jsonl, curves.png, summary.json and checkpoints into --output-dir. Runs data-parallel under "
         "torchrun.",
-        epilog="parts and their options:\n" + _catalogue_text(registry),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(t, TrainConfig)
+    if train_options:
+        from finetune_ext.train import TrainConfig, registry
+
+        t.epilog = "parts and their options:\n" + _catalogue_text(registry)
+        add_config_arguments(t, TrainConfig)
     t.set_defaults(func=_train)
 
     e = sub.add_parser("export", help="a run's model as a PEFT adapter folder or a merged Hugging Face model")
@@ -229,7 +232,9 @@ def _one_line_warnings(command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(train_options=command == "train").parse_args(argv)
     _one_line_warnings(args.command)
     try:
         return args.func(args)

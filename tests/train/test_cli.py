@@ -36,6 +36,17 @@ def test_help_documents_every_option_and_part() -> None:
     assert "init_step_size (float, default 0.1)" in text and "--adapter-option KEY=VALUE" in text
 
 
+def test_top_level_help_does_not_import_the_trainer() -> None:
+    """``finetune-ext --help`` lists the commands without importing the trainer (transformers: seconds)."""
+    script = (
+        "import sys\nfrom finetune_ext.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('finetune_ext.train.trainer' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "fine-tune a model" in out.stdout and out.stdout.split()[-1] == "False"
+
+
 def test_methods_lists_parts_options_and_presets(capsys) -> None:
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
