@@ -142,7 +142,7 @@ def main() -> None:
         if not any((r["task"], r["variant"], r["setting"], r["seed"]) == (task, variant, setting, str(seed))
                    for r in done):  # fmt: skip
             record(csv_path, run(task, variant, setting, seed, args), FIELDS, done)
-            write_table(done, md_path, args)
+            write_table(load_rows(csv_path), md_path, args)  # with the rows the other process added meanwhile
 
     first = args.seeds[0]
     if "lr" in args.phases:
