@@ -105,7 +105,8 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
             label = f" ({setting.replace('=', ' ')})" if variant == "adamw" else ""
             out.append(f"{cell(sel, 'test')} [{cell(sel, 'test_final')}]{label}")
         lines.append(f"| {variant} | " + " | ".join(out) + " |")
-    lines += ["", "PLASLS sensitivity (first seed; one option changed from the defaults, c = 0.1):", ""]
+    lines += ["", "PLASLS sensitivity (first seed; one option changed from the defaults, c = 0.1; final model in "
+              "brackets):", ""]  # fmt: skip
     lines += ["| setting | " + " | ".join(f"{t} | backtracks / step" for t in tasks) + " |"]
     lines += ["|---|" + "---|---|" * len(tasks)]
     for setting in ["default", *(f"{k}={v:g}" for k, vs in SENSITIVITY.items() for v in vs)]:
@@ -113,7 +114,7 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
         for task in tasks:
             sel = [r for r in rows if (r["task"], r["variant"], r["setting"], r["seed"]) ==
                    (task, "plasls", setting, str(args.seeds[0]))]  # fmt: skip
-            out.append(f"{cell(sel, 'test')} | {sel[0]['backtracks'] if sel else '-'}")
+            out.append(f"{cell(sel, 'test')} [{cell(sel, 'test_final')}] | {sel[0]['backtracks']}" if sel else "- | -")
         lines.append(f"| {setting} | " + " | ".join(out) + " |")
     path.write_text("\n".join(lines) + "\n")
 
