@@ -13,6 +13,8 @@ Phases (``--phases``), each over both tasks, so that an interrupted sweep still 
 2. PLASLS, AdamSLS and AdamW at that rate, every seed.
 3. PLASLS's sensitivity, first seed only: init_step_size, c, gamma and n_batches_per_epoch one at a time around
    the defaults (n_batches_per_epoch = 16 is this regime's real epoch; the default 500 is the official code's).
+4. ``confirm``: the settings named by ``--confirm`` (those the sensitivity singled out) on the other seeds (the
+   first is phase 3's run), tabled beside the default's seeds, before any default is changed.
 
 The GLUE dev set is the test split; each run reports the task's metric of the selected (best held-out) and of
 the final model. Rows are appended as runs end and finished runs are skipped on restart; the table is
@@ -40,7 +42,7 @@ SENSITIVITY = {
     "gamma": [1.0, 10.0],
     "n_batches_per_epoch": [16],
 }
-PHASES = ("lr", "compare", "sensitivity")  # the docstring's 1, 2, 3
+PHASES = ("lr", "compare", "sensitivity", "confirm")  # the docstring's 1, 2, 3, 4
 FIELDS = ["task", "variant", "setting", "seed", "steps", "metric", "test", "test_final", "val", "backtracks",
           "step_size_last", "seconds"]  # fmt: skip
 
@@ -117,7 +119,35 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
                    (task, "plasls", setting, str(args.seeds[0]))]  # fmt: skip
             out.append(f"{cell(sel, 'test')} [{cell(sel, 'test_final')}] | {sel[0]['backtracks']}" if sel else "- | -")
         lines.append(f"| {setting} | " + " | ".join(out) + " |")
+    lines += confirm_table(rows, args, cell)
     path.write_text("\n".join(lines) + "\n")
+
+
+def confirm_table(rows: list[dict], args: argparse.Namespace, cell) -> list[str]:
+    """PLASLS's default against each ``--confirm`` setting over every seed (selected [final], mean ± sd)."""
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    seeds = {str(s) for s in args.seeds}
+    lines = ["", "PLASLS, settings the sensitivity singled out, on every seed (selected [final model]):", "",
+             "| setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]  # fmt: skip
+    for setting in ["default", *args.confirm]:
+        out = []
+        for task in tasks:
+            sel = [r for r in rows if (r["task"], r["variant"], r["setting"]) == (task, "plasls", setting)
+                   and r["seed"] in seeds]  # fmt: skip
+            out.append(f"{cell(sel, 'test')} [{cell(sel, 'test_final')}]")
+        lines.append(f"| {setting} | " + " | ".join(out) + " |")
+    return lines
+
+
+def confirm_setting(parser: argparse.ArgumentParser, setting: str) -> str:
+    """``name=value`` in the sensitivity rows' spelling (``c=0.50`` -> ``c=0.5``), or a usage error."""
+    name, _, value = setting.partition("=")
+    if name in SENSITIVITY:
+        try:
+            return f"{name}={float(value):g}"
+        except ValueError:
+            pass
+    parser.error(f"--confirm: expected name=<number> with name in {list(SENSITIVITY)}, got {setting!r}")
 
 
 def main() -> None:
@@ -130,12 +160,16 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/armijo_glue")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                         help="which phases to run (two processes may share the CSV, one per phase)")  # fmt: skip
+    parser.add_argument("--confirm", nargs="*", default=["c=0.5", "init_step_size=0.01"],
+                        help="PLASLS settings (name=value, as in the sensitivity table) the confirm phase runs on "
+                             "every seed")  # fmt: skip
     args = parser.parse_args()
     for name in ("steps", "val_size"):
         if getattr(args, name) < 5:
             parser.error(f"--{name.replace('_', '-')}: expected >= 5, got {getattr(args, name)}")
     if min(args.lrs) <= 0:
         parser.error(f"--lrs: expected positive learning rates, got {args.lrs}")
+    args.confirm = [confirm_setting(parser, s) for s in args.confirm]
     csv_path, md_path = Path(args.out + ".csv"), Path(args.out + ".md")
     done = load_rows(csv_path)
 
@@ -162,6 +196,11 @@ def main() -> None:
             for name, values in SENSITIVITY.items():
                 for value in values:
                     once(task, "plasls", f"{name}={value:g}", first)
+    if "confirm" in args.phases:
+        for seed in args.seeds[1:]:
+            for task in args.tasks:
+                for setting in args.confirm:
+                    once(task, "plasls", setting, seed)
     print(md_path.read_text())
 
 
