@@ -61,7 +61,7 @@ class BlockArmijo(torch.optim.Optimizer):
         self,
         blocks: Iterable,
         direction: str = "adam",
-        c: float = 0.1,
+        c: float = 0.5,
         beta_b: float = 0.9,
         gamma: float = 2.0,
         reset: str = "sls",

@@ -22,7 +22,7 @@ class ArmijoOptions:
     )
     layers_per_block: int = option(1, "transformer layers per block (blocks=auto)")
     direction: Literal["adam", "sgd"] = option("adam", "Adam-preconditioned direction with momentum, or SGD")
-    c: float = option(0.1, "Armijo constant in (0, 1)")
+    c: float = option(0.5, "Armijo constant in (0, 1); 0.5 (SaLSa's default) beat 0.1 on GLUE small")
     beta_b: float = option(0.9, "backtracking factor in (0, 1)")
     gamma: float = option(2.0, "SLS reset factor >= 1: step sizes grow by gamma^(1/n_batches_per_epoch)")
     reset: Literal["sls", "keep", "init"] = option("sls", "step-size reset before each search")

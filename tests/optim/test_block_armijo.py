@@ -91,7 +91,7 @@ def test_state_dict_round_trip_is_exact() -> None:
     twin_blocks = [b.detach().clone().requires_grad_(True) for b in blocks]
     twin = BlockArmijo([[b] for b in twin_blocks], c=0.3, strategy="all")  # the state brings its hyperparameters
     twin.load_state_dict(saved)
-    assert (twin.param_groups[0]["c"], twin.param_groups[1]["strategy"]) == (0.1, "cycle")
+    assert (twin.param_groups[0]["c"], twin.param_groups[1]["strategy"]) == (0.5, "cycle")
     for _ in range(5):
         opt.step(lambda: f(*blocks))
         twin.step(lambda: f(*twin_blocks))
