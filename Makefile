@@ -9,7 +9,6 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 EXT_STAMP := $(VENV)/.ext-stamp
 ENV_STAMP := $(VENV)/.env-stamp
 PYTEST_ARGS ?=
-PYTEST_WORKERS ?= 2
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -32,8 +31,8 @@ $(EXT_STAMP): $(ENV_STAMP) $(CSRC) setup.py
 
 build: $(EXT_STAMP)  ## (re)build the compiled kernels in place (ninja, incremental)
 
-test: build  ## run the test suite in PYTEST_WORKERS processes (GPU tests skip without a GPU)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+test: build  ## run the test suite (GPU tests skip without a GPU)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-cuda: build  ## run only the GPU tests
 	$(PY) -m pytest -m cuda $(PYTEST_ARGS)
