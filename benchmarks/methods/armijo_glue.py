@@ -162,7 +162,7 @@ def main() -> None:
                         help="which phases to run (two processes may share the CSV, one per phase)")  # fmt: skip
     parser.add_argument("--confirm", nargs="*", default=["c=0.5", "init_step_size=0.01"],
                         help="PLASLS settings (name=value, as in the sensitivity table) the confirm phase runs on "
-                             "every seed")  # fmt: skip
+                             "the seeds after the first")  # fmt: skip
     args = parser.parse_args()
     for name in ("steps", "val_size"):
         if getattr(args, name) < 5:
