@@ -86,9 +86,20 @@ def best_lr(rows: list[dict], task: str, seed: int) -> str:
     return max(sweep, key=lambda r: float(r["val"]))["setting"]
 
 
+def runs(rows: list[dict], task: str, variant: str, setting: str, seeds: set[str]) -> list[dict]:
+    """The rows of one table cell: ``task``, ``variant`` and ``setting`` on ``seeds``."""
+    return [r for r in rows if (r["task"], r["variant"], r["setting"]) == (task, variant, setting)
+            and r["seed"] in seeds]  # fmt: skip
+
+
+def scores(sel: list[dict]) -> str:
+    """``selected [final model]`` of the runs ``sel``, x100, mean ± sd."""
+    test, final = (mean_std([100 * float(r[key]) for r in sel], lambda v: f"{v:.1f}") for key in ("test", "test_final"))
+    return f"{test} [{final}]"
+
+
 def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
-    cell = lambda sel, key: mean_std([100 * float(r[key]) for r in sel], lambda v: f"{v:.1f}")  # noqa: E731
     lines = [
         f"MiniLM (all-MiniLM-L6-v2), 500 training examples, batch 32, {args.steps} steps, "
         f"dev {', '.join(f'{t} {TASKS[t][0]}' for t in tasks)} (x100) of the best held-out checkpoint "
@@ -97,15 +108,13 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
         "| variant | " + " | ".join(tasks) + " |",
         "|---|" + "---|" * len(tasks),
     ]
-    seeds = {str(s) for s in args.seeds}
+    seeds, first = {str(s) for s in args.seeds}, {str(args.seeds[0])}
     for variant in ("plasls", "adamsls", "adamw"):
         out = []
         for task in tasks:
             setting = best_lr(rows, task, args.seeds[0]) if variant == "adamw" else "default"
-            sel = [r for r in rows if (r["task"], r["variant"], r["setting"]) == (task, variant, setting)
-                   and r["seed"] in seeds]  # fmt: skip
             label = f" ({setting.replace('=', ' ')})" if variant == "adamw" else ""
-            out.append(f"{cell(sel, 'test')} [{cell(sel, 'test_final')}]{label}")
+            out.append(scores(runs(rows, task, variant, setting, seeds)) + label)
         lines.append(f"| {variant} | " + " | ".join(out) + " |")
     lines += ["", majority_sentence({t: TASKS[t][0] for t in tasks})]
     lines += ["", "PLASLS sensitivity (first seed; one option changed from this study's defaults: c = 0.1 as in seed "
@@ -115,28 +124,15 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     for setting in ["default", *(f"{k}={v:g}" for k, vs in SENSITIVITY.items() for v in vs)]:
         out = []
         for task in tasks:
-            sel = [r for r in rows if (r["task"], r["variant"], r["setting"], r["seed"]) ==
-                   (task, "plasls", setting, str(args.seeds[0]))]  # fmt: skip
-            out.append(f"{cell(sel, 'test')} [{cell(sel, 'test_final')}] | {sel[0]['backtracks']}" if sel else "- | -")
+            sel = runs(rows, task, "plasls", setting, first)
+            out.append(f"{scores(sel)} | {sel[0]['backtracks']}" if sel else "- | -")
         lines.append(f"| {setting} | " + " | ".join(out) + " |")
-    lines += confirm_table(rows, args, cell)
-    path.write_text("\n".join(lines) + "\n")
-
-
-def confirm_table(rows: list[dict], args: argparse.Namespace, cell) -> list[str]:
-    """PLASLS's default against each ``--confirm`` setting over every seed (selected [final], mean ± sd)."""
-    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
-    seeds = {str(s) for s in args.seeds}
-    lines = ["", "PLASLS, settings the sensitivity singled out, on every seed (selected [final model]):", "",
-             "| setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]  # fmt: skip
+    lines += ["", "PLASLS, settings the sensitivity singled out, on every seed (selected [final model]):", "",
+              "| setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]  # fmt: skip
     for setting in ["default", *args.confirm]:
-        out = []
-        for task in tasks:
-            sel = [r for r in rows if (r["task"], r["variant"], r["setting"]) == (task, "plasls", setting)
-                   and r["seed"] in seeds]  # fmt: skip
-            out.append(f"{cell(sel, 'test')} [{cell(sel, 'test_final')}]")
+        out = [scores(runs(rows, task, "plasls", setting, seeds)) for task in tasks]
         lines.append(f"| {setting} | " + " | ".join(out) + " |")
-    return lines
+    path.write_text("\n".join(lines) + "\n")
 
 
 def confirm_setting(parser: argparse.ArgumentParser, setting: str) -> str:
