@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,6 +15,9 @@ from finetune_ext.optim.blocks import blocks_from_model
 from finetune_ext.train.options import option
 from finetune_ext.train.parts import RunContext, StepContext, Stepper
 
+# The optimizer's own defaults, so that the CLI's and the Python API's cannot drift apart.
+_DEFAULT = {name: p.default for name, p in inspect.signature(BlockArmijo).parameters.items()}
+
 
 @dataclass
 class ArmijoOptions:
@@ -21,19 +25,21 @@ class ArmijoOptions:
         "auto", "'auto': embeddings, each layers_per_block layers, head (PLASLS); 'single': one block (AdamSLS)"
     )
     layers_per_block: int = option(1, "transformer layers per block (blocks=auto)")
-    direction: Literal["adam", "sgd"] = option("adam", "Adam-preconditioned direction with momentum, or SGD")
-    c: float = option(0.5, "Armijo constant in (0, 1); 0.5 (SaLSa's default) beat 0.1 on GLUE small")
-    beta_b: float = option(0.9, "backtracking factor in (0, 1)")
-    gamma: float = option(2.0, "SLS reset factor >= 1: step sizes grow by gamma^(1/n_batches_per_epoch)")
-    reset: Literal["sls", "keep", "init"] = option("sls", "step-size reset before each search")
-    strategy: Literal["cycle", "all", "joint"] = option("cycle", "which blocks each step searches")
-    max_backtracks: int = option(100, "trials per search before the 1e-6 fallback step")
-    init_step_size: float = option(0.1, "every block's first step size")
-    n_batches_per_epoch: int = option(500, "the SLS reset's exponent denominator")
-    joint_steps: int = option(6, "steps searched jointly at the start")
-    beta1: float = option(0.9, "Adam's first-moment decay")
-    beta2: float = option(0.999, "Adam's second-moment decay")
-    eps: float = option(1e-8, "Adam's epsilon")
+    direction: Literal["adam", "sgd"] = option(
+        _DEFAULT["direction"], "Adam-preconditioned direction with momentum, or SGD"
+    )
+    c: float = option(_DEFAULT["c"], "Armijo constant in (0, 1); 0.5 (SaLSa's default) beat 0.1 on GLUE small")
+    beta_b: float = option(_DEFAULT["beta_b"], "backtracking factor in (0, 1)")
+    gamma: float = option(_DEFAULT["gamma"], "SLS reset factor >= 1: step sizes grow by gamma^(1/n_batches_per_epoch)")
+    reset: Literal["sls", "keep", "init"] = option(_DEFAULT["reset"], "step-size reset before each search")
+    strategy: Literal["cycle", "all", "joint"] = option(_DEFAULT["strategy"], "which blocks each step searches")
+    max_backtracks: int = option(_DEFAULT["max_backtracks"], "trials per search before the 1e-6 fallback step")
+    init_step_size: float = option(_DEFAULT["init_step_size"], "every block's first step size")
+    n_batches_per_epoch: int = option(_DEFAULT["n_batches_per_epoch"], "the SLS reset's exponent denominator")
+    joint_steps: int = option(_DEFAULT["joint_steps"], "steps searched jointly at the start")
+    beta1: float = option(_DEFAULT["betas"][0], "Adam's first-moment decay")
+    beta2: float = option(_DEFAULT["betas"][1], "Adam's second-moment decay")
+    eps: float = option(_DEFAULT["eps"], "Adam's epsilon")
 
     def __post_init__(self) -> None:
         if self.blocks not in ("auto", "single"):
