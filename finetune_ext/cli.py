@@ -11,6 +11,9 @@ import typing
 import warnings
 from pathlib import Path
 
+if typing.TYPE_CHECKING:
+    from finetune_ext.train import TrainConfig
+
 DTYPES = {
     **dict.fromkeys(["float32", "fp32"], "float32"),
     **dict.fromkeys(["bfloat16", "bf16"], "bfloat16"),
@@ -66,14 +69,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from finetune_ext.train import TrainConfig, train
-    from finetune_ext.train.options import parse_pairs
+    from finetune_ext.train import train
 
-    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    for name in [k for k in fields if k.endswith("_options")]:
-        fields[name] = parse_pairs(fields[name], name.removesuffix("s").replace("_", "-"))
     try:
-        summary = train(TrainConfig(**fields))
+        summary = train(train_config(args))
     except KeyboardInterrupt as err:
         print(f"finetune-ext train: {err or 'interrupted'}; continue with --resume", file=sys.stderr)
         return 130
@@ -83,6 +82,17 @@ def _train(args: argparse.Namespace) -> int:
     keys = ("steps", "params_trainable", "params_total", "best_val", "final_val", "test")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     return 0
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of parsed ``train`` arguments, each ``--<kind>-option KEY=VALUE`` list as a dict."""
+    from finetune_ext.train import TrainConfig
+    from finetune_ext.train.options import parse_pairs
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    for name in [k for k in fields if k.endswith("_options")]:
+        fields[name] = parse_pairs(fields[name], name.removesuffix("s").replace("_", "-"))
+    return TrainConfig(**fields)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -2,6 +2,16 @@
 
 from finetune_ext.train.errors import UserError
 from finetune_ext.train.parts import RunContext, StepContext, Stepper, Transform
-from finetune_ext.train.trainer import TrainConfig, build_parts, train
+from finetune_ext.train.trainer import TrainConfig, build_parts, check_config, train
 
-__all__ = ["RunContext", "StepContext", "Stepper", "TrainConfig", "Transform", "UserError", "build_parts", "train"]
+__all__ = [
+    "RunContext",
+    "StepContext",
+    "Stepper",
+    "TrainConfig",
+    "Transform",
+    "UserError",
+    "build_parts",
+    "check_config",
+    "train",
+]

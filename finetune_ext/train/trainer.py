@@ -150,7 +150,15 @@ def build_parts(cfg: TrainConfig) -> Parts:
     return parts
 
 
-def _check_config(cfg: TrainConfig, world: int) -> None:
+def check_config(cfg: TrainConfig, world: int = 1) -> Parts:
+    """Every option of ``cfg`` checked and its parts built, before the output folder or any data is touched;
+    a ``UserError`` names the first bad one."""
+    _check_numbers(cfg, world)
+    check_model_spec(cfg.model)
+    return build_parts(cfg)
+
+
+def _check_numbers(cfg: TrainConfig, world: int) -> None:
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_batch_size", "block_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}: expected an integer >= 1, got {getattr(cfg, name)}")
@@ -209,9 +217,7 @@ class _Run:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the summary that is also written to summary.json."""
     ddp, device = init_distributed(cfg.device)
-    _check_config(cfg, ddp.world)
-    check_model_spec(cfg.model)
-    parts = build_parts(cfg)  # every option checked before the output folder or any data is touched
+    parts = check_config(cfg, ddp.world)
     out = Path(cfg.output_dir)
     rundir.prepare(out)
     with rundir.RunLock(out) if ddp.main else contextlib.nullcontext():
