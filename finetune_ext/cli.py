@@ -69,10 +69,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from finetune_ext.train import train
+    from finetune_ext.train import check_config, train
 
+    cfg = train_config(args)
+    if args.dry_run:
+        print(json.dumps(check_config(cfg).chosen, indent=2))
+        return 0
     try:
-        summary = train(train_config(args))
+        summary = train(cfg)
     except KeyboardInterrupt as err:
         print(f"finetune-ext train: {err or 'interrupted'}; continue with --resume", file=sys.stderr)
         return 130
@@ -205,6 +209,9 @@ def build_parser(train_options: bool = True) -> argparse.ArgumentParser:
 
         t.epilog = "parts and their options:\n" + _catalogue_text(registry)
         add_config_arguments(t, TrainConfig)
+    t.add_argument("--dry-run", action="store_true",
+                   help="check every option and part, print the parts with their options resolved, and exit: "
+                   "nothing is loaded, trained or written")  # fmt: skip
     t.set_defaults(func=_train)
 
     e = sub.add_parser("export", help="a run's model as a PEFT adapter folder or a merged Hugging Face model")

@@ -84,6 +84,8 @@ class MGPOOptions:
 class _Perturbation(Transform):
     """Finds the adapters; the ramp; the factors of each layer's update and gradient proxy."""
 
+    requires = ("adapter",)
+
     def apply(self, model: nn.Module, run: RunContext) -> None:
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, LinChainLinear)}
         if not self.layers:

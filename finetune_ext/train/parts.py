@@ -100,6 +100,7 @@ class Part(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    requires: ClassVar[tuple[str, ...]] = ()  # kinds whose no-op choice this part cannot run with
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -147,14 +147,19 @@ def build_parts(cfg: TrainConfig) -> Parts:
         parts.chosen[kind] = {"name": name, "options": part.options_dict() if part else {}}
         if part is not None:
             parts.by_kind[kind] = part
+    for kind, part in parts.by_kind.items():
+        for needed in [k for k in part.requires if k not in parts.by_kind]:
+            choices = " or ".join(n for n, path in registry.PARTS[needed].items() if path)
+            raise UserError(f"{kind}: {part.name} does not run with --{needed} none; add --{needed} {choices}")
     return parts
 
 
 def check_config(cfg: TrainConfig, world: int = 1) -> Parts:
-    """Every option of ``cfg`` checked and its parts built, before the output folder or any data is touched;
-    a ``UserError`` names the first bad one."""
+    """Every option of ``cfg`` checked (the model and data paths exist) and its parts built, before the output
+    folder is touched or any data read; a ``UserError`` names the first bad one."""
     _check_numbers(cfg, world)
     check_model_spec(cfg.model)
+    detect_task(cfg.data)
     return build_parts(cfg)
 
 

@@ -173,7 +173,7 @@ def _config(tmp_path: Path, data, tokenizer, **extra) -> TrainConfig:
 @pytest.mark.parametrize(
     "extra, match",
     [
-        (dict(perturbation="ggpo"), "perturbation: ggpo perturbs adapted layers; add --adapter lora or linchain"),
+        (dict(perturbation="ggpo"), "perturbation: ggpo does not run with --adapter none; add --adapter lora or"),
         (dict(adapter="lora", perturbation="ggpo", perturbation_options={"rho": "-1"}), "rho: expected a number >= 0"),
         (dict(adapter="lora", perturbation="ggpo", perturbation_options={"beta": "-0.5"}), "beta: expected"),
         (dict(adapter="lora", perturbation="mgpo", perturbation_options={"beta": "1"}), r"beta: expected a value in"),
@@ -197,6 +197,7 @@ def test_cli_error_is_one_line(tmp_path, wikitext_slice, gpt2_tokenizer) -> None
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].endswith("add --adapter lora or linchain")
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "run").exists()  # refused before any folder or data is touched
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

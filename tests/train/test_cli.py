@@ -27,7 +27,7 @@ def test_help_documents_every_option_and_part() -> None:
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
     dests = {a.dest for a in train._actions if a.dest != "help"}
-    assert dests == set(TrainConfig.__dataclass_fields__)
+    assert dests == {*TrainConfig.__dataclass_fields__, "dry_run"}  # every config field, plus the CLI's own
     assert all(a.help for a in train._actions)
     text = train.format_help()
     for kind, names in registry.PARTS.items():
@@ -53,6 +53,28 @@ def test_methods_lists_parts_options_and_presets(capsys) -> None:
     assert "--adapter linchain: LinChain adapters" in out
     assert "    chain_length (int, default 3): number of r x r mixers" in out
     assert "--optimizer armijo: Per-block Armijo" in out and "linchain = --adapter linchain" in out
+
+
+def test_train_dry_run_prints_the_resolved_parts_and_touches_nothing(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--model", "config:gpt2-tiny", "--data", "wikitext-2", "--output-dir", str(out), "--dry-run"]
+    assert main([*args, "--method", "lora-ggpo", "--optimizer", "armijo", "--adapter-option", "r=4"]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    assert {kind: part["name"] for kind, part in chosen.items()} == {
+        "dropout": "standard",
+        "adapter": "lora",
+        "perturbation": "ggpo",
+        "optimizer": "armijo",
+    }
+    assert chosen["adapter"]["options"]["r"] == 4 and chosen["optimizer"]["options"]["c"] == 0.5
+    assert main([*args, "--optimizer", "armijo", "--optimizer-option", "c=2"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "finetune-ext train: optimizer-option (armijo): c: expected a value in (0, 1), got 2.0"
+    )
+    assert main([*args[:3], "--data", str(tmp_path / "missing"), *args[5:]]) == 2
+    assert capsys.readouterr().err.startswith(f"finetune-ext train: data: no such file or folder '{tmp_path}/missing'")
+    assert not out.exists()  # and no data was read: "wikitext-2" names the hub dataset, which is offline here
 
 
 def test_option_values_are_parsed_by_their_declared_type() -> None:
