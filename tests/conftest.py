@@ -35,6 +35,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _token_cache(tmp_path_factory):
+    """One token cache for the session (CLI subprocesses inherit it), not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_EXT_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+        yield
+
+
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
 
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from finetune_ext.train import glue
 from finetune_ext.train.errors import UserError
+from finetune_ext.train.token_cache import cached
 
 HUB_LM = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1"), "wikitext-103": ("wikitext", "wikitext-103-raw-v1")}
 
@@ -119,14 +120,21 @@ def load_hub(name: str, spec: tuple[str, str]):
 
 
 def _blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: int, split: str) -> dict:
-    ids: list[int] = []
-    for chunk in _batched([line for line in lines if line.strip()], 1000):
-        for row in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-            ids.extend(row)
+    lines = [line for line in lines if line.strip()]
+    ids = cached(tokenizer, lines, "lm", lambda: {"ids": torch.tensor(tokenize_lines(tokenizer, lines))})["ids"]
     n = len(ids) // block_size
     if n == 0:
         raise UserError(f"data: the {split} split has {len(ids)} tokens, fewer than one block of {block_size}")
-    return {"input_ids": torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)}
+    return {"input_ids": ids[: n * block_size].view(n, block_size)}
+
+
+def tokenize_lines(tokenizer: PreTrainedTokenizerBase, lines: list[str]) -> list[int]:
+    """The lines' token ids, concatenated (no special tokens)."""
+    ids: list[int] = []
+    for chunk in _batched(lines, 1000):
+        for row in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+    return ids
 
 
 def read_text(file: Path) -> str:

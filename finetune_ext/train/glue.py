@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from finetune_ext.train.errors import UserError
+from finetune_ext.train.token_cache import cached
 
 # (text columns, label column) as GLUE's files name them, tried in order against a header.
 LAYOUTS = [
@@ -164,7 +165,10 @@ def encode(
 
     def split(rows: list[Example]) -> dict[str, torch.Tensor]:
         columns = list(zip(*(e.texts for e in rows), strict=True))
-        enc = tokenizer(*columns, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        texts = (text for e in rows for text in e.texts)
+        enc = cached(tokenizer, texts, f"columns={len(columns)} max_length={max_length}",
+                     lambda: dict(tokenizer(*columns, padding="max_length", truncation=True, max_length=max_length,
+                                            return_tensors="pt")))  # fmt: skip
         dtype = torch.float32 if kind == "regression" else torch.long
         out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
         return out | {"labels": torch.tensor([convert(e) for e in rows], dtype=dtype)}

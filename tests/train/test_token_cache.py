@@ -1,0 +1,106 @@
+"""The token cache: a second load reads the ids back instead of tokenizing, any change to the text or the
+tokenizer misses, an unreadable file is tokenized again, ``off`` writes nothing."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_ext.train import data
+from finetune_ext.train.models import load_tokenizer
+
+
+def _load(folder: Path, tokenizer, block_size: int = 32) -> dict[str, torch.Tensor]:
+    s = data.load_splits(str(folder), tokenizer, block_size=block_size, max_length=32, train_samples=None,
+                         val_size=0, seed=0)  # fmt: skip
+    return {"train": s.train["input_ids"], "val": s.val["input_ids"], "test": s.test["input_ids"]}
+
+
+def _no_tokenizing(*args, **kwargs):
+    raise AssertionError("tokenized although the cache holds these ids")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("FINETUNE_EXT_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture
+def tokenizer(gpt2_tokenizer):
+    return load_tokenizer(gpt2_tokenizer)
+
+
+def test_second_load_reads_the_cache_and_equals_tokenizing(cache, tokenizer, wikitext_slice, monkeypatch) -> None:
+    monkeypatch.setenv("FINETUNE_EXT_CACHE", "off")
+    direct = _load(wikitext_slice, tokenizer)
+    monkeypatch.setenv("FINETUNE_EXT_CACHE", str(cache))
+    first = _load(wikitext_slice, tokenizer)
+    assert len(list((cache / "tokens").glob("*.safetensors"))) == 3  # one file per split
+    monkeypatch.setattr(data, "tokenize_lines", _no_tokenizing)
+    second = _load(wikitext_slice, tokenizer, block_size=16)  # blocks are cut after the cache
+    for split in direct:
+        assert torch.equal(first[split], direct[split])
+        assert torch.equal(second[split].flatten()[: direct[split].numel()], direct[split].flatten())
+
+
+def test_changed_text_or_tokenizer_misses(cache, tokenizer, wikitext_slice, tmp_path, monkeypatch) -> None:
+    _load(wikitext_slice, tokenizer)
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for split in ("train", "valid", "test"):
+        (edited / f"{split}.txt").write_text((wikitext_slice / f"{split}.txt").read_text() + " one more line\n")
+    _load(edited, tokenizer)
+    assert len(list((cache / "tokens").glob("*.safetensors"))) == 6
+    tokenizer.add_tokens(["one more"])  # the tokenizer's definition changes, so do the ids
+    with_token = _load(edited, tokenizer)
+    assert len(list((cache / "tokens").glob("*.safetensors"))) == 9
+    monkeypatch.setenv("FINETUNE_EXT_CACHE", "off")
+    assert all(torch.equal(with_token[k], v) for k, v in _load(edited, tokenizer).items())
+
+
+def test_unreadable_file_is_tokenized_again(cache, tokenizer, wikitext_slice) -> None:
+    first = _load(wikitext_slice, tokenizer)
+    for file in (cache / "tokens").glob("*.safetensors"):
+        file.write_bytes(file.read_bytes()[:40])
+    with pytest.warns(UserWarning, match="token cache: .* is unreadable"):
+        again = _load(wikitext_slice, tokenizer)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rewritten: read back without a warning
+        third = _load(wikitext_slice, tokenizer)
+    assert all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_off_writes_nothing(tmp_path, tokenizer, wikitext_slice, monkeypatch) -> None:
+    monkeypatch.setenv("FINETUNE_EXT_CACHE", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _load(wikitext_slice, tokenizer)
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "home").exists()
+
+
+def test_labelled_splits_are_cached_per_rows_and_max_length(
+    cache, tokenizer, gpt2_tokenizer, sst2_slice, monkeypatch
+) -> None:
+    def load(tok, max_length: int = 32, seed: int = 0):
+        return data.load_splits(str(sst2_slice), tok, block_size=32, max_length=max_length, train_samples=None,
+                                val_size=100, seed=seed)  # fmt: skip
+
+    monkeypatch.setenv("FINETUNE_EXT_CACHE", "off")
+    direct = load(load_tokenizer(gpt2_tokenizer))
+    monkeypatch.setenv("FINETUNE_EXT_CACHE", str(cache))
+    load(tokenizer)  # a fresh tokenizer: its first call leaves truncation and padding set, which must not count
+    monkeypatch.setattr(type(tokenizer), "__call__", _no_tokenizing)
+    again = load(tokenizer)
+    for split in ("train", "val", "test"):
+        mine, theirs = getattr(again, split), getattr(direct, split)
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) and mine[k].dtype == theirs[k].dtype for k in mine)
+    for other in (dict(max_length=16), dict(seed=1)):  # other settings, other held-out rows: both miss
+        with pytest.raises(AssertionError, match="tokenized although"):
+            load(tokenizer, **other)
