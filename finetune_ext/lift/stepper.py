@@ -27,7 +27,7 @@ from torch import nn
 
 from finetune_ext import curvature
 from finetune_ext.lift.lp import LPSolver
-from finetune_ext.lift.rows import CompactSR1, FlatParams, h_wlambda, hvp_rows
+from finetune_ext.lift.rows import CompactSR1, FlatParams, h_wlambda, hvp_rows, successive_differences
 from finetune_ext.lift.search import golden_section
 from finetune_ext.nn import keys
 from finetune_ext.optim.blocks import check_layer_spec, train_only
@@ -206,8 +206,8 @@ class LiFT(Stepper):
         if self.options.curvature == "sr1":
             if len(self.records) < 2:
                 return (S[:, None] == J[None, :]).double()  # no pair yet: B = I
-            W, G = (torch.stack(x) for x in zip(*self.records, strict=True))
-            return CompactSR1(W[1:] - W[:-1], G[1:] - G[:-1]).rows(S, J)
+            ws, gs = zip(*self.records, strict=True)
+            return CompactSR1(successive_differences(ws), successive_differences(gs)).rows(S, J)
         n = min(self.options.hvp_batch, len(self.run.train["input_ids"]))
         batch = make_batch(self.run.train, torch.arange(n), self.run.task, self.flat.params[0].device)
         model, names = self.model, self.names

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from finetune_ext.lift.rows import CompactSR1, FlatParams, h_wlambda, hvp_rows
+from finetune_ext.lift.rows import CompactSR1, FlatParams, h_wlambda, hvp_rows, successive_differences
 from finetune_ext.lift.search import golden_section
 from finetune_ext.testing import tolerance
 
@@ -24,7 +24,8 @@ def _dense_sr1(S: torch.Tensor, Y: torch.Tensor, skip_tol: float) -> torch.Tenso
     return B
 
 
-def test_compact_sr1_rows_equal_the_dense_recursion() -> None:
+@pytest.mark.parametrize("chunk", [7, 4096])  # Gram matrices over several column blocks, or one
+def test_compact_sr1_rows_equal_the_dense_recursion(chunk: int) -> None:
     g = torch.Generator().manual_seed(0)
     n, K = 40, 12
     A = torch.randn(n, n, generator=g, dtype=torch.float64)
@@ -34,12 +35,27 @@ def test_compact_sr1_rows_equal_the_dense_recursion() -> None:
     z = torch.randn(n, generator=g, dtype=torch.float64)
     z -= (z @ S[5]) / (S[5] @ S[5]) * S[5]
     Y[5] = _dense_sr1(S[:5], Y[:5], 1e-8) @ S[5] + z  # r = y - B s is orthogonal to s: the rule skips it
-    sr1 = CompactSR1(S, Y)
+    sr1 = CompactSR1(S, Y, chunk=chunk)
     dense = _dense_sr1(S, Y, 1e-8)
     assert 5 not in sr1.kept and len(sr1.kept) == K - 1
     idx, cols = torch.tensor([0, 7, 39]), torch.tensor([3, 7, 20, 39])
     torch.testing.assert_close(sr1.rows(idx, cols), dense[idx][:, cols], **tolerance("dense_curvature"))
     torch.testing.assert_close(sr1.rows(idx), dense[idx], **tolerance("dense_curvature"))
+
+
+def test_sr1_from_float32_records_computes_in_float64() -> None:
+    """LiFT's records are float32: their differences and everything after equal the float64 computation on the
+    same values (differences of float32 values in [1, 2) are exact)."""
+    g = torch.Generator().manual_seed(1)
+    w = [1.0 + torch.rand(50, generator=g) for _ in range(6)]
+    grads = [1.0 + torch.rand(50, generator=g) for _ in w]
+    S, Y = successive_differences(w), successive_differences(grads)
+    S64, Y64 = (torch.diff(torch.stack(x).double(), dim=0) for x in (w, grads))
+    assert S.dtype == torch.float32 and torch.equal(S.double(), S64) and torch.equal(Y.double(), Y64)
+    idx, cols = torch.tensor([1, 30]), torch.tensor([0, 1, 49])
+    got = CompactSR1(S, Y, chunk=16).rows(idx, cols)
+    torch.testing.assert_close(got, CompactSR1(S64, Y64).rows(idx, cols), **tolerance("dense_curvature"))
+    assert got.dtype == torch.float64
 
 
 def _tiny():
