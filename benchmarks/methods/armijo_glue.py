@@ -13,8 +13,9 @@ Phases (``--phases``), each over both tasks, so that an interrupted sweep still 
 2. PLASLS, AdamSLS and AdamW at that rate, every seed.
 3. PLASLS's sensitivity, first seed only: init_step_size, c, gamma and n_batches_per_epoch one at a time around
    the defaults (n_batches_per_epoch = 16 is this regime's real epoch; the default 500 is the official code's).
-4. ``confirm``: the settings named by ``--confirm`` (those the sensitivity singled out) on the other seeds (the
-   first is phase 3's run), tabled beside the default's seeds, before any default is changed.
+4. ``confirm``: the settings named by ``--confirm`` (those the sensitivity singled out) for PLASLS on the other
+   seeds (the first is phase 3's run) and for AdamSLS on every seed (``--confirm-variants``), tabled beside the
+   default's seeds, before any default is changed.
 
 The GLUE dev set is the test split; each run reports the task's metric of the selected (best held-out) and of
 the final model. Rows are appended as runs end and finished runs are skipped on restart; the table is
@@ -127,11 +128,13 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
             sel = runs(rows, task, "plasls", setting, first)
             out.append(f"{scores(sel)} | {sel[0]['backtracks']}" if sel else "- | -")
         lines.append(f"| {setting} | " + " | ".join(out) + " |")
-    lines += ["", "PLASLS, settings the sensitivity singled out, on every seed (selected [final model]):", "",
-              "| setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]  # fmt: skip
-    for setting in ["default", *args.confirm]:
-        out = [scores(runs(rows, task, "plasls", setting, seeds)) for task in tasks]
-        lines.append(f"| {setting} | " + " | ".join(out) + " |")
+    lines += ["", "Settings the sensitivity singled out, on every seed (selected [final model]):", "",
+              "| variant | setting | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]  # fmt: skip
+    for variant in ("plasls", "adamsls"):
+        confirmed = {r["setting"] for r in rows if r["variant"] == variant and r["seed"] in seeds - first}
+        for setting in ["default", *sorted(confirmed - {"default"})]:
+            out = [scores(runs(rows, task, variant, setting, seeds)) for task in tasks]
+            lines.append(f"| {variant} | {setting} | " + " | ".join(out) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -159,6 +162,13 @@ def main() -> None:
     parser.add_argument("--confirm", nargs="*", default=["c=0.5", "init_step_size=0.01"],
                         help="PLASLS settings (name=value, as in the sensitivity table) the confirm phase runs on "
                              "the seeds after the first")  # fmt: skip
+    parser.add_argument(
+        "--confirm-variants",
+        nargs="+",
+        default=["plasls", "adamsls"],
+        choices=["plasls", "adamsls"],
+        help="who runs the confirm settings: PLASLS on the seeds after the first, AdamSLS on all",
+    )
     args = parser.parse_args()
     for name in ("steps", "val_size"):
         if getattr(args, name) < 5:
@@ -193,10 +203,12 @@ def main() -> None:
                 for value in values:
                     once(task, "plasls", f"{name}={value:g}", first)
     if "confirm" in args.phases:
-        for seed in args.seeds[1:]:
+        for seed in args.seeds:
             for task in args.tasks:
-                for setting in args.confirm:
-                    once(task, "plasls", setting, seed)
+                for variant in args.confirm_variants:
+                    if variant == "adamsls" or seed != first:  # PLASLS's first seed ran in the sensitivity phase
+                        for setting in args.confirm:
+                            once(task, variant, setting, seed)
     print(md_path.read_text())
 
 
