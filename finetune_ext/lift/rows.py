@@ -65,7 +65,7 @@ def h_wlambda(flat: FlatParams, w: torch.Tensor, idx: torch.Tensor) -> torch.Ten
 
 def successive_differences(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[x₁ - x₀, x₂ - x₁, ...]`` as one ``[len(xs) - 1, n]`` tensor, written in place (no stacked copy of xs)."""
-    out = torch.empty(len(xs) - 1, xs[0].numel(), dtype=xs[0].dtype)
+    out = torch.empty(len(xs) - 1, xs[0].numel(), dtype=xs[0].dtype, device=xs[0].device)
     for i in range(len(xs) - 1):
         torch.sub(xs[i + 1], xs[i], out=out[i])
     return out
@@ -105,7 +105,7 @@ class CompactSR1:
     def _grams(S: torch.Tensor, Y: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``S Sᵀ, Y Sᵀ, Y Yᵀ`` in float64, summed over blocks of ``chunk`` columns."""
         K = len(S)
-        SS, YS, YY = (torch.zeros(K, K, dtype=torch.float64) for _ in range(3))
+        SS, YS, YY = (torch.zeros(K, K, dtype=torch.float64, device=S.device) for _ in range(3))
         for start in range(0, S.shape[1], chunk):
             s, y = S[:, start : start + chunk].double(), Y[:, start : start + chunk].double()
             SS.addmm_(s, s.T)
