@@ -4,7 +4,7 @@ Language modelling: ``train/valid/test`` text (a folder of ``train.txt``, ``vali
 hub's WikiText-2) is tokenized line by line, concatenated and cut into ``block_size`` blocks; the validation
 split selects models, the test split is reported. Labelled data (classification and regression, single sentences
 and pairs, GLUE's layout: ``train/glue.py``): ``dev`` is the reported test split and a seeded held-out slice of
-train is the validation split.
+train is the validation split. Token ids are cached on disk (``train/token_cache.py``).
 """
 
 from __future__ import annotations
