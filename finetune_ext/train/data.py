@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from finetune_ext.train import glue
@@ -79,13 +80,15 @@ def load_splits(
     text_columns: list[str] | None = None,
     label_column: str | None = None,
     task_kind: str = "auto",
+    progress: bool = False,
 ) -> Splits:
     """Tokenized splits. ``train_samples``: an integer count (>= 1) or a fraction in (0, 1] of the training
-    set, seeded. Labelled data: ``text_columns``/``label_column`` override the header's, ``task_kind`` the kind."""
+    set, seeded. Labelled data: ``text_columns``/``label_column`` override the header's, ``task_kind`` the kind.
+    ``progress``: a progress bar while language-modelling text is tokenized (not when the cache has it)."""
     task = detect_task(data)
     if task == "lm":
         texts = _lm_texts(data)
-        splits = {name: _blocks(tokenizer, lines, block_size, name) for name, lines in texts.items()}
+        splits = {name: _blocks(tokenizer, lines, block_size, name, progress) for name, lines in texts.items()}
         train = _subset(splits["train"], train_samples, seed)
         return Splits("lm", train, splits["valid"], splits["test"])
     examples = glue.read(data, text_columns, label_column)
@@ -119,21 +122,24 @@ def load_hub(name: str, spec: tuple[str, str]):
         raise UserError(f"data: cannot load {name!r} from the hub ({str(err).strip().splitlines()[0]})") from None
 
 
-def _blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: int, split: str) -> dict:
+def _blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: int, split: str, progress: bool) -> dict:
     lines = [line for line in lines if line.strip()]
-    ids = cached(tokenizer, lines, "lm", lambda: {"ids": torch.tensor(tokenize_lines(tokenizer, lines))})["ids"]
+    desc = f"tokenize {split}" if progress else None
+    ids = cached(tokenizer, lines, "lm", lambda: {"ids": torch.tensor(tokenize_lines(tokenizer, lines, desc))})["ids"]
     n = len(ids) // block_size
     if n == 0:
         raise UserError(f"data: the {split} split has {len(ids)} tokens, fewer than one block of {block_size}")
     return {"input_ids": ids[: n * block_size].view(n, block_size)}
 
 
-def tokenize_lines(tokenizer: PreTrainedTokenizerBase, lines: list[str]) -> list[int]:
-    """The lines' token ids, concatenated (no special tokens)."""
+def tokenize_lines(tokenizer: PreTrainedTokenizerBase, lines: list[str], desc: str | None = None) -> list[int]:
+    """The lines' token ids, concatenated (no special tokens); a progress bar labelled ``desc`` if given."""
     ids: list[int] = []
-    for chunk in _batched(lines, 1000):
-        for row in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-            ids.extend(row)
+    with tqdm(total=len(lines), desc=desc, unit="line", disable=desc is None) as bar:
+        for chunk in _batched(lines, 1000):
+            for row in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+                ids.extend(row)
+            bar.update(len(chunk))
     return ids
 
 

@@ -281,7 +281,7 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device, foun
     splits = load_splits(cfg.data, tokenizer, block_size=cfg.block_size, max_length=cfg.max_length,
                          train_samples=cfg.train_samples, val_size=cfg.val_size, seed=cfg.seed,
                          text_columns=cfg.text_columns, label_column=cfg.label_column,
-                         task_kind=cfg.task_kind)  # fmt: skip
+                         task_kind=cfg.task_kind, progress=cfg.progress and ddp.main)  # fmt: skip
     metric = cfg.select_metric or splits.main_metric
     if metric not in splits.metrics:
         raise UserError(f"select_metric: {metric} is not reported for {splits.kind} (choose from {splits.metrics})")

@@ -104,3 +104,16 @@ def test_labelled_splits_are_cached_per_rows_and_max_length(
     for other in (dict(max_length=16), dict(seed=1)):  # other settings, other held-out rows: both miss
         with pytest.raises(AssertionError, match="tokenized although"):
             load(tokenizer, **other)
+
+
+def test_progress_bar_only_while_tokenizing(cache, tokenizer, wikitext_slice, capsys) -> None:
+    def load(progress: bool) -> str:
+        data.load_splits(str(wikitext_slice), tokenizer, block_size=32, max_length=32, train_samples=None,
+                         val_size=0, seed=0, progress=progress)  # fmt: skip
+        return capsys.readouterr().err
+
+    assert load(progress=False) == ""
+    (cache / "tokens").rename(cache / "old")  # the next load tokenizes again
+    shown = load(progress=True)
+    assert all(f"tokenize {split}" in shown for split in ("train", "valid", "test")), shown
+    assert load(progress=True) == ""  # read from the cache: nothing to show
