@@ -160,8 +160,8 @@ def main() -> None:
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                         help="which phases to run (two processes may share the CSV, one per phase)")  # fmt: skip
     parser.add_argument("--confirm", nargs="*", default=["c=0.5", "init_step_size=0.01"],
-                        help="PLASLS settings (name=value, as in the sensitivity table) the confirm phase runs on "
-                             "the seeds after the first")  # fmt: skip
+                        help="settings (name=value, as in the sensitivity table) the confirm phase runs for "
+                             "--confirm-variants")  # fmt: skip
     parser.add_argument(
         "--confirm-variants",
         nargs="+",
