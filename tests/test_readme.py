@@ -13,9 +13,15 @@ from finetune_ext.train import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-BLOCKS = [
-    (README.count("\n", 0, m.start()) + 2, m.group(1)) for m in re.finditer(r"```python\n(.*?)```", README, re.DOTALL)
-]
+
+
+def _fenced(language: str) -> list[tuple[int, str]]:
+    """(line of the first code line, code) of every ``language`` block in the README."""
+    return [(README.count("\n", 0, m.start()) + 2, m.group(1))
+            for m in re.finditer(rf"```{language}\n(.*?)```", README, re.DOTALL)]  # fmt: skip
+
+
+BLOCKS = _fenced("python")
 
 
 def test_the_readme_has_python_examples() -> None:
@@ -37,9 +43,8 @@ def test_readme_example_runs(line: int, code: str, tmp_path: Path, monkeypatch: 
 def _shell_commands() -> list[tuple[int, list[str]]]:
     """(line, argv after ``finetune-ext``) of every ``finetune-ext`` command in the README's bash blocks."""
     found = []
-    for m in re.finditer(r"```bash\n(.*?)```", README, re.DOTALL):
-        first = README.count("\n", 0, m.start()) + 2
-        for offset, command in _logical_lines(m.group(1)):
+    for first, block in _fenced("bash"):
+        for offset, command in _logical_lines(block):
             words = shlex.split(command, comments=True)
             if words and words[0].endswith("finetune-ext"):
                 found.append((first + offset, words[1:]))
