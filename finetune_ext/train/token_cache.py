@@ -10,6 +10,7 @@ definition (the slow, pure-Python ones) are never cached."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
@@ -74,10 +75,12 @@ def _key(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], settings: str
 
 def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
     """Written under a temporary name and renamed, so a killed run or a second rank never leaves half a file."""
+    tmp = file.with_suffix(f".{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".{os.getpid()}.tmp")
         save_file({k: v.int() if v.dtype == torch.int64 else v.contiguous() for k, v in tensors.items()}, tmp)
         os.replace(tmp, file)
     except OSError as err:  # a full or read-only disk costs the next run a tokenization, nothing more
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         warnings.warn(f"token cache: cannot write {file} ({err.strerror or err})", stacklevel=3)

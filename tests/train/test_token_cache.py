@@ -1,5 +1,5 @@
 """The token cache: a second load reads the ids back instead of tokenizing, any change to the text or the
-tokenizer misses, an unreadable file is tokenized again, ``off`` writes nothing."""
+tokenizer misses, an unreadable file is tokenized again, a failed write leaves no file, ``off`` writes nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_ext.train import data
+from finetune_ext.train import data, token_cache
 from finetune_ext.train.models import load_tokenizer
 
 
@@ -74,6 +74,20 @@ def test_unreadable_file_is_tokenized_again(cache, tokenizer, wikitext_slice) ->
         warnings.simplefilter("error")  # rewritten: read back without a warning
         third = _load(wikitext_slice, tokenizer)
     assert all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_a_failed_write_warns_and_leaves_no_file(cache, tokenizer, wikitext_slice, monkeypatch) -> None:
+    def disk_full(tensors, filename):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(token_cache, "save_file", disk_full)
+        with pytest.warns(UserWarning, match=r"token cache: cannot write .* \(No space left on device\)"):
+            first = _load(wikitext_slice, tokenizer)
+    assert list((cache / "tokens").iterdir()) == []
+    assert all(torch.equal(first[k], v) for k, v in _load(wikitext_slice, tokenizer).items())
+    assert len(list((cache / "tokens").iterdir())) == 3
 
 
 def test_off_writes_nothing(tmp_path, tokenizer, wikitext_slice, monkeypatch) -> None:
