@@ -110,13 +110,16 @@ def test_bad_options_give_one_line(option, message, tmp_path, wikitext_slice, gp
 
 
 def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, gpt2_no_dropout) -> None:
-    """Gradients and validation quantities reduce across ranks, the LP runs on rank 0: the same run."""
+    """Gradients and validation quantities reduce across ranks, the LP runs on rank 0: the same run. Eight
+    line-search evaluations: a longer golden-section search ends among points whose validation losses tie to
+    float32 rounding, where the one- and two-process sums pick different ones."""
     args = [
         "train", "--model", gpt2_no_dropout, "--tokenizer", gpt2_tokenizer, "--data", str(wikitext_slice),
         "--optimizer", "lift", "--optimizer-option", "warmup_steps=2", "--optimizer-option", "rows=16",
-        "--optimizer-option", "columns=256", "--optimizer-option", "val_batches=2", "--steps", "4",
-        "--batch-size", "8", "--lr", "1e-3", "--block-size", "32", "--eval-every", "4", "--save-every", "4",
-        "--max-eval-batches", "2", "--eval-batch-size", "8", "--device", "cpu", "--no-progress",
+        "--optimizer-option", "columns=256", "--optimizer-option", "val_batches=2",
+        "--optimizer-option", "line_evals=8", "--steps", "4", "--batch-size", "8", "--lr", "1e-3", "--block-size",
+        "32", "--eval-every", "4", "--save-every", "4", "--max-eval-batches", "2", "--eval-batch-size", "8",
+        "--device", "cpu", "--no-progress",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launch = {
