@@ -2,9 +2,11 @@
 problem: ``A`` = k rows of a compact SR1 matrix from 50 random pairs on ``n`` columns plus 2 λ columns
 (``2 w / N``, tiny), ``c`` a heavy-tailed gradient (~1e-4). Providers: ``reference`` (HiGHS defaults on the
 raw ranged-row model: the baseline of the speed target), ``ipm``, ``ipm-nocrossover``, ``simplex`` (HiGHS
-options on the same raw model), ``ours`` (``LPSolver(formulation="direct")``: the scaled model, HiGHS
-defaults) and ``ours-sifted`` (``LPSolver()``, the sifted formulation that ``lp_direction`` and LiFT use).
-``sizes`` is unused: the shape is ``SHAPE``; the full 256 x 20,000 case is ``benchmarks/lp_direction.py``.
+options on the same raw model), ``scipy`` (``scipy.optimize.linprog(method="highs")`` with each ranged row as
+two inequalities, as the predecessor states its rows), ``ours`` (``LPSolver(formulation="direct")``: the scaled
+model, HiGHS defaults) and ``ours-sifted`` (``LPSolver()``, the sifted formulation that ``lp_direction`` and
+LiFT use). ``sizes`` is unused: the shape is ``SHAPE``; the full 256 x 20,000 case is
+``benchmarks/lp_direction.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 import highspy
 import numpy as np
 import torch
+from scipy.optimize import linprog
 
 from finetune_ext.bench.harness import Case, select_providers
 from finetune_ext.lift.lp import LPSolver
@@ -60,6 +63,12 @@ def raw_highs(options: dict[str, object]):
     return solve
 
 
+def scipy_linprog(c: np.ndarray, A: np.ndarray) -> str:
+    """scipy's HiGHS interface on ``-delta <= A d <= delta`` written as ``[A; -A] d <= delta``."""
+    res = linprog(c, A_ub=np.vstack([A, -A]), b_ub=np.full(2 * A.shape[0], DELTA), bounds=(-1, 1), method="highs")
+    return "Optimal" if res.status == 0 else res.message
+
+
 VARIANTS = {
     "reference": {},
     "ipm": {"solver": "ipm"},
@@ -81,6 +90,7 @@ def cases(
     c, A = lp if lp is not None else lift_lp(*shape)
     k, n = A.shape[0], A.shape[1] - 2
     fns = {name: raw_highs(opts) for name, opts in VARIANTS.items()}
+    fns["scipy"] = scipy_linprog
     fns["ours"] = lambda c, A: LPSolver(formulation="direct").solve(c, A, DELTA).status
     fns["ours-sifted"] = lambda c, A: LPSolver().solve(c, A, DELTA).status
     for name, fn in select_providers(fns, providers).items():

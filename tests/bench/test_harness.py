@@ -92,6 +92,13 @@ def test_ggpo_step_cases_run_every_provider() -> None:
     assert losses["ggpo"][0] != losses["lora"][0] != losses["flat-lora"][0]  # the noise changes the loss
 
 
+def test_lp_direction_cases_solve_one_lp_with_every_provider() -> None:
+    cases = list(bench.OPS["lp_direction"](torch.device("cpu"), torch.float64, [], None, shape=(16, 400)))
+    assert [c.provider for c in cases] == ["reference", "ipm", "ipm-nocrossover", "simplex", "scipy", "ours",
+                                           "ours-sifted"]  # fmt: skip
+    assert all(c.fn() == "Optimal" and c.shape == (16, 402) for c in cases)
+
+
 def test_time_ms_calls_a_slow_function_once_per_block_and_times_it() -> None:
     calls = []
     times = time_ms(lambda: (calls.append(1), time.sleep(0.005)), torch.device("cpu"), warmup=2, reps=3)
