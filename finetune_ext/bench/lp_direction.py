@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import highspy
 import numpy as np
 import torch
 from scipy.optimize import linprog
 
 from finetune_ext.bench.harness import Case, select_providers
-from finetune_ext.lift.lp import LPSolver
+from finetune_ext.lift.lp import LPSolver, quiet_highs
 from finetune_ext.lift.rows import CompactSR1
 
 SHAPE = (64, 5000)
@@ -47,8 +46,7 @@ def raw_highs(options: dict[str, object]):
     """HiGHS with ``options`` on the unscaled ranged-row model, a fresh model per call (no warm start)."""
 
     def solve(c: np.ndarray, A: np.ndarray) -> str:
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
+        h = quiet_highs()
         for key, value in options.items():
             h.setOptionValue(key, value)
         k, n = A.shape

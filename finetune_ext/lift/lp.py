@@ -68,9 +68,7 @@ class LPSolver:
         if formulation not in ("direct", "sifted"):
             raise ValueError(f"formulation: expected 'direct' or 'sifted', got {formulation!r}")
         self.formulation = formulation
-        with _stdout_silenced():  # HiGHS prints its banner from the constructor, before options can be set
-            self.highs = highspy.Highs()
-        self.highs.setOptionValue("output_flag", False)
+        self.highs = quiet_highs()
         self.highs.setOptionValue("solver", solver)
         self.highs.setOptionValue("presolve", "on" if presolve else "off")
         self.highs.setOptionValue("run_crossover", "on" if crossover else "off")
@@ -237,6 +235,14 @@ def _add_columns(h: highspy.Highs, A: np.ndarray, c: np.ndarray, box: float) -> 
     starts = np.arange(0, k * m, k, dtype=np.int32)
     index = np.tile(np.arange(k, dtype=np.int32), m)
     h.addCols(m, c, np.full(m, -box), np.full(m, box), k * m, starts, index, np.ascontiguousarray(A.T).ravel())
+
+
+def quiet_highs() -> highspy.Highs:
+    """A HiGHS instance that prints nothing: its banner comes from the constructor, before options can be set."""
+    with _stdout_silenced():
+        highs = highspy.Highs()
+    highs.setOptionValue("output_flag", False)
+    return highs
 
 
 @contextlib.contextmanager

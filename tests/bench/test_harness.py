@@ -92,11 +92,12 @@ def test_ggpo_step_cases_run_every_provider() -> None:
     assert losses["ggpo"][0] != losses["lora"][0] != losses["flat-lora"][0]  # the noise changes the loss
 
 
-def test_lp_direction_cases_solve_one_lp_with_every_provider() -> None:
+def test_lp_direction_cases_solve_one_lp_with_every_provider_silently(capfd) -> None:
     cases = list(bench.OPS["lp_direction"](torch.device("cpu"), torch.float64, [], None, shape=(16, 400)))
     assert [c.provider for c in cases] == ["reference", "ipm", "ipm-nocrossover", "simplex", "scipy", "ours",
                                            "ours-sifted"]  # fmt: skip
     assert all(c.fn() == "Optimal" and c.shape == (16, 402) for c in cases)
+    assert capfd.readouterr().out == ""  # HiGHS prints a banner from its constructor unless silenced
 
 
 def test_time_ms_calls_a_slow_function_once_per_block_and_times_it() -> None:
