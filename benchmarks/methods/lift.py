@@ -163,14 +163,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=128, help="LiFT: constraint rows")
     parser.add_argument("--columns", type=int, default=5000, help="LiFT: LP columns")
     parser.add_argument("--eval-batches", type=int, default=10, help="validation/test batches of 16 blocks")
+    parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
     parser.add_argument("--out", default="benchmarks/results/lift")
     args = parser.parse_args()
+    unknown = set(args.methods or []) - set(methods(args))
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; expected some of {list(methods(args))}")
     work = Path(args.work)
     base = pretrain(work, args.pretrain_steps)
     csv_path, md_path = Path(args.out + ".csv"), Path(args.out + ".md")
     done = load_rows(csv_path)
     for seed in args.seeds:
         for name, spec in methods(args).items():
+            if args.methods and name not in args.methods:
+                continue
             if any((r["method"], r["seed"]) == (name, str(seed)) for r in done):
                 continue
             record(csv_path, run(name, spec, seed, base, args, work), FIELDS, done)
