@@ -110,7 +110,9 @@ def extensions() -> list:
     write_build_meta(with_cuda, reason)
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]  # vectorised sqrt; no FMA: CPU == CUDA bits
+    # -fno-math-errno: vectorised sqrt; -fno-trapping-math: vectorised branch-free float selects (the softmax exp);
+    # -ffp-contract=off: no FMA, so CPU == CUDA bits. None of them changes a rounded result.
+    cxx = [*opt, "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     kwargs = {
         "include_dirs": [str(ROOT / "csrc")],

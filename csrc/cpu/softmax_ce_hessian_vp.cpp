@@ -10,16 +10,18 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace finetune_ext {
 namespace {
 
-// sum_j a[j] * b[j] with kLanes independent partial sums (vectorisable without -ffast-math), each lane block
-// of 1024 terms folded into a double: the error stays that of a short float sum.
-template <typename acc_t, typename vec_t>
-double dot(const acc_t* a, const vec_t* b, int64_t c) {
+// sum_j term(j) with kLanes independent partial sums (vectorisable without -ffast-math), each lane block of 1024
+// terms folded into a double: the error stays that of a short float sum.
+template <typename acc_t, typename Term>
+double lane_sum(int64_t c, Term term) {
   constexpr int kLanes = 8;
   double total = 0;
   for (int64_t start = 0; start < c; start += 1024) {
@@ -27,12 +29,57 @@ double dot(const acc_t* a, const vec_t* b, int64_t c) {
     acc_t lanes[kLanes] = {};
     int64_t j = start;
     for (; j + kLanes <= end; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * static_cast<acc_t>(b[j + l]);
+      for (int l = 0; l < kLanes; ++l) lanes[l] += term(j + l);
     }
-    for (; j < end; ++j) lanes[0] += a[j] * static_cast<acc_t>(b[j]);
+    for (; j < end; ++j) lanes[0] += term(j);
     for (int l = 0; l < kLanes; ++l) total += lanes[l];
   }
   return total;
+}
+
+// Copies a row of logits into p (the accumulation type) and returns its maximum, with kLanes independent maxima so
+// that the loop vectorises. A NaN logit is skipped here, as std::max skips it, and makes its exp NaN.
+template <typename logit_t, typename acc_t>
+acc_t copy_max(const logit_t* z, acc_t* p, int64_t c) {
+  constexpr int kLanes = 8;
+  acc_t lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, -std::numeric_limits<acc_t>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= c; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], p[j + l] = static_cast<acc_t>(z[j + l]));
+  }
+  for (; j < c; ++j) lanes[0] = std::max(lanes[0], p[j] = static_cast<acc_t>(z[j]));
+  return *std::max_element(lanes, lanes + kLanes);
+}
+
+// exp(x) for the x <= 0 of a max-shifted row, branch-free so that the loop vectorises (std::exp does not):
+// x = k ln2 + r with |r| <= ln2/2, exp(r) by its degree-7 Taylor polynomial (relative error below 1e-8), 2^k from
+// the exponent bits. Below -87, where exp(x) is subnormal, and at -inf it gives 0; NaN stays NaN.
+inline float exp_nonpositive(float x) {
+  const float clamped = x > -87.0f ? x : -87.0f;  // keeps k a normal exponent; NaN goes on through r
+  const float k = std::nearbyint(clamped * 1.44269504f);
+  const float r = (x - k * 0.693145751953125f) - k * 1.42860677e-6f;  // ln 2 in two parts: k * hi is exact
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// p[j] = exp(p[j] - shift) over a row.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void exp_shifted(float* p, int64_t c, float shift) {
+  for (int64_t j = 0; j < c; ++j) p[j] = exp_nonpositive(p[j] - shift);
+}
+
+void exp_shifted(double* p, int64_t c, double shift) {
+  for (int64_t j = 0; j < c; ++j) p[j] = std::exp(p[j] - shift);
 }
 
 template <typename logit_t, typename vec_t>
@@ -46,11 +93,8 @@ void hessian_vp_cpu_impl(const logit_t* z, const vec_t* v, const int64_t* labels
       const bool ignored = labels != nullptr && labels[row] == ignore_index;
       if (!ignored) {
         const logit_t* zr = z + row * c;
-        acc_t mx = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t j = 0; j < c; ++j) mx = std::max(mx, static_cast<acc_t>(zr[j]));
-        double sum = 0;  // row sums in double: a sequential fp32 sum over 50k classes loses digits
-        for (int64_t j = 0; j < c; ++j) sum += (p[j] = std::exp(static_cast<acc_t>(zr[j]) - mx));
-        const acc_t inv = static_cast<acc_t>(1.0 / sum);
+        exp_shifted(p.data(), c, copy_max(zr, p.data(), c));
+        const acc_t inv = static_cast<acc_t>(1.0 / lane_sum<acc_t>(c, [&](int64_t j) { return p[j]; }));
         for (int64_t j = 0; j < c; ++j) p[j] *= inv;
       }
       for (int64_t k = 0; k < m; ++k) {
@@ -60,7 +104,8 @@ void hessian_vp_cpu_impl(const logit_t* z, const vec_t* v, const int64_t* labels
           std::fill(orow, orow + c, vec_t(0));
           continue;
         }
-        const acc_t d = static_cast<acc_t>(dot(p.data(), vr, c));
+        const acc_t d =
+            static_cast<acc_t>(lane_sum<acc_t>(c, [&](int64_t j) { return p[j] * static_cast<acc_t>(vr[j]); }));
         for (int64_t j = 0; j < c; ++j) orow[j] = static_cast<vec_t>(p[j] * (static_cast<acc_t>(vr[j]) - d) * s);
       }
     }

@@ -183,3 +183,19 @@ def test_masked_and_very_negative_logits(device, dtype) -> None:
     assert_within_2x_reference(out, reference.softmax_ce_hessian_vp(logits, V, labels), exact)
     masked = torch.isinf(logits).unsqueeze(0).expand_as(V)
     assert (out[masked] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probabilities_across_the_whole_exponent_range(device) -> None:
+    """Logits from 0 down to 100 below the row's maximum (the CPU kernel's own exp flushes below -87, where
+    float32 exp is subnormal) match the reference; a NaN logit makes its row NaN, as in the reference."""
+    c = 4001
+    g = torch.Generator().manual_seed(0)
+    spread = -torch.linspace(0, 100, c)
+    logits = torch.stack([spread[torch.randperm(c, generator=g)] + 5 * k for k in range(4)]).to(device)
+    logits[3, 7] = float("nan")
+    V = torch.randn(2, 4, c, generator=g).to(device)
+    out = ops.softmax_ce_hessian_vp(logits, V, backend="ext")
+    exact = reference.softmax_ce_hessian_vp(logits[:3].double(), V[:, :3].double())
+    assert_within_2x_reference(out[:, :3], reference.softmax_ce_hessian_vp(logits[:3], V[:, :3]), exact)
+    assert out[:, 3].isnan().all() and reference.softmax_ce_hessian_vp(logits, V)[:, 3].isnan().all()
