@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine, within 10 minutes: build the extension there for that GPU only, run the
-# `cuda`-marked tests, then every op benchmark. Each phase has its own time limit, and a phase that fails or runs
-# out of time does not stop the next one. Under $OUT (default ./gpu-out): gpu.log (everything printed),
-# <device>.csv (every benchmark row, named after the GPU, written op by op) and bench.tar.gz (the per-op CSVs
-# and plots). Commit <device>.csv under benchmarks/results/.
+# `cuda`-marked tests, then every op benchmark. Each phase has its own time limit, capped by what is left of the
+# call's budget (BUDGET seconds, default 570), and a phase that fails or runs out of time does not stop the next
+# one. The tests run in one pytest-xdist worker when it is installed, so a test that crashes the process is
+# reported and the rest still run; the first crashed test is then re-run under cuda-gdb for a native backtrace.
+# Each op is timed in its own process, so one slow op cannot take the others' time. Under $OUT (default
+# ./gpu-out): gpu.log (everything printed), <device>.csv (every benchmark row, named after the GPU, written op by
+# op) and bench.tar.gz (the per-op CSVs and plots). Commit <device>.csv under benchmarks/results/.
 #
 #   device run:  OUT=$OUT bash benchmarks/gpu_run.sh        (carry .whl: `make gpu-wheels` prepares it here)
 #   dry run:     DRY_RUN=1 bash benchmarks/gpu_run.sh       (on a CPU machine: checks every command and option
@@ -19,26 +22,41 @@ log="$OUT/gpu.log"
 : >"$log"
 export PYTHONUNBUFFERED=1
 failed=0
+BUDGET=${BUDGET:-570}
+RESERVE=10 # seconds kept for packing the results
 
-# phase NAME SECONDS CMD...: run CMD with a time limit, output into the log; a failure is recorded, not fatal.
+# phase NAME SECONDS CMD...: run CMD with a time limit (capped by the budget left), output into the log; a failure
+# is recorded, not fatal.
 phase() {
   local name=$1 limit=$2
   shift 2
-  echo "== $name (limit ${limit}s): $*" | tee -a "$log"
+  local left=$((BUDGET - SECONDS - RESERVE))
+  [ "$limit" -le "$left" ] || limit=$left
+  if [ "$limit" -lt 5 ]; then
+    echo "== $name: skipped, the budget is spent" | tee -a "$log"
+    failed=1
+    return
+  fi
+  echo "== $name (limit ${limit}s, at ${SECONDS}s): $*" | tee -a "$log"
+  local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "== $name: exit $rc" | tee -a "$log"; failed=1; }
+  echo "-- $name took $((SECONDS - t0))s" | tee -a "$log"
 }
 
-# The ops with targets in issue 16 first: if the phase's time runs out, what is cut is the rest (rows are written op by
-# op). hvp_block (two blocks of GPT-2 small, 16 products each) is the longest, so it runs last.
+# The ops with targets in issue 16 first: if the budget runs out, what is cut is the rest. hvp_block (two blocks of
+# GPT-2 small, 16 products each) is the longest, so it runs last. Each op has its own limit in seconds.
 ops=(fisher_dropout softmax_ce_hessian_vp armijo_step lora_linear ggpo_step armijo_update gaussian_perturb lift_rows
   lp_direction hvp_block)
-bench_args=(bench --device cuda --out "$OUT/bench" --device-csv "$OUT" --ops "${ops[@]}")
+declare -A op_limit=([fisher_dropout]=40 [softmax_ce_hessian_vp]=40 [armijo_step]=60 [lora_linear]=40 [ggpo_step]=60
+  [armijo_update]=30 [gaussian_perturb]=30 [lift_rows]=60 [lp_direction]=60 [hvp_block]=120)
+for op in "${ops[@]}"; do [ -n "${op_limit[$op]:-}" ] || { echo "gpu_run.sh: no time limit for $op" >&2; exit 2; }; done
+bench_args=(bench --device cuda --out "$OUT/bench" --device-csv "$OUT")
 if [ "$DRY_RUN" = 1 ]; then
   phase "build (dry run: the package imports)" 120 "$PY" -c "import finetune_ext; print(finetune_ext.build_info())"
   phase "cuda tests (dry run: collected)" 300 "$PY" -m pytest -m cuda --collect-only -q -p no:cacheprovider
-  phase "benchmarks (dry run: options checked)" 120 "$PY" -m finetune_ext.cli "${bench_args[@]}" --dry-run
+  phase "benchmarks (dry run: options checked)" 120 "$PY" -m finetune_ext.cli "${bench_args[@]}" --ops "${ops[@]}" --dry-run
   exit $failed
 fi
 
@@ -51,7 +69,16 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}  # this GPU only: a f
 nvidia-smi | tee -a "$log"
 phase build 240 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 phase info 60 "$PY" -m finetune_ext.cli info
-phase "cuda tests" 120 "$PY" -m pytest -m cuda -q -p no:cacheprovider --timeout 60
-phase benchmarks 200 "$PY" -m finetune_ext.cli "${bench_args[@]}"
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 1)  # a crash fails its test and the worker is replaced
+phase "cuda tests" 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider --timeout 60 "${xdist[@]}"
+crashed=$(grep -o "crashed while running '[^']*'" "$log" | head -1 | cut -d"'" -f2)
+if [ -n "$crashed" ] && command -v cuda-gdb >/dev/null; then
+  phase "native backtrace of $crashed" 90 cuda-gdb -q -batch -ex run -ex bt --args "$PY" -m pytest -q \
+    -p no:cacheprovider "$crashed"
+fi
+for op in "${ops[@]}"; do
+  phase "benchmark $op" "${op_limit[$op]}" "$PY" -m finetune_ext.cli "${bench_args[@]}" --ops "$op"
+done
 tar czf "$OUT/bench.tar.gz" -C "$OUT" bench && rm -rf "$OUT/bench"
 exit $failed

@@ -37,9 +37,20 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int N = elems_per_thread<scalar_t>();
   const int64_t chunks = (n + N - 1) / N;
   const float keep0 = kPerFeature ? 0.0f : __ldg(keep);
-  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // The feature of a chunk's first element, advanced by a fixed amount per step: one 64-bit modulo per thread,
+  // not one per chunk (a 64-bit division is a long software routine on the GPU).
+  int64_t first_f = kPerFeature ? first * N % d : 0;
+  const int64_t step_f = kPerFeature ? step * N % d : 0;
+  for (int64_t c = first; c < chunks; c += step) {
     const int64_t base = c * N;
+    const bool full = kVector && base + N <= n;
+    Pack<scalar_t, N> xv, rv;
+    if (full) {  // loads first: they are in flight while Philox runs
+      xv = *reinterpret_cast<const Pack<scalar_t, N>*>(x + base);
+      if constexpr (kResidual) rv = *reinterpret_cast<const Pack<scalar_t, N>*>(residual + base);
+    }
     float u[N];
 #pragma unroll
     for (int j = 0; j < N / 4; ++j) {
@@ -47,11 +58,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) u[4 * j + i] = philox_uniform(r.v[i]);
     }
-    int64_t f = kPerFeature ? base % d : 0;
-    if (kVector && base + N <= n) {
-      const Pack<scalar_t, N> xv = *reinterpret_cast<const Pack<scalar_t, N>*>(x + base);
-      Pack<scalar_t, N> rv;
-      if constexpr (kResidual) rv = *reinterpret_cast<const Pack<scalar_t, N>*>(residual + base);
+    int64_t f = first_f;
+    if (kPerFeature) first_f = first_f + step_f < d ? first_f + step_f : first_f + step_f - d;
+    if (full) {
       Pack<scalar_t, N> yv;
 #pragma unroll
       for (int i = 0; i < N; ++i) {

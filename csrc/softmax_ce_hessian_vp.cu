@@ -1,5 +1,5 @@
 // CUDA kernel of finetune_ext::softmax_ce_hessian_vp (_softmax_ce_hessian_vp_kernel). One block per row:
-// an online max/sum pass over the logits, then for each chunk of up to kChunk vectors one pass that reduces
+// an online max/sum pass over the logits, then for each chunk of up to kRowChunk vectors one pass that reduces
 // p.v for all of them and one pass that writes p * (v - p.v). When the row's probabilities fit in the
 // device's shared memory (kCached: a 50257-word fp32 row needs 196 KiB, which H100/H200/B200 have, A100 not)
 // the logits are read once and the probabilities kept there; otherwise they are recomputed from the logits
@@ -28,7 +28,13 @@ template <typename vec_t>
 using acc_type = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
 
 constexpr int kThreads = 512;
-constexpr int kChunk = 8;
+constexpr int kChunk = 8;  // vectors per pass over a slice of a split row
+// The one-block-per-row kernel takes the vectors kRowChunk at a time, so the rows it reads for the dot products are
+// still in L2 when it reads them again to write the output (2 x 100 KB per row of bf16 GPT-2 logits, times the rows
+// in flight, about one per multiprocessor), and kUnroll elements of each per thread per round, so enough loads are
+// in flight to cover the memory latency with one block per multiprocessor (the cached kernel's case).
+constexpr int kRowChunk = 2;
+constexpr int kUnroll = 8;
 constexpr int kSlice = 4096;  // the longest slice of a split row: its exp values fit in static shared memory
 
 template <typename T>
@@ -64,72 +70,100 @@ __global__ void __launch_bounds__(kThreads)
                                   const void* __restrict__ scale, vec_t* __restrict__ out, int64_t m, int64_t n,
                                   int64_t c) {
   using acc_t = acc_type<vec_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  constexpr int64_t kRound = kUnroll * kThreads;  // elements of a row one round of the block covers
   __shared__ acc_t smem[32];
-  __shared__ acc_t dots[kChunk];
   extern __shared__ __align__(16) unsigned char cache_bytes[];  // kCached: the row, then its probabilities (c values)
   acc_t* cache = reinterpret_cast<acc_t*>(cache_bytes);
   const int64_t row = blockIdx.x;
   if (labels != nullptr && labels[row] == ignore_index) {
     for (int64_t k = 0; k < m; ++k) {
-      for (int64_t j = threadIdx.x; j < c; j += blockDim.x) out[(k * n + row) * c + j] = vec_t(0);
+      for (int64_t j = threadIdx.x; j < c; j += kThreads) out[(k * n + row) * c + j] = vec_t(0);
     }
     return;
   }
+  // Every loop below gives thread t the elements j = t (mod kThreads), so a thread reads back from the cache only
+  // entries it wrote itself: no barrier needed.
   const logit_t* zr = z + row * c;
-  acc_t tmax = -std::numeric_limits<acc_t>::infinity(), tsum = 0;
-  for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
-    const acc_t x = static_cast<acc_t>(zr[j]);
-    if constexpr (kCached) cache[j] = x;  // each thread reads back only its own entries: no barrier needed
-    if (x > tmax) {
-      tsum = tsum * exp(tmax - x) + acc_t(1);
-      tmax = x;
-    } else if (x != -std::numeric_limits<acc_t>::infinity()) {  // exp(-inf - -inf) would be NaN
-      tsum += exp(x - tmax);
+  acc_t tmax = kNegInf, tsum = 0;
+  for (int64_t j0 = threadIdx.x; j0 < c; j0 += kRound) {
+    acc_t x[kUnroll];
+    acc_t rmax = kNegInf;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u * kThreads;
+      x[u] = j < c ? static_cast<acc_t>(zr[j]) : kNegInf;
+      rmax = x[u] > rmax ? x[u] : rmax;
+    }
+    if (rmax > tmax) {
+      tsum *= exp(tmax - rmax);  // 0 * exp(-inf) = 0 while nothing was added yet
+      tmax = rmax;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u * kThreads;
+      if (j < c) {
+        if constexpr (kCached) cache[j] = x[u];
+        if (tmax != kNegInf) tsum += exp(x[u] - tmax);  // exp(-inf - -inf) would be NaN
+      }
     }
   }
   const acc_t gmax = block_reduce(tmax, true, smem);
-  tsum = tmax == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : tsum * exp(tmax - gmax);
+  tsum = tmax == kNegInf ? acc_t(0) : tsum * exp(tmax - gmax);
   const acc_t inv = acc_t(1) / block_reduce(tsum, false, smem);
   const acc_t s = scale != nullptr ? *static_cast<const acc_t*>(scale) : acc_t(1);
   if constexpr (kCached) {
-    for (int64_t j = threadIdx.x; j < c; j += blockDim.x) cache[j] = exp(cache[j] - gmax) * inv;
+    for (int64_t j = threadIdx.x; j < c; j += kThreads) cache[j] = exp(cache[j] - gmax) * inv;
   }
   const auto prob = [&](int64_t j) -> acc_t {
     if constexpr (kCached) return cache[j];
     return exp(static_cast<acc_t>(zr[j]) - gmax) * inv;
   };
 
-  for (int64_t k0 = 0; k0 < m; k0 += kChunk) {
-    const int kk = static_cast<int>(m - k0 < kChunk ? m - k0 : kChunk);
-    acc_t d[kChunk];
+  const int64_t stride = n * c;  // from one vector's row to the next vector's
+  for (int64_t k0 = 0; k0 < m; k0 += kRowChunk) {
+    const int kk = static_cast<int>(m - k0 < kRowChunk ? m - k0 : kRowChunk);
+    const vec_t* vr = v + (k0 * n + row) * c;
+    vec_t* outr = out + (k0 * n + row) * c;
+    // kRowChunk vectors, kUnroll elements each: every load of a round is issued before its products.
+    const auto load = [&](int64_t j0, acc_t(&x)[kRowChunk][kUnroll], acc_t(&p)[kUnroll]) {
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) d[i] = 0;
-    for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
-      const acc_t p = prob(j);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + u * kThreads;
+        p[u] = j < c ? prob(j) : acc_t(0);
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        if (i < kk) d[i] += p * static_cast<acc_t>(v[((k0 + i) * n + row) * c + j]);
+        for (int i = 0; i < kRowChunk; ++i)
+          x[i][u] = i < kk && j < c ? static_cast<acc_t>(vr[i * stride + j]) : acc_t(0);
+      }
+    };
+    acc_t d[kRowChunk];
+#pragma unroll
+    for (int i = 0; i < kRowChunk; ++i) d[i] = 0;
+    for (int64_t j0 = threadIdx.x; j0 < c; j0 += kRound) {
+      acc_t x[kRowChunk][kUnroll], p[kUnroll];
+      load(j0, x, p);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int i = 0; i < kRowChunk; ++i) d[i] += p[u] * x[i][u];
       }
     }
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      if (i < kk) {
-        const acc_t s = block_reduce(d[i], false, smem);
-        if (threadIdx.x == 0) dots[i] = s;
-      }
-    }
-    __syncthreads();
-    for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
-      const acc_t p = prob(j);
+    for (int i = 0; i < kRowChunk; ++i)
+      d[i] = i < kk ? block_reduce(d[i], false, smem) : acc_t(0);  // kk: block-uniform
+    // The chunk's rows were just read for the dot products: this second read is mostly L2 hits.
+    for (int64_t j0 = threadIdx.x; j0 < c; j0 += kRound) {
+      acc_t x[kRowChunk][kUnroll], p[kUnroll];
+      load(j0, x, p);
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        if (i < kk) {
-          const int64_t idx = ((k0 + i) * n + row) * c + j;
-          out[idx] = static_cast<vec_t>(p * (static_cast<acc_t>(v[idx]) - dots[i]) * s);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + u * kThreads;
+#pragma unroll
+        for (int i = 0; i < kRowChunk; ++i) {
+          if (i < kk && j < c) outr[i * stride + j] = static_cast<vec_t>(p[u] * (x[i][u] - d[i]) * s);
         }
       }
     }
-    __syncthreads();  // dots is rewritten by the next chunk
   }
 }
 

@@ -2,7 +2,8 @@
 
 Providers: ``reference`` (the textbook version a user writes: rand, compare, multiply, divide), ``compile``
 (``torch.compile`` of it), ``ext`` (the fused kernel, keep checked once up front as ``FisherDropout`` does),
-and ``F.dropout`` (one rate, for scale: it is not the same op). Useful bytes: x (or the gradient) and keep
+``F.dropout`` (one rate, for scale: it is not the same op) and ``copy`` (``x.clone()``, forward only: the
+bandwidth issue 16 asks the kernel to reach 80 % of). Useful bytes: x (or the gradient) and keep
 read once, the output written once; a stored mask is not counted.
 """
 
@@ -29,6 +30,7 @@ def _providers(keep: torch.Tensor) -> dict:
         "compile": lambda x: compiled(x, keep),
         "ext": lambda x: ops.fisher_dropout(x, keep, backend="ext", check_keep=False),
         "F.dropout": lambda x: F.dropout(x, 0.1, training=True),
+        "copy": torch.clone,
     }
 
 
@@ -43,7 +45,10 @@ def cases(device: torch.device, dtype: torch.dtype, sizes: list[int], providers:
         grad = torch.randn_like(x)
         moved = 2 * x.nbytes + keep.nbytes
         for name, fn in fns.items():
-            yield Case("fisher_dropout", "fwd", name, shape, dtype, device, moved, lambda fn=fn, x=x: fn(x))
+            fwd_bytes = 2 * x.nbytes if name == "copy" else moved
+            yield Case("fisher_dropout", "fwd", name, shape, dtype, device, fwd_bytes, lambda fn=fn, x=x: fn(x))
+            if name == "copy":  # no backward case: a copy's gradient is the incoming gradient itself
+                continue
             y = fn(x_grad)
             yield Case(
                 "fisher_dropout",

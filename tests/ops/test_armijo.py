@@ -79,12 +79,18 @@ def test_update_matches_reference_and_foreach(device, dtype, adam) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kernel_opcheck_and_bad_input(device) -> None:
+def test_kernel_opcheck(device) -> None:
     w, grads, m, v = _lists(device, torch.float32)
     args = (grads, m, v, [0] * 5, 1, 0.9, 0.999, 0.5, 1e-8, True)
     torch.library.opcheck(torch.ops.finetune_ext.armijo_moments_, args, test_utils=("test_schema", "test_faketensor"))
     update = (w, grads, m, v, [0.1] * 5, [-0.01] * 5, 0.9, 0.5, 1e-8, True)
     torch.library.opcheck(torch.ops.finetune_ext.armijo_update_, update, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(device) -> None:
+    """Checked in the kernels (one-line errors naming the argument) and in the Python wrapper."""
+    w, grads, m, v = _lists(device, torch.float32)
     with pytest.raises(RuntimeError, match=r"armijo_moments_: block_of\[1\] = 3 is outside \[0, 2\)"):
         torch.ops.finetune_ext.armijo_moments_(grads, m, v, [0, 3, 0, 0, 0], 2, 0.9, 0.999, 0.5, 1e-8, True)
     with pytest.raises(RuntimeError, match=r"armijo_update_: expected exp_avg\[1\] of shape \[3, 5\], got \[64, 129\]"):
