@@ -51,10 +51,23 @@ ops=(fisher_dropout softmax_ce_hessian_vp armijo_step lora_linear ggpo_step armi
   lp_direction hvp_block)
 declare -A op_limit=([fisher_dropout]=40 [softmax_ce_hessian_vp]=40 [armijo_step]=60 [lora_linear]=40 [ggpo_step]=60
   [armijo_update]=30 [gaussian_perturb]=30 [lift_rows]=60 [lp_direction]=60 [hvp_block]=120)
+# Errors raised in C++ reach Python on each device: torch's own, then one of our CUDA kernels' checks (run 2 on the
+# H200 died with a segmentation fault in the latter; the printed lines say how far it got).
+probe='import sys, torch, finetune_ext
+for dev in sys.argv[1:]:
+    calls = {"torch": lambda: torch.ones(2, device=dev).view(3),
+             "finetune_ext": lambda: torch.ops.finetune_ext.armijo_moments_([torch.ones(2, device=dev)], [], [], [5], 1,
+                                                                            0.9, 0.999, 1.0, 1e-8, False)}
+    for name, call in calls.items():
+        try:
+            call()
+        except RuntimeError as err:
+            print(dev, name, "raised:", str(err).splitlines()[0], flush=True)'
 for op in "${ops[@]}"; do [ -n "${op_limit[$op]:-}" ] || { echo "gpu_run.sh: no time limit for $op" >&2; exit 2; }; done
 bench_args=(bench --device cuda --out "$OUT/bench" --device-csv "$OUT")
 if [ "$DRY_RUN" = 1 ]; then
   phase "build (dry run: the package imports)" 120 "$PY" -c "import finetune_ext; print(finetune_ext.build_info())"
+  phase "C++ errors raise (dry run: CPU only)" 60 "$PY" -c "$probe" cpu
   phase "cuda tests (dry run: collected)" 300 "$PY" -m pytest -m cuda --collect-only -q -p no:cacheprovider
   phase "benchmarks (dry run: options checked)" 120 "$PY" -m finetune_ext.cli "${bench_args[@]}" --ops "${ops[@]}" --dry-run
   exit $failed
@@ -69,6 +82,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}  # this GPU only: a f
 nvidia-smi | tee -a "$log"
 phase build 240 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 phase info 60 "$PY" -m finetune_ext.cli info
+phase "C++ errors raise" 60 "$PY" -c "$probe" cpu cuda
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 1)  # a crash fails its test and the worker is replaced
 phase "cuda tests" 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider --timeout 60 "${xdist[@]}"

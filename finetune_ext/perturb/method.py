@@ -115,6 +115,63 @@ class _Perturbation(Transform):
         return stats.gradient_factors(A, layer.lora_B.detach(), d_A, d_B, layer.scale)
 
 
+@dataclass
+class _Group:
+    """Adapted layers whose row statistics are computed stacked (one weight shape and dtype, rank, device, scale
+    and adapter kind): a few batched kernels per group and step instead of a few dozen small ones per layer, whose
+    launches were most of the cost of a GGPO step on a GPU."""
+
+    names: list[str]
+    layers: list[LinChainLinear]
+    w_sq: torch.Tensor  # [L, out]: ||W_i||^2 of each layer's frozen weight, float64
+
+    @property
+    def scale(self) -> float:
+        return self.layers[0].scale
+
+    @torch.no_grad()
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(A', M, B)`` stacked over the layers (``M`` is ``None`` for LoRA)."""
+        As, Ms = zip(*(_Perturbation.factors(layer) for layer in self.layers), strict=True)
+        M = torch.stack(Ms) if Ms[0] is not None else None
+        return torch.stack(As), M, torch.stack([layer.lora_B.detach() for layer in self.layers])
+
+    @torch.no_grad()
+    def merged_norms(self) -> torch.Tensor:
+        """``||W'_i||`` of every row of ``W' = W + s B A'``, ``[L, out]``."""
+        A, _, B = self.factors()
+        weights = [layer.base_weight().detach() for layer in self.layers]
+        A_low = A.to(weights[0].dtype)  # one cast for the group, not one per layer
+        WA = torch.stack([stats.weight_product(W, a) for W, a in zip(weights, A_low, strict=True)])
+        return stats.merged_row_norms(self.w_sq, WA, A, B, self.scale)
+
+    @torch.no_grad()
+    def grad_norms(self) -> torch.Tensor | None:
+        """``||G_i||`` of the gradient proxy of the last backward, ``[L, out]``; ``None`` while a layer has none."""
+        grads_A, grads_B = [ly.lora_A.grad for ly in self.layers], [ly.lora_B.grad for ly in self.layers]
+        if any(g is None for g in grads_A + grads_B):
+            return None
+        A, M, B = self.factors()
+        d_A = torch.stack(grads_A)
+        d_A = M @ d_A if M is not None else d_A
+        return stats.product_row_norms(*stats.gradient_factors(A, B, d_A, torch.stack(grads_B), self.scale))
+
+
+def _groups(layers: dict[str, LinChainLinear]) -> list[_Group]:
+    """The layers in groups of stackable ones, in model order."""
+    by_key: dict[tuple, list[str]] = {}
+    for name, layer in layers.items():
+        W, A = layer.base_weight(), layer.lora_A
+        key = (W.shape, W.dtype, W.device, A.shape, A.dtype, layer.scale, layer.mixer_weight is None)
+        by_key.setdefault(key, []).append(name)
+    groups = []
+    for names in by_key.values():
+        members = [layers[n] for n in names]
+        w_sq = torch.stack([stats.row_sq_norms(layer.base_weight().detach()) for layer in members])
+        groups.append(_Group(names, members, w_sq))
+    return groups
+
+
 class FlatLoRA(_Perturbation):
     """Flat-LoRA: Gaussian noise on the full weight, row std f(t)·rho/sqrt(in)·||W + sBA||_i, one draw a step."""
 
@@ -123,26 +180,20 @@ class FlatLoRA(_Perturbation):
 
     def apply(self, model: nn.Module, run: RunContext) -> None:
         super().apply(model, run)
-        self.w_sq = {n: stats.row_sq_norms(m.base_weight().detach()) for n, m in self.layers.items()}
+        self.groups = _groups(self.layers)
         self.std: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
-    def merged_norms(self, name: str, layer: LinChainLinear) -> torch.Tensor:
-        """``||W'_i||`` of every row of ``W' = W + s B A'``."""
-        A, _ = self.factors(layer)
-        return stats.merged_row_norms(
-            self.w_sq[name], layer.base_weight().detach(), A, layer.lora_B.detach(), layer.scale
-        )
-
-    def row_std(self, name: str, layer: LinChainLinear, step: int) -> torch.Tensor:
-        fan_in = layer.base_weight().shape[1]
-        return self.ramp(step) * self.options.rho / math.sqrt(fan_in) * self.merged_norms(name, layer)
+    def row_std(self, group: _Group, step: int) -> torch.Tensor:
+        """The noise's row stds of every layer of ``group``, ``[L, out]``."""
+        fan_in = group.layers[0].base_weight().shape[1]
+        return self.ramp(step) * self.options.rho / math.sqrt(fan_in) * group.merged_norms()
 
     def before_step(self, step: int, stepper: Stepper) -> None:
         refresh = self.options.refresh
+        for group in self.groups:
+            if step % refresh == 0 or any(name not in self.std for name in group.names):
+                self.std.update(zip(group.names, self.row_std(group, step).float().unbind(), strict=True))
         for name, layer in self.layers.items():
-            if step % refresh == 0 or name not in self.std:
-                self.std[name] = self.row_std(name, layer, step).float()
             layer.noise = (self.std[name], keys.mix(self.seed, _NOISE_STREAM, step // refresh, layer.site))
 
     def after_step(self, step: int, stepper: Stepper) -> None:
@@ -167,27 +218,31 @@ class GGPO(FlatLoRA):
         self.grad_norms: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def row_std(self, name: str, layer: LinChainLinear, step: int) -> torch.Tensor:
+    def row_std(self, group: _Group, step: int) -> torch.Tensor:
         o = self.options
-        fan_out, fan_in = layer.base_weight().shape
-        g = self.grad_norms.get(name)
+        fan_out, fan_in = group.layers[0].base_weight().shape
+        g = None
+        if all(name in self.grad_norms for name in group.names):
+            g = torch.stack([self.grad_norms[name] for name in group.names])
         if o.formula == "kohya":
-            w_mean = self.w_sq[name].sqrt().mean()
-            ba = stats.product_row_norms(layer.lora_B.detach(), self.factors(layer)[0])
+            w_mean = group.w_sq.sqrt().mean(-1, keepdim=True)
+            A, _, B = group.factors()
+            ba = stats.product_row_norms(B, A)
             g2 = g.square() if g is not None else torch.zeros_like(ba)
             return self.ramp(step) * (o.rho * (w_mean**2 + ba**2).sqrt() + o.beta * g2) / math.sqrt(fan_out)
-        norms = self.merged_norms(name, layer)
-        # g rescaled to the mean of ||W'_i||; no gradient yet (or an all-zero one) leaves Flat-LoRA's stds. No sync.
-        guided = norms if g is None else torch.where(g.sum() > 0, g * (norms.mean() / g.mean()), norms)
+        norms = guided = group.merged_norms()
+        if g is not None:  # g rescaled to each layer's mean ||W'_i||; an all-zero g leaves Flat-LoRA's stds. No sync.
+            rescaled = g * (norms.mean(-1, keepdim=True) / g.mean(-1, keepdim=True))
+            guided = torch.where(g.sum(-1, keepdim=True) > 0, rescaled, norms)
         return self.ramp(step) * o.rho / math.sqrt(fan_in) * (norms + o.beta * guided) / (1.0 + o.beta)
 
     @torch.no_grad()
     def after_step(self, step: int, stepper: Stepper) -> None:
         super().after_step(step, stepper)
-        for name, layer in self.layers.items():
-            P_Q = self.pair(layer, layer.lora_A.grad, layer.lora_B.grad)
-            if P_Q:
-                self.grad_norms[name] = stats.product_row_norms(*P_Q)
+        for group in self.groups:
+            g = group.grad_norms()
+            if g is not None:
+                self.grad_norms.update(zip(group.names, g.unbind(), strict=True))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "grad_norms": dict(self.grad_norms)}

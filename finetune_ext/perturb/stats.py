@@ -18,35 +18,38 @@ import torch
 
 def row_sq_norms(W: torch.Tensor) -> torch.Tensor:
     """``||W_i||^2`` of every row, float64 (cache it: the base weight is frozen)."""
-    return W.double().square().sum(1)
+    return W.double().square().sum(-1)
+
+
+def weight_product(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``W A^T`` ``[out, r]`` in ``W``'s dtype: the one product of a row-norm update that touches ``W``."""
+    # (A W^T)^T, not W A^T: for a transposed view (GPT-2's Conv1D) MKL takes 5-15x longer on W A^T on CPU.
+    return (A.to(W.dtype) @ W.t()).t()
 
 
 def merged_row_norms(
-    w_sq: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+    w_sq: torch.Tensor, WA: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """``||(W + scale B A)_i||`` for every row ``i``, from ``w_sq = row_sq_norms(W)``."""
-    # (A W^T)^T, not W A^T: for a transposed view (GPT-2's Conv1D) MKL takes 5-15x longer on W A^T on CPU.
-    WA = (A.to(W.dtype) @ W.t()).t().double()
+    """``||(W + scale B A)_i||`` for every row ``i``, from ``w_sq = row_sq_norms(W)`` and ``WA = weight_product(W,
+    A)``. Every argument may carry a leading layer dimension (layers of one shape, stacked)."""
     A64, B64 = A.double(), B.double()
-    gram = A64 @ A64.t()
-    cross = (B64 * WA).sum(1)
-    quad = ((B64 @ gram) * B64).sum(1)
-    return (w_sq + 2.0 * scale * cross + scale * scale * quad).clamp_min(0.0).sqrt()
+    inner = 2.0 * WA.double() + scale * (B64 @ (A64 @ A64.mT))  # ||W'_i||^2 = ||W_i||^2 + s <B_i, inner_i>
+    return (w_sq + scale * (B64 * inner).sum(-1)).clamp_min(0.0).sqrt()
 
 
 def product_row_norms(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """``||(P Q)_i||`` for every row ``i`` from the Gram of ``Q``, without forming ``P Q``."""
+    """``||(P Q)_i||`` for every row ``i`` from the Gram of ``Q``, without forming ``P Q`` (stacked layers too)."""
     P64, Q64 = P.double(), Q.double()
-    return ((P64 @ (Q64 @ Q64.t())) * P64).sum(1).clamp_min(0.0).sqrt()
+    return ((P64 @ (Q64 @ Q64.mT)) * P64).sum(-1).clamp_min(0.0).sqrt()
 
 
 def product_norm(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """``||P Q||_F`` from the Gram of ``Q``, without forming ``P Q``."""
-    return product_row_norms(P, Q).square().sum().sqrt()
+    return product_row_norms(P, Q).square().sum(-1).sqrt()
 
 
 def gradient_factors(
     A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, Q)`` with ``P Q = scale (grad_B A + B grad_A)``: ``P = scale [grad_B, B]``, ``Q = [A; grad_A]``."""
-    return scale * torch.cat([grad_B, B], dim=1), torch.cat([A, grad_A], dim=0)
+    return scale * torch.cat([grad_B, B], dim=-1), torch.cat([A, grad_A], dim=-2)
