@@ -7,12 +7,17 @@
 // bias are frozen: no gradient is computed for them. With noise_std, the base path uses W + eps
 // (gaussian_perturb, LoRA-GGPO / Flat-LoRA): the perturbed weight is a temporary of this call, W itself is
 // never written, and the backward regenerates it from the key instead of saving it.
+//
+// Its autograd is here too (LoraLinearFunction, registered for the Autograd key), not in Python: the op runs once
+// per adapted layer and step, and torch.library's Python autograd wrapper cost about 80 us a call on the host in
+// the forward alone, twice what the op itself takes at small sizes, where a GPU step is bound by the host.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <array>
@@ -111,7 +116,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   return {dx, dA, dB, dc};
 }
 
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                               const std::optional<at::Tensor>& c, double scale, const std::optional<at::Tensor>& keep,
+                               const at::Tensor& seed, const std::optional<at::Tensor>& noise_std,
+                               const at::Tensor& noise_seed) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("finetune_ext::lora_linear", "").typed<decltype(lora_linear)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, u] = op.call(x, weight, bias, A, B, c, scale, keep, seed, noise_std, noise_seed);
+    ctx->mark_non_differentiable({u});
+    ctx->save_for_backward(
+        {x, weight, A, B, u, keep.value_or(at::Tensor()), seed, noise_std.value_or(at::Tensor()), noise_seed});
+    ctx->saved_data["scale"] = scale;
+    // The gradients to compute: x, A, B, c (weight and bias are frozen: the kernel computes none for them).
+    ctx->saved_data["need"] =
+        c10::List<bool>({x.requires_grad(), A.requires_grad(), B.requires_grad(), c.has_value() && c->requires_grad()});
+    return {y, u};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("finetune_ext::lora_linear_backward", "")
+                               .typed<decltype(lora_linear_backward)>();
+    // Below autograd, as in the forward: the dropout calls inside skip fisher_dropout's (Python) autograd wrapper.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const variable_list s = ctx->get_saved_variables();
+    const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
+    const std::array<bool, 4> mask = {need[0], need[1], need[2], need[3]};
+    auto [dx, dA, dB, dc] =
+        op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toDouble(),
+                defined_or_none(s[5]), s[6], defined_or_none(s[7]), s[8], mask);
+    const at::Tensor none;
+    return {mask[0] ? dx : none,
+            none,
+            none,
+            mask[1] ? dA : none,
+            mask[2] ? dB : none,
+            mask[3] ? dc : none,
+            none,
+            none,
+            none,
+            none,
+            none};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
+    const at::Tensor& B, const std::optional<at::Tensor>& c, double scale, const std::optional<at::Tensor>& keep,
+    const at::Tensor& seed, const std::optional<at::Tensor>& noise_std, const at::Tensor& noise_seed) {
+  const variable_list out =
+      LoraLinearFunction::apply(x, weight, bias, A, B, c, scale, keep, seed, noise_std, noise_seed);
+  return {out[0], out[1]};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(finetune_ext, Autograd, m) { m.impl("lora_linear", &lora_linear_autograd); }
 
 TORCH_LIBRARY_IMPL(finetune_ext, CPU, m) {
   m.impl("lora_linear", &lora_linear);

@@ -2,7 +2,8 @@
 
 Kernels register against these schemas from C++ (``TORCH_LIBRARY_IMPL(finetune_ext, CPU|CUDA, m)`` in
 ``csrc/``), so an op exists, with its fake kernel for ``torch.compile``, even when the compiled library is
-missing. Autograd is registered next to each public function in ``finetune_ext/ops/<op>.py``.
+missing. Autograd is registered next to each public function in ``finetune_ext/ops/<op>.py``, but for
+``lora_linear``'s, which is in ``csrc/lora_linear.cpp`` (Python's wrapper cost more than the op at small sizes).
 """
 
 from __future__ import annotations
@@ -77,10 +78,19 @@ def has_kernel(op: str, device: torch.device) -> bool:
     return _has_kernel(op, device.type)
 
 
+_REGISTERED: set[tuple[str, str]] = set()  # (op, device type) pairs found to have a kernel: they keep it
+
+
 @_devices.constant_for_compile  # fixed once the library is loaded; lets torch.compile fold the branch
 def _has_kernel(op: str, device_type: str) -> bool:
+    # The lookup by name costs about 15 us, and lora_linear asks once per adapted layer and step.
+    if (op, device_type) in _REGISTERED:
+        return True
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"finetune_ext::{op}", key)
+    found = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"finetune_ext::{op}", key)
+    if found:
+        _REGISTERED.add((op, device_type))
+    return found
 
 
 # (diag(p) - p p^T) v per row, p = softmax(logits[n]), for m vectors: V [m, N, C] -> [m, N, C] in V's dtype.

@@ -15,6 +15,8 @@ from finetune_ext import reference
 from finetune_ext.ops._library import Backend, check_backend, philox_key, use_kernel
 from finetune_ext.ops.gaussian_perturb import check_noise_args
 
+_UNUSED_KEY = torch.zeros(2, dtype=torch.int64)  # the Philox key argument of a call without dropout or noise
+
 
 def linchain_compose(
     W: torch.Tensor, b: torch.Tensor | None = None, *, backend: Backend = "auto"
@@ -101,9 +103,9 @@ def lora_linear(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
     drop = training and dropout_p > 0.0
-    key = philox_key(seed, 0, generator) if drop else torch.zeros(2, dtype=torch.int64)
+    key = philox_key(seed, 0, generator) if drop else _UNUSED_KEY
     keep = torch.full((), 1.0 - dropout_p, dtype=torch.float32, device=x.device) if drop else None
-    noise_key = philox_key(noise_seed, noise_offset, None)
+    noise_key = philox_key(noise_seed, noise_offset, None) if noise_std is not None else _UNUSED_KEY
     if noise_std is not None:
         noise_std = check_noise_args(weight, noise_std)
     base_grad = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -132,25 +134,3 @@ def _check_lora_args(x, weight, bias, A, B, c) -> None:
     for name, t in {"weight": weight, "bias": bias, "A": A, "B": B, "c": c}.items():
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name}: expected dtype {x.dtype} on {x.device} (like x), got {t.dtype} on {t.device}")
-
-
-def _lora_setup(ctx, inputs, output) -> None:
-    x, weight, _, A, B, c, scale, keep, seed, noise_std, noise_seed = inputs
-    _, u = output
-    ctx.mark_non_differentiable(u)
-    ctx.save_for_backward(x, weight, A, B, u, keep, seed, noise_std, noise_seed)
-    ctx.scale, ctx.has_c = scale, c is not None
-
-
-def _lora_backward(ctx, grad: torch.Tensor, _grad_u: torch.Tensor | None):
-    x, weight, A, B, u, keep, seed, noise_std, noise_seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[3], need[4], need[5] and ctx.has_c]
-    dx, dA, dB, dc = torch.ops.finetune_ext.lora_linear_backward(
-        grad.contiguous(), x, weight, A, B, u, ctx.scale, keep, seed, noise_std, noise_seed, mask
-    )
-    pick = [t if m else None for t, m in zip((dx, dA, dB, dc), mask, strict=True)]
-    return pick[0], None, None, pick[1], pick[2], pick[3], None, None, None, None, None
-
-
-torch.library.register_autograd("finetune_ext::lora_linear", _lora_backward, setup_context=_lora_setup)
