@@ -3,7 +3,8 @@
 Kernels register against these schemas from C++ (``TORCH_LIBRARY_IMPL(finetune_ext, CPU|CUDA, m)`` in
 ``csrc/``), so an op exists, with its fake kernel for ``torch.compile``, even when the compiled library is
 missing. Autograd is registered next to each public function in ``finetune_ext/ops/<op>.py``, but for
-``lora_linear``'s, which is in ``csrc/lora_linear.cpp`` (Python's wrapper cost more than the op at small sizes).
+``lora_linear`` and ``linchain_compose``, whose autograd is C++ (``csrc/lora_linear.cpp``,
+``csrc/linchain_compose_autograd.cpp``): Python's wrapper cost more host time than the ops at adapter sizes.
 """
 
 from __future__ import annotations

@@ -45,23 +45,6 @@ def linchain_compose(
     return M, beff
 
 
-def _compose_setup(ctx, inputs, output) -> None:
-    W, b = inputs
-    ctx.save_for_backward(W, b)
-
-
-def _compose_backward(ctx, grad_M: torch.Tensor | None, grad_beff: torch.Tensor | None):
-    W, b = ctx.saved_tensors
-    n, _, r, _ = W.shape
-    grad_M = grad_M if grad_M is not None else W.new_zeros(n, r, r)
-    grad_beff = grad_beff if grad_beff is not None else W.new_zeros(n, r)
-    gW, gb = torch.ops.finetune_ext.linchain_compose_backward(grad_M, grad_beff, W, b)
-    return gW, (gb if b is not None else None)
-
-
-torch.library.register_autograd("finetune_ext::linchain_compose", _compose_backward, setup_context=_compose_setup)
-
-
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
