@@ -77,6 +77,10 @@ if [ -d .whl ]; then  # packages the GPU image lacks (highspy), prepared here by
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The H200 image sets CXX=/opt/gcc/bin/g++, which linked libstdc++ into _C statically: every error message our
+# C++ formatted with a number then crashed the process inside that copy's locale code (the segfaults of the first
+# runs, found by cuda-gdb in run 3). The system compiler links libstdc++ dynamically, as torch does.
+if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}  # this GPU only: a fraction of the default's build time
 nvidia-smi | tee -a "$log"

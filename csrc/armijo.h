@@ -85,10 +85,11 @@ inline void check_armijo_update_args(at::TensorList params, at::TensorList grads
               " and ", alpha_m.size());
 }
 
-// P = 1 / (sqrt(v / bc2) + eps): Adam's preconditioner with the bias correction of the second moment.
+// P = 1 / (sqrt(v / bc2) + eps): Adam's preconditioner with the bias correction of the second moment, in acc_t on
+// every backend (std::sqrt: an unqualified sqrt of a float can resolve to the double one on the host only).
 template <typename acc_t>
 FTX_HOST_DEVICE acc_t armijo_precond(acc_t v, acc_t bc2, acc_t eps) {
-  return acc_t(1) / (sqrt(v / bc2) + eps);
+  return acc_t(1) / (std::sqrt(v / bc2) + eps);
 }
 
 // Adam's constants, 1 - beta computed in double first: 1 - 0.999f is off by 1e-5 relative.
@@ -107,8 +108,9 @@ FTX_HOST_DEVICE void armijo_moment_element(scalar_t g_in, scalar_t* m, scalar_t*
   const acc_t g2 = g * g;
   acc_t p = 1;
   if (adam) {
-    *m = static_cast<scalar_t>(k.b1 * static_cast<acc_t>(*m) + k.ob1 * g);
-    *v = static_cast<scalar_t>(k.b2 * static_cast<acc_t>(*v) + k.ob2 * g2);
+    // mul_add_rn: no FMA contraction on the GPU, so m, v and P are the CPU kernel's bits and so are the sums.
+    *m = static_cast<scalar_t>(mul_add_rn<acc_t>(k.b1 * static_cast<acc_t>(*m), k.ob1, g));
+    *v = static_cast<scalar_t>(mul_add_rn<acc_t>(k.b2 * static_cast<acc_t>(*v), k.ob2, g2));
     p = armijo_precond<acc_t>(static_cast<acc_t>(*v), k.c2, k.eps);
   }
   sum_p += static_cast<sum_t>(g2 * p);
@@ -121,7 +123,7 @@ FTX_HOST_DEVICE void armijo_update_element(scalar_t* w, scalar_t g, const scalar
                                            acc_t am, const ArmijoConsts<acc_t>& k, bool adam, bool use_m) {
   acc_t d = ag * static_cast<acc_t>(g);
   if (adam) {
-    if (use_m) d += am * (static_cast<acc_t>(*m) / k.c1);
+    if (use_m) d = mul_add_rn<acc_t>(d, am, static_cast<acc_t>(*m) / k.c1);
     d *= armijo_precond<acc_t>(static_cast<acc_t>(*v), k.c2, k.eps);
   }
   *w = static_cast<scalar_t>(static_cast<acc_t>(*w) + d);
