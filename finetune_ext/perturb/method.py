@@ -118,34 +118,34 @@ class _Perturbation(Transform):
 @dataclass
 class _Group:
     """Adapted layers whose row statistics are computed stacked (one weight shape and dtype, rank, device, scale
-    and adapter kind): a few batched kernels per group and step instead of a few dozen small ones per layer, whose
-    launches were most of the cost of a GGPO step on a GPU."""
+    and adapter kind): a few batched kernels per group and step instead of a few dozen small ones per layer (on a
+    GPU each is a launch, and a GPT-2 step is bound by the host). Its methods run under ``no_grad``."""
 
     names: list[str]
     layers: list[LinChainLinear]
+    weights: list[torch.Tensor]  # each layer's frozen W as [out, in] (views: the base weights are never replaced)
     w_sq: torch.Tensor  # [L, out]: ||W_i||^2 of each layer's frozen weight, float64
 
     @property
     def scale(self) -> float:
         return self.layers[0].scale
 
-    @torch.no_grad()
     def factors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(A', M, B)`` stacked over the layers (``M`` is ``None`` for LoRA)."""
-        As, Ms = zip(*(_Perturbation.factors(layer) for layer in self.layers), strict=True)
-        M = torch.stack(Ms) if Ms[0] is not None else None
-        return torch.stack(As), M, torch.stack([layer.lora_B.detach() for layer in self.layers])
+        """``(A', M, B)`` stacked over the layers, ``A' = M A`` (``M`` is ``None`` for LoRA)."""
+        A = torch.stack([layer.lora_A for layer in self.layers])
+        B = torch.stack([layer.lora_B for layer in self.layers])
+        if self.layers[0].mixer_weight is None:
+            return A, None, B
+        M = torch.stack([layer.chain()[0] for layer in self.layers])
+        return M @ A, M, B
 
-    @torch.no_grad()
     def merged_norms(self) -> torch.Tensor:
         """``||W'_i||`` of every row of ``W' = W + s B A'``, ``[L, out]``."""
         A, _, B = self.factors()
-        weights = [layer.base_weight().detach() for layer in self.layers]
-        A_low = A.to(weights[0].dtype)  # one cast for the group, not one per layer
-        WA = torch.stack([stats.weight_product(W, a) for W, a in zip(weights, A_low, strict=True)])
+        A_low = A.to(self.weights[0].dtype)  # one cast for the group, not one per layer
+        WA = torch.stack([stats.weight_product(W, a) for W, a in zip(self.weights, A_low, strict=True)])
         return stats.merged_row_norms(self.w_sq, WA, A, B, self.scale)
 
-    @torch.no_grad()
     def grad_norms(self) -> torch.Tensor | None:
         """``||G_i||`` of the gradient proxy of the last backward, ``[L, out]``; ``None`` while a layer has none."""
         grads_A, grads_B = [ly.lora_A.grad for ly in self.layers], [ly.lora_B.grad for ly in self.layers]
@@ -157,6 +157,7 @@ class _Group:
         return stats.product_row_norms(*stats.gradient_factors(A, B, d_A, torch.stack(grads_B), self.scale))
 
 
+@torch.no_grad()
 def _groups(layers: dict[str, LinChainLinear]) -> list[_Group]:
     """The layers in groups of stackable ones, in model order."""
     by_key: dict[tuple, list[str]] = {}
@@ -167,8 +168,8 @@ def _groups(layers: dict[str, LinChainLinear]) -> list[_Group]:
     groups = []
     for names in by_key.values():
         members = [layers[n] for n in names]
-        w_sq = torch.stack([stats.row_sq_norms(layer.base_weight().detach()) for layer in members])
-        groups.append(_Group(names, members, w_sq))
+        weights = [layer.base_weight().detach() for layer in members]
+        groups.append(_Group(names, members, weights, torch.stack([stats.row_sq_norms(W) for W in weights])))
     return groups
 
 
@@ -185,9 +186,10 @@ class FlatLoRA(_Perturbation):
 
     def row_std(self, group: _Group, step: int) -> torch.Tensor:
         """The noise's row stds of every layer of ``group``, ``[L, out]``."""
-        fan_in = group.layers[0].base_weight().shape[1]
+        fan_in = group.weights[0].shape[1]
         return self.ramp(step) * self.options.rho / math.sqrt(fan_in) * group.merged_norms()
 
+    @torch.no_grad()
     def before_step(self, step: int, stepper: Stepper) -> None:
         refresh = self.options.refresh
         for group in self.groups:
@@ -217,10 +219,9 @@ class GGPO(FlatLoRA):
         super().apply(model, run)
         self.grad_norms: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
     def row_std(self, group: _Group, step: int) -> torch.Tensor:
         o = self.options
-        fan_out, fan_in = group.layers[0].base_weight().shape
+        fan_out, fan_in = group.weights[0].shape
         g = None
         if all(name in self.grad_norms for name in group.names):
             g = torch.stack([self.grad_norms[name] for name in group.names])
