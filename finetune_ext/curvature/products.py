@@ -51,10 +51,16 @@ def _scalar(loss_fn: LossFn) -> LossFn:
 
 
 def _chunks(
-    m: int, chunk_size: int | None, memory_budget_mb: float | None, run: Callable[[slice], object], device
+    m: int,
+    chunk_size: int | None,
+    memory_budget_mb: float | None,
+    run: Callable[[slice], object],
+    device,
+    held: int = 0,
 ) -> list[slice]:
     """Slices of the m vectors. With a memory budget, one vector is run first (on the CUDA allocator) and
-    the chunk is the budget over its peak: conservative, since the chunk shares the forward pass."""
+    the chunk is what the budget leaves after ``held`` (bytes the call already holds: ggn_vp's forward pass),
+    over that vector's peak: conservative, since the chunk shares the forward pass."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
     if memory_budget_mb is not None:
@@ -67,9 +73,14 @@ def _chunks(
         torch.cuda.reset_peak_memory_stats(device)
         run(slice(0, 1))
         per_vector = max(torch.cuda.max_memory_allocated(device) - base, 1)
-        chunk_size = max(1, min(m, int(memory_budget_mb * 2**20 // per_vector)))
+        chunk_size = max(1, min(m, int((memory_budget_mb * 2**20 - held) // per_vector)))
     step = chunk_size or m
     return [slice(i, min(i + step, m)) for i in range(0, m, step)]
+
+
+def _allocated(device: torch.device) -> int:
+    """Bytes the CUDA allocator holds on ``device``; 0 elsewhere (budgets are CUDA-only)."""
+    return torch.cuda.memory_allocated(device) if torch.device(device).type == "cuda" else 0
 
 
 def _cat(parts: list[Tensors]) -> Tensors:
@@ -134,6 +145,7 @@ def ggn_vp(
     (labels other than ``ignore_index``). The labels do not enter ``H_L`` otherwise. Positive semi-definite.
     """
     primals, V, m = _check(params, V)
+    start = _allocated(primals[0].device)
     logits, pullback = vjp(output_fn, primals)
     if labels is not None and labels.shape != logits.shape[:-1]:
         raise ValueError(
@@ -149,4 +161,5 @@ def ggn_vp(
         hjv = softmax_ce_hessian_vp(logits.detach(), jv, labels, ignore_index=ignore_index, scale=scale)
         return pull(hjv.to(logits.dtype))
 
-    return _cat([run(s) for s in _chunks(m, chunk_size, memory_budget_mb, run, primals[0].device)])
+    held = _allocated(primals[0].device) - start  # the forward's residuals and logits count against the budget
+    return _cat([run(s) for s in _chunks(m, chunk_size, memory_budget_mb, run, primals[0].device, held)])
