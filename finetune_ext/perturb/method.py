@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from finetune_ext import ops
 from finetune_ext.adapters.layer import LinChainLinear
 from finetune_ext.nn import keys
 from finetune_ext.perturb import stats
@@ -136,7 +137,7 @@ class _Group:
         B = torch.stack([layer.lora_B for layer in self.layers])
         if self.layers[0].mixer_weight is None:
             return A, None, B
-        M = torch.stack([layer.chain()[0] for layer in self.layers])
+        M, _ = ops.linchain_compose(torch.stack([layer.mixer_weight for layer in self.layers]))  # M needs no bias
         return M @ A, M, B
 
     def merged_norms(self) -> torch.Tensor:

@@ -84,14 +84,14 @@ def test_noise_is_on_in_training_and_off_in_eval() -> None:
     assert torch.equal(model(x), clean)
 
 
-def test_flat_lora_std_and_key() -> None:
-    model, layers = _adapted()
+@pytest.mark.parametrize("chain", [0, 2])
+def test_flat_lora_std_and_key(chain) -> None:
+    model, layers = _adapted(chain=chain)
     t = FlatLoRA(FlatLoRAOptions(rho=0.1, refresh=2))
     t.apply(model, _run_context(total_steps=10))
     t.before_step(5, None)  # f(5/10) = 1/2
     layer = layers["0"]
-    W = layer.base_weight().double()
-    merged = W + layer.scale * layer.lora_B.double() @ layer.lora_A.double()
+    merged = layer.base_weight().double() + layer.delta()[0]  # W + s B M A
     expected = 0.5 * 0.1 / 4.0 * torch.linalg.vector_norm(merged, dim=1)
     torch.testing.assert_close(layer.noise[0].double(), expected, **tolerance(torch.float32))
     seed_5 = layer.noise[1]
