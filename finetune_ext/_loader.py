@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import struct
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +40,40 @@ def _build_meta() -> dict[str, Any]:
     return dict(BUILD_META)
 
 
+def linked_libraries(path: str | Path) -> list[str]:
+    """The shared libraries an ELF64 little-endian file names as needed (its DT_NEEDED entries); [] for others."""
+    data = Path(path).read_bytes()
+    if data[:6] != b"\x7fELF\x02\x01":
+        return []
+    section_offset = struct.unpack_from("<Q", data, 0x28)[0]
+    entry_size, count = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size) for i in range(count)]
+    needed = []
+    for _, kind, _, _, offset, size, link, *_ in sections:
+        if kind != 6:  # SHT_DYNAMIC
+            continue
+        strings = sections[link][4]
+        for pos in range(offset, offset + size, 16):
+            tag, value = struct.unpack_from("<qQ", data, pos)
+            if tag == 0:  # DT_NULL
+                break
+            if tag == 1:  # DT_NEEDED
+                start = strings + value
+                needed.append(data[start : data.index(b"\0", start)].decode())
+    return needed
+
+
+def _libstdcxx() -> str:
+    """How the compiled library links libstdc++: a copy linked in statically (the H200 image's /opt/gcc did that)
+    crashes the process wherever an op formats a number into an error message."""
+    module = sys.modules.get("finetune_ext._C")
+    if module is None or not getattr(module, "__file__", None):
+        return "not loaded"
+    if any(name.startswith("libstdc++.so") for name in linked_libraries(module.__file__)):
+        return "dynamic"
+    return "not linked dynamically: if statically, errors crash the process (README, Building: rebuild with g++)"
+
+
 def has_cuda_kernels() -> bool:
     """True when the compiled library holds CUDA kernels (whether or not a GPU is present)."""
     return _STATE["loaded"] and has_kernel("fisher_dropout", torch.device("cuda"))
@@ -59,6 +96,7 @@ def build_info() -> dict[str, Any]:
         "built_against_torch": meta.get("torch", ""),
         "built_against_cuda": meta.get("torch_cuda", ""),
         "runtime_torch": torch.__version__,
+        "libstdcxx": _libstdcxx(),
         "cuda_available": torch.cuda.is_available(),
     }
 

@@ -140,7 +140,9 @@ def _info(args: argparse.Namespace) -> int:
     from finetune_ext.selfcheck import check_ops
 
     devices = ["cpu", "cuda"] if info["cuda_kernels"] and torch.cuda.is_available() else ["cpu"]
-    failed = 0
+    failed = int(info["libstdcxx"] not in ("dynamic", "not loaded"))
+    if failed:
+        print(f"libstdc++ {info['libstdcxx']}  FAILED")
     for device in devices:
         for op, err, ok in check_ops(torch.device(device)):
             print(f"{device:5s} {op:32s} max |ext - reference| = {err:.3g}  {'ok' if ok else 'FAILED'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import finetune_ext
 def test_build_info_reports_the_build() -> None:
     info = finetune_ext.build_info()
     assert info["extension_loaded"], info["load_error"]
+    assert info["libstdcxx"] == "dynamic"  # a static copy crashes on C++ error messages (the H200 image's compiler)
     assert info["runtime_torch"] == torch.__version__
     assert info["built_against_torch"] == torch.__version__
     assert info["cuda_kernels"] == finetune_ext.has_cuda_kernels()
@@ -23,6 +25,22 @@ def test_build_info_reports_the_build() -> None:
         assert info["cuda_archs"]
     public = {"fisher_dropout", "softmax_ce_hessian_vp", "linchain_compose", "lora_linear", "gaussian_perturb"}
     assert public | {"armijo_moments_", "armijo_update_"} <= set(info["kernels"]["cpu"])
+
+
+def test_linked_libraries_tell_a_static_libstdcxx_apart(tmp_path) -> None:
+    """build_info's libstdc++ check reads the library's DT_NEEDED entries: a copy linked in statically (as the H200
+    image's compiler did, which crashed every error message of ours) leaves libstdc++ out of them."""
+    from finetune_ext._loader import linked_libraries
+
+    gxx = shutil.which("g++") or pytest.skip("no g++ on this machine")
+    src = tmp_path / "x.cpp"
+    src.write_text("#include <sstream>\n#include <string>\nstd::string f(long i) { std::ostringstream s; s << i; "
+                   "return s.str(); }\n")  # fmt: skip
+    for flags, dynamic in (([], True), (["-static-libstdc++"], False)):
+        lib = tmp_path / f"x{len(flags)}.so"
+        subprocess.run([gxx, "-shared", "-fPIC", *flags, str(src), "-o", str(lib)], check=True)
+        assert any(name.startswith("libstdc++.so") for name in linked_libraries(lib)) is dynamic
+    assert linked_libraries(src) == []
 
 
 def test_info_check_runs_every_op_against_its_reference(capsys) -> None:
