@@ -56,11 +56,12 @@ def _chunks(
     memory_budget_mb: float | None,
     run: Callable[[slice], object],
     device,
-    held: int = 0,
+    start: int | None = None,
 ) -> list[slice]:
     """Slices of the m vectors. With a memory budget, one vector is run first (on the CUDA allocator) and
-    the chunk is what the budget leaves after ``held`` (bytes the call already holds: ggn_vp's forward pass),
-    over that vector's peak: conservative, since the chunk shares the forward pass."""
+    the chunk is what the budget leaves, after what the call has allocated since ``start`` (allocator bytes at
+    its start: ggn_vp's forward pass), over that vector's peak: conservative, since the chunk shares the forward
+    pass."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
     if memory_budget_mb is not None:
@@ -73,6 +74,7 @@ def _chunks(
         torch.cuda.reset_peak_memory_stats(device)
         run(slice(0, 1))
         per_vector = max(torch.cuda.max_memory_allocated(device) - base, 1)
+        held = base - start if start is not None else 0
         chunk_size = max(1, min(m, int((memory_budget_mb * 2**20 - held) // per_vector)))
     step = chunk_size or m
     return [slice(i, min(i + step, m)) for i in range(0, m, step)]
@@ -161,5 +163,5 @@ def ggn_vp(
         hjv = softmax_ce_hessian_vp(logits.detach(), jv, labels, ignore_index=ignore_index, scale=scale)
         return pull(hjv.to(logits.dtype))
 
-    held = _allocated(primals[0].device) - start  # the forward's residuals and logits count against the budget
-    return _cat([run(s) for s in _chunks(m, chunk_size, memory_budget_mb, run, primals[0].device, held)])
+    # start: the forward's residuals and logits count against the budget
+    return _cat([run(s) for s in _chunks(m, chunk_size, memory_budget_mb, run, primals[0].device, start)])

@@ -112,8 +112,7 @@ class _Perturbation(Transform):
         if d_A is None or d_B is None:
             return ()
         A, M = _Perturbation.factors(layer)
-        d_A = M @ d_A if M is not None else d_A
-        return stats.gradient_factors(A, layer.lora_B.detach(), d_A, d_B, layer.scale)
+        return stats.gradient_factors(A, layer.lora_B.detach(), d_A, d_B, layer.scale, M)
 
 
 @dataclass
@@ -153,9 +152,8 @@ class _Group:
         if any(g is None for g in grads_A + grads_B):
             return None
         A, M, B = self.factors()
-        d_A = torch.stack(grads_A)
-        d_A = M @ d_A if M is not None else d_A
-        return stats.product_row_norms(*stats.gradient_factors(A, B, d_A, torch.stack(grads_B), self.scale))
+        P_Q = stats.gradient_factors(A, B, torch.stack(grads_A), torch.stack(grads_B), self.scale, M)
+        return stats.product_row_norms(*P_Q)
 
 
 @torch.no_grad()

@@ -49,7 +49,14 @@ def product_norm(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_factors(
-    A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor, scale: float
+    A: torch.Tensor,
+    B: torch.Tensor,
+    grad_A: torch.Tensor,
+    grad_B: torch.Tensor,
+    scale: float,
+    M: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P, Q)`` with ``P Q = scale (grad_B A + B grad_A)``: ``P = scale [grad_B, B]``, ``Q = [A; grad_A]``."""
+    """``(P, Q)`` with ``P Q = scale (grad_B A + B M grad_A)``: ``P = scale [grad_B, B]``, ``Q = [A; M grad_A]``.
+    ``A`` is the effective down-projection (LinChain: ``M A_0``) and ``M`` the chain matrix, ``None`` for LoRA."""
+    grad_A = M @ grad_A if M is not None else grad_A
     return scale * torch.cat([grad_B, B], dim=-1), torch.cat([A, grad_A], dim=-2)
