@@ -23,6 +23,7 @@ log="$OUT/gpu.log"
 export PYTHONUNBUFFERED=1
 failed=0
 BUDGET=${BUDGET:-570}
+[[ $BUDGET =~ ^[0-9]+$ ]] || { echo "gpu_run.sh: BUDGET: expected whole seconds, got '$BUDGET'" >&2; exit 2; }
 RESERVE=10 # seconds kept for packing the results
 
 # phase NAME SECONDS CMD...: run CMD with a time limit (capped by the budget left), output into the log; a failure
