@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,13 @@ class Dist:
             dist.barrier()
 
 
-def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
-    """Join the ``torchrun`` process group if there is one (NCCL on GPUs, gloo on CPU); pick the device."""
+@contextlib.contextmanager
+def process_group(device_arg: str) -> Iterator[tuple[Dist, torch.device]]:
+    """Join the ``torchrun`` process group if there is one (NCCL on GPUs, gloo on CPU); pick the device.
+
+    A group joined here is left again on the way out: one left to interpreter shutdown can abort the process
+    (gloo's worker threads still hold tensors then). A group the caller joined before stays joined.
+    """
     if device_arg not in ("auto", "cpu", "cuda"):
         raise UserError(f"device: expected auto, cpu or cuda, got {device_arg!r}")
     if device_arg == "cuda" and not torch.cuda.is_available():
@@ -40,13 +46,19 @@ def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
     if world == 1:
-        return Dist(), torch.device("cuda" if use_cuda else "cpu")
+        yield Dist(), torch.device("cuda" if use_cuda else "cpu")
+        return
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
+    joined_here = not dist.is_initialized()
+    if joined_here:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local), torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    try:
+        yield Dist(rank, world, local), torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    finally:
+        if joined_here:
+            dist.destroy_process_group()
 
 
 def mean_across_ranks(value: torch.Tensor) -> float:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from finetune_ext.train import checkpoint, registry, rundir
 from finetune_ext.train.data import Splits, Stream, detect_task, load_splits, micro_batches
-from finetune_ext.train.distributed import Dist, Interrupt, init_distributed
+from finetune_ext.train.distributed import Dist, Interrupt, process_group
 from finetune_ext.train.errors import RunWarning, UserError
 from finetune_ext.train.metrics import MetricsLog, evaluate, plot_curves
 from finetune_ext.train.models import check_model_spec, load_model, load_tokenizer, max_positions, param_count
@@ -221,7 +221,11 @@ class _Run:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the summary that is also written to summary.json."""
-    ddp, device = init_distributed(cfg.device)
+    with process_group(cfg.device) as (ddp, device):
+        return _train(cfg, ddp, device)
+
+
+def _train(cfg: TrainConfig, ddp: Dist, device: torch.device) -> dict[str, Any]:
     parts = check_config(cfg, ddp.world)
     out = Path(cfg.output_dir)
     rundir.prepare(out)
