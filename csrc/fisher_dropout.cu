@@ -1,6 +1,6 @@
-// CUDA kernel of finetune_ext::fisher_dropout (_fisher_dropout_kernel). Memory-bound: each thread owns
-// 16 bytes of x (8 bf16/fp16 or 4 fp32 elements), draws one Philox call per 4 elements, and writes y with
-// one vector store. No mask is stored: backward calls the same kernel on the incoming gradient.
+// CUDA kernel of finetune_ext::fisher_dropout (_fisher_dropout_kernel). Each thread owns 8 elements of x (one
+// 16-byte load for bf16/fp16, two for fp32), draws one Philox call for them (16-bit uniforms), and writes y
+// with vector stores. No mask is stored: backward calls the same kernel on the incoming gradient.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,13 +18,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t>
-constexpr int elems_per_thread() {
-  return sizeof(scalar_t) >= 4 ? 4 : 16 / sizeof(scalar_t);
-}
+constexpr int kElems = 8;  // elements per thread: one Philox group
 
+// Loaded and stored as 16-byte vectors (two for fp32, four for fp64): x needs 16-byte alignment, not the Pack's size.
 template <typename scalar_t, int N>
-struct alignas(sizeof(scalar_t) * N) Pack {
+struct alignas(sizeof(scalar_t) * N < 16 ? sizeof(scalar_t) * N : 16) Pack {
   scalar_t v[N];
 };
 
@@ -34,7 +32,7 @@ __global__ void __launch_bounds__(kThreads)
                            const scalar_t* __restrict__ residual, scalar_t* __restrict__ y, int64_t n, int64_t d,
                            uint64_t seed, uint64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int N = elems_per_thread<scalar_t>();
+  constexpr int N = kElems;
   const int64_t chunks = (n + N - 1) / N;
   const float keep0 = kPerFeature ? 0.0f : __ldg(keep);
   const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -52,12 +50,9 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (kResidual) rv = *reinterpret_cast<const Pack<scalar_t, N>*>(residual + base);
     }
     float u[N];
+    const Philox4 r = philox_group(seed, offset, static_cast<uint64_t>(c));
 #pragma unroll
-    for (int j = 0; j < N / 4; ++j) {
-      const Philox4 r = philox_group(seed, offset, static_cast<uint64_t>(base / 4 + j));
-#pragma unroll
-      for (int i = 0; i < 4; ++i) u[4 * j + i] = philox_uniform(r.v[i]);
-    }
+    for (int i = 0; i < N; ++i) u[i] = philox_uniform(r.v[i / 2], i % 2);
     int64_t f = first_f;
     if (kPerFeature) first_f = first_f + step_f < d ? first_f + step_f : first_f + step_f - d;
     if (full) {
@@ -86,8 +81,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, bool kPerFeature, bool kResidual>
 void launch(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n, int64_t d,
             PhiloxSeed s, int sms, cudaStream_t stream) {
-  constexpr int N = elems_per_thread<scalar_t>();
-  constexpr uintptr_t kAlign = sizeof(scalar_t) * N;
+  constexpr int N = kElems;
+  constexpr uintptr_t kAlign = alignof(Pack<scalar_t, N>);
   const bool aligned = reinterpret_cast<uintptr_t>(x) % kAlign == 0 && reinterpret_cast<uintptr_t>(y) % kAlign == 0 &&
                        (!kResidual || reinterpret_cast<uintptr_t>(residual) % kAlign == 0);
   const int64_t chunks = (n + N - 1) / N;

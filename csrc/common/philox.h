@@ -58,7 +58,11 @@ FTX_HOST_DEVICE Philox4 philox_group(uint64_t seed, uint64_t offset, uint64_t gr
                        static_cast<uint32_t>(seed >> 32));
 }
 
-// Top 24 bits as a float in [0, 1): exact in float32, so every backend compares the same number.
-FTX_HOST_DEVICE float philox_uniform(uint32_t word) { return static_cast<float>(word >> 8) * (1.0f / 16777216.0f); }
+// Half `half` (0: low, 1: high) of a word as a float in [0, 1) in steps of 2^-16: exact in float32, so every
+// backend compares the same number. Two uniforms per word halve the Philox work of dropout, whose kernels are
+// bound by it; a keep probability is resolved to 2^-16 (FlashAttention's dropout compares 8 bits).
+FTX_HOST_DEVICE float philox_uniform(uint32_t word, int half) {
+  return static_cast<float>((word >> (16 * half)) & 0xFFFFu) * (1.0f / 65536.0f);
+}
 
 }  // namespace finetune_ext

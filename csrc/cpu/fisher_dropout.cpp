@@ -1,4 +1,4 @@
-// CPU kernel of finetune_ext::fisher_dropout: one Philox call per group of four elements, groups split
+// CPU kernel of finetune_ext::fisher_dropout: one Philox call per group of eight elements, groups split
 // across threads with at::parallel_for. Masks are bit-identical to the CUDA kernel and to
 // finetune_ext/reference/fisher_dropout.py for the same (seed, offset).
 #include "../fisher_dropout.h"
@@ -8,12 +8,16 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <bit>
 #include <cmath>
+#include <cstring>
 
 #include "philox_block.h"
 
 namespace finetune_ext {
 namespace {
+
+static_assert(std::endian::native == std::endian::little, "fisher_dropout_cpu reads a word's 16-bit halves in place");
 
 // Elements [0, run) of one stretch that does not cross a feature row: keep[k] per element (per_feature) or
 // keep[0]. Branch-free, so the compiler vectorises it; compiled for AVX-512, AVX2 and the baseline.
@@ -32,16 +36,18 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void dropout_run(co
 template <typename scalar_t, bool per_feature, bool with_residual>
 void fisher_dropout_cpu_impl(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n,
                              int64_t d, PhiloxSeed s) {
-  constexpr int64_t kElems = 4 * kPhiloxBlock;
+  constexpr int64_t kElems = 8 * kPhiloxBlock;
   const int64_t blocks = (n + kElems - 1) / kElems;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    uint32_t words[kElems];
+    uint32_t words[kElems / 2];
+    uint16_t halves[kElems];
     float u[kElems];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * kElems;
       const int64_t count = std::min<int64_t>(kElems, n - first);
-      philox_block(s.seed, s.offset, b * kPhiloxBlock, (count + 3) / 4, words);
-      for (int64_t i = 0; i < count; ++i) u[i] = philox_uniform(words[i]);
+      philox_block(s.seed, s.offset, b * kPhiloxBlock, (count + 7) / 8, words);
+      std::memcpy(halves, words, sizeof(halves));  // half i % 2 of word i / 2 (little-endian), as philox_uniform
+      for (int64_t i = 0; i < count; ++i) u[i] = static_cast<float>(halves[i]) * (1.0f / 65536.0f);
       for (int64_t e = 0; e < count;) {
         const int64_t f = per_feature ? (first + e) % d : 0;
         const int64_t run = per_feature ? std::min<int64_t>(count - e, d - f) : count - e;

@@ -38,12 +38,14 @@ def philox4x32_10(counter: tuple[torch.Tensor, ...], key: tuple[int, int]) -> to
 
 
 def philox_uniform(numel: int, seed: int, offset: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``numel`` float32 uniforms in [0, 1), element i from word i % 4 of group i // 4.
+    """``numel`` float32 uniforms in [0, 1) in steps of 2^-16: element i is 16-bit half i % 8 of group i // 8
+    (word (i % 8) // 2, its low half for even i, its high half for odd i).
 
     Group g uses counter ``(g, offset)`` and key ``seed`` (each split into 32-bit halves), as the kernels do.
     """
-    groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    groups = torch.arange((numel + 7) // 8, dtype=torch.int64, device=device)
     full = lambda v: torch.full_like(groups, v)  # noqa: E731
     counter = (groups & _MASK32, groups >> 32, full(offset & _MASK32), full((offset >> 32) & _MASK32))
-    words = philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32)).reshape(-1)[:numel]
-    return (words >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    words = philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32)).reshape(-1)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1).reshape(-1)[:numel]
+    return halves.to(torch.float32) * (1.0 / 65536.0)

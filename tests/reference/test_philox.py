@@ -26,12 +26,14 @@ def test_known_answers(counter, key, expected) -> None:
 
 def test_uniform_layout_and_range() -> None:
     seed, offset = (7 << 32) | 3, (5 << 32) | 11
-    u = philox_uniform(10, seed, offset)
-    # Element i is word i % 4 of group i // 4, with counter (group, offset) and key seed.
+    u = philox_uniform(20, seed, offset)
+    # Element i is half i % 8 of group i // 8 (low half of a word first), counter (group, offset), key seed.
     groups = torch.arange(3)
     counter = (groups, torch.zeros(3, dtype=torch.int64), torch.full((3,), 11), torch.full((3,), 5))
-    words = philox4x32_10(counter, (3, 7)).reshape(-1)[:10]
-    assert torch.equal(u, (words >> 8).float() / 2**24)
+    words = [int(w) for w in philox4x32_10(counter, (3, 7)).reshape(-1)]
+    halves = [h for w in words for h in (w & 0xFFFF, w >> 16)][:20]
+    assert u.tolist() == [h / 2**16 for h in halves]
     big = philox_uniform(1 << 16, seed=1, offset=0)
     assert big.dtype == torch.float32 and big.min() >= 0.0 and big.max() < 1.0
     assert abs(big.mean().item() - 0.5) < 4 * (1 / 12) ** 0.5 / 256  # 4 sigma of the mean of 65536 draws
+    assert len(torch.unique(big)) > 40000  # all 16 bits are used: 65536 draws of 65536 values give ~41400
