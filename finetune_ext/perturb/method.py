@@ -143,8 +143,8 @@ class _Group:
         """``||W'_i||`` of every row of ``W' = W + s B A'``, ``[L, out]``."""
         A, _, B = self.factors()
         A_low = A.to(self.weights[0].dtype)  # one cast for the group, not one per layer
-        WA = torch.stack([stats.weight_product(W, a) for W, a in zip(self.weights, A_low, strict=True)])
-        return stats.merged_row_norms(self.w_sq, WA, A, B, self.scale)
+        AW = torch.stack([stats.weight_product(W, a) for W, a in zip(self.weights, A_low, strict=True)])
+        return stats.merged_row_norms(self.w_sq, AW, A, B, self.scale)
 
     def grad_norms(self) -> torch.Tensor | None:
         """``||G_i||`` of the gradient proxy of the last backward, ``[L, out]``; ``None`` while a layer has none."""

@@ -4,11 +4,11 @@ For ``W' = W + s B A`` (LinChain: ``A`` is the chain's ``M A``), row ``i``:
 
     ||W'_i||^2 = ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T
 
-from the cached ``||W_i||^2``, the ``[out, r]`` product ``W A^T`` and the ``r x r`` Gram of ``A``. The gradient
-proxy of LoRA-GGPO and MGPO, ``G = s (grad_B A + B grad_A)``, is the product ``P Q`` of ``P = s [grad_B, B]``
-``[out, 2r]`` and ``Q = [A; grad_A]`` ``[2r, in]``, so ``||G_i||^2 = P_i (Q Q^T) P_i^T`` from the ``2r x 2r``
-Gram of ``Q``. Everything but ``W A^T`` costs ``O((in + out) r^2)``; ``W A^T`` is one ``[out, in] x [in, r]``
-product, the cost of a forward pass over ``r`` tokens. Results are float64.
+from the cached ``||W_i||^2``, the ``[out, r]`` product ``W A^T`` (computed as ``A W^T``) and the ``r x r`` Gram
+of ``A``. The gradient proxy of LoRA-GGPO and MGPO, ``G = s (grad_B A + B grad_A)``, is the product ``P Q`` of
+``P = s [grad_B, B]`` ``[out, 2r]`` and ``Q = [A; grad_A]`` ``[2r, in]``, so ``||G_i||^2 = P_i (Q Q^T) P_i^T``
+from the ``2r x 2r`` Gram of ``Q``. Everything but ``W A^T`` costs ``O((in + out) r^2)``; ``W A^T`` is one
+``[out, in] x [in, r]`` product, the cost of a forward pass over ``r`` tokens. Results are float64.
 """
 
 from __future__ import annotations
@@ -22,18 +22,20 @@ def row_sq_norms(W: torch.Tensor) -> torch.Tensor:
 
 
 def weight_product(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``W A^T`` ``[out, r]`` in ``W``'s dtype: the one product of a row-norm update that touches ``W``."""
-    # (A W^T)^T, not W A^T: for a transposed view (GPT-2's Conv1D) MKL takes 5-15x longer on W A^T on CPU.
-    return (A.to(W.dtype) @ W.t()).t()
+    """``A W^T`` ``[r, out]`` in ``W``'s dtype: the one product of a row-norm update that touches ``W``.
+
+    Transposed (``(W A^T)^T``): for a transposed view ``W`` (GPT-2's Conv1D) MKL takes 5-15x longer on ``W A^T``
+    on CPU. One ``mm`` a layer: on a GPU the statistics' step cost is the host's, one call at a time."""
+    return torch.mm(A if A.dtype == W.dtype else A.to(W.dtype), W.t())
 
 
 def merged_row_norms(
-    w_sq: torch.Tensor, WA: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+    w_sq: torch.Tensor, AW: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """``||(W + scale B A)_i||`` for every row ``i``, from ``w_sq = row_sq_norms(W)`` and ``WA = weight_product(W,
+    """``||(W + scale B A)_i||`` for every row ``i``, from ``w_sq = row_sq_norms(W)`` and ``AW = weight_product(W,
     A)``. Every argument may carry a leading layer dimension (layers of one shape, stacked)."""
     A64, B64 = A.double(), B.double()
-    inner = 2.0 * WA.double() + scale * (B64 @ (A64 @ A64.mT))  # ||W'_i||^2 = ||W_i||^2 + s <B_i, inner_i>
+    inner = 2.0 * AW.mT.double() + scale * (B64 @ (A64 @ A64.mT))  # ||W'_i||^2 = ||W_i||^2 + s <B_i, inner_i>
     return (w_sq + scale * (B64 * inner).sum(-1)).clamp_min(0.0).sqrt()
 
 
