@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,8 +30,6 @@ def _join_and_leave(rank: int, port: int, joined_before: bool, results) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
