@@ -279,11 +279,10 @@ class MGPO(_Perturbation):
             if not P_Q:
                 continue
             norm = stats.product_norm(*P_Q)
-            if not bool(norm > 1e-12):
-                continue
             gbar = self.ema.get(name)
             adaptive = 1.0 if gbar is None else torch.clamp(1.0 / (gbar + 1e-12), max=10.0)
-            coef = -o.rho * self.ramp(step) * adaptive / (norm + 1e-12)
+            # A vanishing momentum shifts by zero, decided on the device: bool(norm > 0) would wait for it, per layer.
+            coef = torch.where(norm > 1e-12, -o.rho * self.ramp(step) * adaptive / (norm + 1e-12), 0.0)
             P, Q = P_Q
             layer.shift = ((P.double() * coef).to(P.dtype), Q)
 

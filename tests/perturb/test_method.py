@@ -154,6 +154,23 @@ def test_mgpo_shifts_against_the_momentum(chain) -> None:
     torch.testing.assert_close(layer(x), dense, **tolerance(torch.float64))
 
 
+def test_mgpo_vanishing_momentum_shifts_by_zero() -> None:
+    model, layers = _adapted(torch.float64)
+    t = MGPO(MGPOOptions(rho=0.05))
+    stepper = _train(model, t, 2)
+    for layer in layers.values():
+        for p in (layer.lora_A, layer.lora_B):
+            stepper.optimizer.state[p]["exp_avg"].zero_()
+    t.before_step(2, stepper)
+    for layer in layers.values():
+        P, _ = layer.shift
+        assert not P.any()
+        x = torch.randn(5, layer.base_weight().shape[1], dtype=torch.float64)
+        shifted = layer(x)
+        layer.shift = None
+        assert torch.equal(layer(x), shifted)
+
+
 def test_mgpo_first_step_has_no_shift() -> None:
     model, layers = _adapted()
     t = MGPO()
