@@ -14,7 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from finetune_ext.bench.ggpo_step import cases
+from finetune_ext.bench.ggpo_step import PROVIDERS, cases
 
 
 def _sync(device: torch.device) -> None:
@@ -25,10 +25,15 @@ def _sync(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--providers", nargs="+", default=["lora", "ggpo"])
+    parser.add_argument("--providers", nargs="+", default=["lora", "ggpo"], choices=list(PROVIDERS))
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per provider (after 2 warm-up steps)")
     parser.add_argument("--top", type=int, default=12, help="operators listed per table")
     args = parser.parse_args()
+    for name in ("steps", "top"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: cuda requested but no CUDA device is available")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

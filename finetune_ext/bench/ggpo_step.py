@@ -95,6 +95,15 @@ def _step_fn(model, batch, transform, naive: NaiveGGPO | None, autocast: Callabl
     return step
 
 
+# provider -> (the transform, the naive in-place version) for a model's adapted layers
+PROVIDERS: dict[str, Callable[[dict[str, LinChainLinear]], tuple]] = {
+    "lora": lambda layers: (None, None),
+    "ggpo": lambda layers: (GGPO(GGPOOptions()), None),
+    "flat-lora": lambda layers: (FlatLoRA(FlatLoRAOptions()), None),
+    "naive": lambda layers: (None, NaiveGGPO(layers)),
+}
+
+
 def cases(
     device: torch.device,
     dtype: torch.dtype,
@@ -111,15 +120,9 @@ def cases(
     batch = {"input_ids": ids, "labels": ids}
     low = dtype if dtype != torch.float32 else None
     autocast = lambda: torch.autocast(device.type, dtype=low, enabled=low is not None)  # noqa: E731
-    builders = {
-        "lora": lambda layers: (None, None),
-        "ggpo": lambda layers: (GGPO(GGPOOptions()), None),
-        "flat-lora": lambda layers: (FlatLoRA(FlatLoRAOptions()), None),
-        "naive": lambda layers: (None, NaiveGGPO(layers)),
-    }
-    for name in select_providers(builders, providers):
+    for name in select_providers(PROVIDERS, providers):
         model, layers = adapted_gpt2(config, device)
-        transform, naive = builders[name](layers)
+        transform, naive = PROVIDERS[name](layers)
         fn = _step_fn(model, batch, transform, naive, autocast)
         yield Case("ggpo_step", "train-step", name, tuple(ids.shape), dtype, device, 0, fn)
         del model, layers, fn

@@ -281,7 +281,7 @@ class MGPO(_Perturbation):
             norm = stats.product_norm(*P_Q)
             gbar = self.ema.get(name)
             adaptive = 1.0 if gbar is None else torch.clamp(1.0 / (gbar + 1e-12), max=10.0)
-            # A vanishing momentum shifts by zero, decided on the device: bool(norm > 0) would wait for it, per layer.
+            # A vanishing momentum shifts by zero, decided on the device (bool(norm > 1e-12) would wait, per layer).
             coef = torch.where(norm > 1e-12, -o.rho * self.ramp(step) * adaptive / (norm + 1e-12), 0.0)
             P, Q = P_Q
             layer.shift = ((P.double() * coef).to(P.dtype), Q)
