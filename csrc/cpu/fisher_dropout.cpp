@@ -8,7 +8,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <bit>
 #include <cmath>
 #include <cstring>
 
@@ -17,7 +16,8 @@
 namespace finetune_ext {
 namespace {
 
-static_assert(std::endian::native == std::endian::little, "fisher_dropout_cpu reads a word's 16-bit halves in place");
+// GCC and Clang macros rather than C++20 std::endian: torch builds extensions as C++17 in some releases.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "fisher_dropout_cpu reads a word's 16-bit halves in place");
 
 // Elements [0, run) of one stretch that does not cross a feature row: keep[k] per element (per_feature) or
 // keep[0]. Branch-free, so the compiler vectorises it; compiled for AVX-512, AVX2 and the baseline.
