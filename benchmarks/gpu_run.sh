@@ -11,6 +11,10 @@
 #   device run:  OUT=$OUT bash benchmarks/gpu_run.sh        (carry .whl: `make gpu-wheels` prepares it here)
 #   dry run:     DRY_RUN=1 bash benchmarks/gpu_run.sh       (on a CPU machine: checks every command and option
 #                                                           it would call, without a GPU; part of `make test`)
+#   short call:  OPS="fisher_dropout softmax_ce_hessian_vp" BUDGET=240 OUT=$OUT bash benchmarks/gpu_run.sh
+#                (only those benchmarks, in that order; for the device time a session has left)
+# When the build fails or its kernels do not load, the call stops there: timing the references would spend the
+# device time on nothing (run 4 on the H200 did).
 # Nothing built here loads there (other Python, other torch): the build runs on the GPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,9 +69,28 @@ for dev in sys.argv[1:]:
         except RuntimeError as err:
             print(dev, name, "raised:", str(err).splitlines()[0], flush=True)'
 for op in "${ops[@]}"; do [ -n "${op_limit[$op]:-}" ] || { echo "gpu_run.sh: no time limit for $op" >&2; exit 2; }; done
+if [ -n "${OPS:-}" ]; then
+  read -ra ops <<<"$OPS"
+  for op in "${ops[@]}"; do
+    [ -n "${op_limit[$op]:-}" ] || { echo "gpu_run.sh: OPS: unknown op '$op'; expected some of: ${!op_limit[*]}" >&2; exit 2; }
+  done
+fi
+# The extension loaded with kernels for the device (cpu in the dry run, cuda on the GPU), or exit 1.
+loaded='import sys, finetune_ext
+info = finetune_ext.build_info()
+print(info)
+sys.exit(0 if info["extension_loaded"] and info["kernels"].get(sys.argv[1]) else f"no kernels for {sys.argv[1]} loaded")'
+# stop_unless_loaded DEVICE: end the call when the previous phase failed or the kernels for DEVICE did not load.
+stop_unless_loaded() {
+  phase "kernels loaded" 60 "$PY" -c "$loaded" "$1"
+  if [ "$failed" != 0 ]; then
+    echo "== stopping: the build failed or its kernels did not load (see above)" | tee -a "$log"
+    exit 1
+  fi
+}
 bench_args=(bench --device cuda --out "$OUT/bench" --device-csv "$OUT")
 if [ "$DRY_RUN" = 1 ]; then
-  phase "build (dry run: the package imports)" 120 "$PY" -c "import finetune_ext; print(finetune_ext.build_info())"
+  stop_unless_loaded cpu
   phase "C++ errors raise (dry run: CPU only)" 60 "$PY" -c "$probe" cpu
   phase "cuda tests (dry run: collected)" 300 "$PY" -m pytest -m cuda --collect-only -q -p no:cacheprovider
   phase "benchmarks (dry run: options checked)" 120 "$PY" -m finetune_ext.cli "${bench_args[@]}" --ops "${ops[@]}" --dry-run
@@ -87,7 +110,7 @@ arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}  # this GPU only: a fraction of the default's build time
 nvidia-smi | tee -a "$log"
 phase build 240 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-phase info 60 "$PY" -m finetune_ext.cli info
+stop_unless_loaded cuda
 phase "C++ errors raise" 60 "$PY" -c "$probe" cpu cuda
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 1)  # a crash fails its test and the worker is replaced

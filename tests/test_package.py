@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import finetune_ext
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_build_info_reports_the_build() -> None:
@@ -140,3 +144,24 @@ def test_a_gpu_without_a_kernel_image_falls_back_to_the_reference(monkeypatch) -
         assert use_kernel("fisher_dropout", "auto", torch.device("cuda:1"))  # an L4 beside it: sm_80 cubins
     finally:
         _devices._cuda_supported.cache_clear()
+
+
+# Headers and names of C++20 that C++17 lacks. Our sources compile as the C++ standard the running torch builds
+# extensions with: C++20 here, C++17 with torch 2.11 on the H200 (its run 4 failed to build on std::endian).
+CXX20_ONLY = re.compile(
+    r"#include <(bit|span|concepts|ranges|format|numbers|compare|source_location|version)>"
+    r"|std::(endian|bit_cast|span|popcount|countl_zero|countr_zero|has_single_bit|ssize|midpoint|lerp|format)\b"
+    r"|\b(consteval|constinit|co_await|co_yield|co_return|char8_t)\b|<=>|\.(starts_with|ends_with|contains)\("
+)
+
+
+def test_csrc_uses_no_cxx20_only_features() -> None:
+    sources = sorted((ROOT / "csrc").rglob("*.[ch]*"))
+    assert len(sources) >= 20
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sources
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if CXX20_ONLY.search(line)
+    ]
+    assert not found, "\n".join(found)

@@ -16,7 +16,7 @@
 namespace finetune_ext {
 namespace {
 
-// GCC and Clang macros rather than C++20 std::endian: torch builds extensions as C++17 in some releases.
+// GCC and Clang macros: some torch releases build extensions as C++17, whose library has no endianness test.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "fisher_dropout_cpu reads a word's 16-bit halves in place");
 
 // Elements [0, run) of one stretch that does not cross a feature row: keep[k] per element (per_feature) or

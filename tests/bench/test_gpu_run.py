@@ -11,10 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_gpu_run_dry_run_passes(tmp_path) -> None:
-    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_run.sh")], env=env, capture_output=True, text=True,
+def _dry_run(out: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(["bash", str(ROOT / "benchmarks/gpu_run.sh")], env=env, capture_output=True, text=True,
                           timeout=600, check=False)  # fmt: skip
+
+
+def test_gpu_run_dry_run_passes(tmp_path) -> None:
+    done = _dry_run(tmp_path)
     log = (tmp_path / "gpu.log").read_text()
     assert done.returncode == 0, log[-3000:]
     assert log.count("== ") == 5 and ": exit" not in log
@@ -26,3 +30,18 @@ def test_gpu_run_dry_run_passes(tmp_path) -> None:
     assert "collected" in log  # pytest: the cuda tests collect
     assert "### lora: " in log and "### ggpo: " in log and "Self CPU" in log  # the profile of a step
     assert "cpu torch raised:" in log and "cpu finetune_ext raised: armijo_moments_: block_of[0] = 5" in log
+
+
+def test_gpu_run_stops_when_the_kernels_do_not_load(tmp_path) -> None:
+    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["finetune_ext._C"] = None\n')
+    done = _dry_run(tmp_path, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    log = (tmp_path / "gpu.log").read_text()
+    assert done.returncode == 1, log[-3000:]
+    assert "no kernels for cpu loaded" in log and "== stopping: the build failed" in log
+    assert "cuda tests" not in log and "benchmarks" not in log  # nothing after the build ran
+
+
+def test_gpu_run_rejects_an_unknown_op(tmp_path) -> None:
+    done = _dry_run(tmp_path, OPS="fisher_dropout fisher_dropuot")
+    assert done.returncode == 2
+    assert "OPS: unknown op 'fisher_dropuot'; expected some of:" in done.stderr and "lora_linear" in done.stderr
