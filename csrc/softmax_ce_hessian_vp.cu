@@ -3,7 +3,9 @@
 // p.v for all of them and one pass that writes p * (v - p.v). When the row's probabilities fit in the
 // device's shared memory (kCached: a 50257-word fp32 row needs 196 KiB, which H100/H200/B200 have, A100 not)
 // the logits are read once and the probabilities kept there; otherwise they are recomputed from the logits
-// in each pass. When there are fewer rows than multiprocessors, each row is cut into slices of one block each
+// in each pass. With 16-bit vectors and the probabilities cached, each vector's row is read once and kept in
+// registers between its two passes (_softmax_ce_hessian_vp_resident_kernel). When there are fewer rows than
+// multiprocessors, each row is cut into slices of one block each
 // (_softmax_ce_hessian_vp_split_kernel): a first kernel writes each slice's max, sum of exp and unnormalised dots,
 // a second combines the slices of its row and writes its slice of the output.
 #include <ATen/Dispatch.h>
@@ -38,6 +40,8 @@ constexpr int kUnroll = 8;
 // The one-block-per-row kernel's block: the cached variant's 196 KiB leave room for one block per multiprocessor,
 // so the block is as large as CUDA allows (the H200 ran 512 threads at 0.6x torch.compile: still latency-bound).
 constexpr int kRowThreads = 1024;
+// The resident kernel's elements of a row per thread: 32 registers, and rows up to 65536 wide (GPT-2's 50257).
+constexpr int kResident = 52;
 constexpr int kSlice = 4096;  // the longest slice of a split row: its exp values fit in static shared memory
 
 template <typename T>
@@ -66,28 +70,23 @@ __device__ T block_reduce(T v, bool is_max, T* smem) {
   return smem[0];
 }
 
-template <typename logit_t, typename vec_t, bool kCached>
-__global__ void __launch_bounds__(kRowThreads)
-    _softmax_ce_hessian_vp_kernel(const logit_t* __restrict__ z, const vec_t* __restrict__ v,
-                                  const int64_t* __restrict__ labels, int64_t ignore_index,
-                                  const void* __restrict__ scale, vec_t* __restrict__ out, int64_t m, int64_t n,
-                                  int64_t c) {
-  using acc_t = acc_type<vec_t>;
+// out[k][row] = 0 for every vector k: the row's label is ignore_index.
+template <typename vec_t>
+__device__ void zero_row(vec_t* __restrict__ out, int64_t row, int64_t m, int64_t n, int64_t c) {
+  for (int64_t k = 0; k < m; ++k) {
+    for (int64_t j = threadIdx.x; j < c; j += blockDim.x) out[(k * n + row) * c + j] = vec_t(0);
+  }
+}
+
+// The row's softmax by one block of kRowThreads: an online max/sum pass over the logits, then the block's max and
+// 1 / sum into gmax and inv. kCached: cache[j] = p_j as well. Thread t handles the elements j = t (mod
+// kRowThreads) here and in every loop of the callers, so it reads back from the cache only entries it wrote itself:
+// no barrier needed.
+template <typename logit_t, typename acc_t, bool kCached>
+__device__ void row_softmax(const logit_t* __restrict__ zr, int64_t c, acc_t* cache, acc_t* smem, acc_t& gmax,
+                            acc_t& inv) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   constexpr int64_t kRound = kUnroll * kRowThreads;  // elements of a row one round of the block covers
-  __shared__ acc_t smem[32];
-  extern __shared__ __align__(16) unsigned char cache_bytes[];  // kCached: the row, then its probabilities (c values)
-  acc_t* cache = reinterpret_cast<acc_t*>(cache_bytes);
-  const int64_t row = blockIdx.x;
-  if (labels != nullptr && labels[row] == ignore_index) {
-    for (int64_t k = 0; k < m; ++k) {
-      for (int64_t j = threadIdx.x; j < c; j += kRowThreads) out[(k * n + row) * c + j] = vec_t(0);
-    }
-    return;
-  }
-  // Every loop below gives thread t the elements j = t (mod kRowThreads), so a thread reads back from the cache only
-  // entries it wrote itself: no barrier needed.
-  const logit_t* zr = z + row * c;
   acc_t tmax = kNegInf, tsum = 0;
   for (int64_t j0 = threadIdx.x; j0 < c; j0 += kRound) {
     acc_t x[kUnroll];
@@ -111,13 +110,31 @@ __global__ void __launch_bounds__(kRowThreads)
       }
     }
   }
-  const acc_t gmax = block_reduce(tmax, true, smem);
+  gmax = block_reduce(tmax, true, smem);
   tsum = tmax == kNegInf ? acc_t(0) : tsum * exp(tmax - gmax);
-  const acc_t inv = acc_t(1) / block_reduce(tsum, false, smem);
-  const acc_t s = scale != nullptr ? *static_cast<const acc_t*>(scale) : acc_t(1);
+  inv = acc_t(1) / block_reduce(tsum, false, smem);
   if constexpr (kCached) {
     for (int64_t j = threadIdx.x; j < c; j += kRowThreads) cache[j] = exp(cache[j] - gmax) * inv;
   }
+}
+
+template <typename logit_t, typename vec_t, bool kCached>
+__global__ void __launch_bounds__(kRowThreads)
+    _softmax_ce_hessian_vp_kernel(const logit_t* __restrict__ z, const vec_t* __restrict__ v,
+                                  const int64_t* __restrict__ labels, int64_t ignore_index,
+                                  const void* __restrict__ scale, vec_t* __restrict__ out, int64_t m, int64_t n,
+                                  int64_t c) {
+  using acc_t = acc_type<vec_t>;
+  constexpr int64_t kRound = kUnroll * kRowThreads;
+  __shared__ acc_t smem[32];
+  extern __shared__ __align__(16) unsigned char cache_bytes[];  // kCached: the row, then its probabilities (c values)
+  acc_t* cache = reinterpret_cast<acc_t*>(cache_bytes);
+  const int64_t row = blockIdx.x;
+  if (labels != nullptr && labels[row] == ignore_index) return zero_row(out, row, m, n, c);
+  const logit_t* zr = z + row * c;
+  acc_t gmax, inv;
+  row_softmax<logit_t, acc_t, kCached>(zr, c, cache, smem, gmax, inv);
+  const acc_t s = scale != nullptr ? *static_cast<const acc_t*>(scale) : acc_t(1);
   const auto prob = [&](int64_t j) -> acc_t {
     if constexpr (kCached) return cache[j];
     return exp(static_cast<acc_t>(zr[j]) - gmax) * inv;
@@ -165,6 +182,61 @@ __global__ void __launch_bounds__(kRowThreads)
         for (int i = 0; i < kRowChunk; ++i) {
           if (i < kk && j < c) outr[i * stride + j] = static_cast<vec_t>(p[u] * (x[i][u] - d[i]) * s);
         }
+      }
+    }
+  }
+}
+
+// The cached kernel for 16-bit vectors, reading each vector's row once: thread t keeps its elements j = t (mod
+// kRowThreads) of the row, kResident at most, in registers (two 16-bit values a register) from the dot product's
+// pass to the output's, instead of reading the row again. Every load of a row is issued before the first product.
+template <typename logit_t, typename vec_t>
+__global__ void __launch_bounds__(kRowThreads)
+    _softmax_ce_hessian_vp_resident_kernel(const logit_t* __restrict__ z, const vec_t* __restrict__ v,
+                                           const int64_t* __restrict__ labels, int64_t ignore_index,
+                                           const float* __restrict__ scale, vec_t* __restrict__ out, int64_t m,
+                                           int64_t n, int64_t c) {
+  static_assert(sizeof(vec_t) == 2, "two values a register");
+  constexpr int kPairs = kResident / 2;
+  __shared__ float smem[32];
+  extern __shared__ __align__(16) unsigned char cache_bytes[];  // the row's probabilities (c values)
+  float* p = reinterpret_cast<float*>(cache_bytes);
+  const int64_t row = blockIdx.x;
+  if (labels != nullptr && labels[row] == ignore_index) return zero_row(out, row, m, n, c);
+  float gmax, inv;
+  row_softmax<logit_t, float, true>(z + row * c, c, p, smem, gmax, inv);
+  const float s = scale != nullptr ? *scale : 1.0f;
+  // Element h of pair i: j = threadIdx.x + (2 i + h) kRowThreads, in 32 bits (c <= kResident * kRowThreads).
+  const int width = static_cast<int>(c);
+  const auto index = [](int i, int h) -> int { return static_cast<int>(threadIdx.x) + (2 * i + h) * kRowThreads; };
+  const auto value = [](uint32_t pair, int h) -> float {
+    return static_cast<float>(vec_t(static_cast<uint16_t>(h ? pair >> 16 : pair & 0xffffu), vec_t::from_bits()));
+  };
+  for (int64_t k = 0; k < m; ++k) {
+    const uint16_t* vr = reinterpret_cast<const uint16_t*>(v + (k * n + row) * c);
+    vec_t* outr = out + (k * n + row) * c;
+    uint32_t w[kPairs];
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      const uint32_t lo = index(i, 0) < width ? vr[index(i, 0)] : 0u;
+      const uint32_t hi = index(i, 1) < width ? vr[index(i, 1)] : 0u;
+      w[i] = lo | hi << 16;
+    }
+    float d = 0;
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (index(i, h) < width) d += p[index(i, h)] * value(w[i], h);
+      }
+    }
+    d = block_reduce(d, false, smem);
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = index(i, h);
+        if (j < width) outr[j] = static_cast<vec_t>(p[j] * (value(w[i], h) - d) * s);
       }
     }
   }
@@ -276,6 +348,17 @@ int64_t split_slice(int64_t n, int64_t c, int device) {
   return slice < c ? slice : 0;
 }
 
+constexpr size_t kStaticBytes = 1024;  // the row kernels' own shared arrays, with room to spare
+
+// Lets kernel take `bytes` of dynamic shared memory when, with its static arrays, that is more than the default
+// 48 KiB.
+template <typename Kernel>
+void opt_in_shared_memory(Kernel kernel, size_t bytes) {
+  if (bytes + kStaticBytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
 // Split rows when there are few, else the cached kernel when a row of probabilities fits in the shared memory a
 // block may opt into, else the recomputing one.
 template <typename logit_t, typename vec_t>
@@ -295,15 +378,19 @@ void launch(const logit_t* z, const vec_t* v, const int64_t* labels, int64_t ign
         <<<grid, kThreads, 0, stream>>>(z, v, labels, ignore_index, wp, scale, out, m, n, c, slice);
     return;
   }
-  constexpr size_t kStaticBytes = 1024;  // the kernel's own shared arrays, with room to spare
-  constexpr size_t kDefaultBytes = 48 * 1024;
   const size_t bytes = static_cast<size_t>(c) * sizeof(acc_t);
   if (bytes + kStaticBytes <= static_cast<size_t>(shared_memory_per_block_optin(device))) {
-    const auto kernel = _softmax_ce_hessian_vp_kernel<logit_t, vec_t, true>;
-    if (bytes + kStaticBytes > kDefaultBytes) {
-      C10_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    if constexpr (sizeof(vec_t) == 2) {
+      if (c <= int64_t{kResident} * kRowThreads) {
+        const auto kernel = _softmax_ce_hessian_vp_resident_kernel<logit_t, vec_t>;
+        opt_in_shared_memory(kernel, bytes);
+        kernel<<<n, kRowThreads, bytes, stream>>>(z, v, labels, ignore_index, static_cast<const float*>(scale), out, m,
+                                                  n, c);
+        return;
+      }
     }
+    const auto kernel = _softmax_ce_hessian_vp_kernel<logit_t, vec_t, true>;
+    opt_in_shared_memory(kernel, bytes);
     kernel<<<n, kRowThreads, bytes, stream>>>(z, v, labels, ignore_index, scale, out, m, n, c);
   } else {
     _softmax_ce_hessian_vp_kernel<logit_t, vec_t, false>

@@ -52,6 +52,28 @@ def test_matches_reference(device, dtype, m, lead, c) -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("logit_dtype", "dtype"),
+    [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
+     (torch.float32, torch.float32)],
+)  # fmt: skip
+def test_gpt2_vocabulary_one_block_per_row(logit_dtype, dtype) -> None:
+    """One block per row with the probabilities in shared memory, at GPT-2's vocabulary: 16-bit vectors are kept in
+    registers between their two passes (the resident kernel), 32-bit ones read twice."""
+    rows = torch.cuda.get_device_properties(0).multi_processor_count
+    logits, V, labels = _inputs("cuda", dtype, m=3, lead=(rows,), c=50257)
+    logits = logits.to(logit_dtype)
+    logits[1, :30000] = float("-inf")
+    logits[2, 1::7] = -1e30
+    for lab in (None, labels):
+        out = ops.softmax_ce_hessian_vp(logits, V, lab, backend="ext")
+        exact = reference.softmax_ce_hessian_vp(logits.double(), V.double(), lab)
+        assert_within_2x_reference(out, reference.softmax_ce_hessian_vp(logits, V, lab), exact)
+    ignored = (labels == -100).unsqueeze(0).unsqueeze(-1).expand_as(V)
+    assert ignored.any() and (ops.softmax_ce_hessian_vp(logits, V, labels, backend="ext")[ignored] == 0).all()
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rows_wider_than_shared_memory_on_every_multiprocessor(dtype) -> None:
     """The kernel that recomputes probabilities from the logits: one block per row (as many rows as the GPU has
