@@ -9,6 +9,7 @@ missing. Autograd is registered next to each public function in ``finetune_ext/o
 
 from __future__ import annotations
 
+from array import array
 from typing import Literal
 
 import torch
@@ -25,12 +26,15 @@ def philox_key(seed: int | None, offset: int, generator: torch.Generator | None)
     from ``generator`` (default: the CPU default generator)."""
     if not 0 <= offset <= _SEED_MAX:
         raise ValueError(f"offset: expected an integer in [0, 2**63), got {offset}")
-    if seed is None:
-        drawn = torch.randint(0, _SEED_MAX, (1,), dtype=torch.int64, generator=generator)
-        return torch.cat([drawn, torch.tensor([offset], dtype=torch.int64)])
-    if not 0 <= seed <= _SEED_MAX:
+    if seed is not None and not 0 <= seed <= _SEED_MAX:
         raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed}")
-    return torch.tensor([seed, offset], dtype=torch.int64)
+    if torch.compiler.is_compiling():  # traced: tensor ops only (dynamo knows neither array nor int(tensor))
+        drawn = torch.tensor([seed]) if seed is not None else torch.randint(0, _SEED_MAX, (1,), generator=generator)
+        return torch.cat([drawn, torch.tensor([offset])])
+    if seed is None:
+        seed = int(torch.randint(0, _SEED_MAX, (1,), dtype=torch.int64, generator=generator))
+    # frombuffer: a third of torch.tensor's host time, and this runs for every random op's call
+    return torch.frombuffer(array("q", [seed, offset]), dtype=torch.int64)
 
 
 # y = residual + x * m / keep, m ~ Bernoulli(keep) from Philox keyed by seed = (seed, offset), a CPU int64[2].

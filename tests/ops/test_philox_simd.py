@@ -1,12 +1,14 @@
 """The CPU kernels' Philox words on every vector path (AVX-512, AVX2, scalar): each path, chosen with
 FINETUNE_EXT_SIMD in a fresh process, gives the references' bits for fisher_dropout and gaussian_perturb, on
-sizes whose last block is not a whole number of vectors."""
+sizes whose last block is not a whole number of vectors; and the key every random op passes them."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+
+import torch
 
 CHECK = """
 import torch
@@ -50,3 +52,21 @@ def test_an_unknown_simd_level_is_an_error_that_names_it() -> None:
     )
     assert proc.returncode != 0
     assert "FINETUNE_EXT_SIMD: expected avx512, avx2 or scalar, got 'avx3'" in proc.stderr
+
+
+def test_philox_key_draws_from_the_generator_and_survives_its_buffer() -> None:
+    import gc
+
+    from finetune_ext.ops._library import philox_key
+
+    g = torch.Generator().manual_seed(11)
+    expected = torch.randint(0, 2**63 - 1, (1,), generator=torch.Generator().manual_seed(11))
+    key = philox_key(None, 7, g)
+    gc.collect()  # the array behind a frombuffer tensor lives as long as the tensor
+    assert key.dtype == torch.int64 and key.tolist() == [int(expected), 7]
+    assert philox_key(2**63 - 1, 0, None).tolist() == [2**63 - 1, 0]
+    compiled = torch.compile(lambda: philox_key(None, 3, None), fullgraph=True)  # traced: tensor ops
+    torch.manual_seed(5)
+    drawn = compiled()
+    torch.manual_seed(5)
+    assert drawn.tolist() == philox_key(None, 3, None).tolist()
