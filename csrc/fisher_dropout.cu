@@ -78,23 +78,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One wave of blocks at most (ResidentBlocks), each looping over its chunks.
+template <typename scalar_t, bool kPerFeature, bool kResidual, bool kVector>
+void launch_kernel(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n, int64_t d,
+                   PhiloxSeed s, int device, cudaStream_t stream) {
+  static ResidentBlocks resident;
+  const auto kernel = _fisher_dropout_kernel<scalar_t, kPerFeature, kResidual, kVector>;
+  const int64_t chunks = (n + kElems - 1) / kElems;
+  const int64_t wave = static_cast<int64_t>(multiprocessors(device)) * resident(kernel, kThreads, device);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((chunks + kThreads - 1) / kThreads, wave));
+  kernel<<<blocks, kThreads, 0, stream>>>(x, keep, residual, y, n, d, s.seed, s.offset);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The vector kernel when x, y and residual are aligned for its 16-byte loads and stores.
 template <typename scalar_t, bool kPerFeature, bool kResidual>
 void launch(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n, int64_t d,
-            PhiloxSeed s, int sms, cudaStream_t stream) {
-  constexpr int N = kElems;
-  constexpr uintptr_t kAlign = alignof(Pack<scalar_t, N>);
+            PhiloxSeed s, int device, cudaStream_t stream) {
+  constexpr uintptr_t kAlign = alignof(Pack<scalar_t, kElems>);
   const bool aligned = reinterpret_cast<uintptr_t>(x) % kAlign == 0 && reinterpret_cast<uintptr_t>(y) % kAlign == 0 &&
                        (!kResidual || reinterpret_cast<uintptr_t>(residual) % kAlign == 0);
-  const int64_t chunks = (n + N - 1) / N;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((chunks + kThreads - 1) / kThreads, sms * 16));
   if (aligned) {
-    _fisher_dropout_kernel<scalar_t, kPerFeature, kResidual, true>
-        <<<blocks, kThreads, 0, stream>>>(x, keep, residual, y, n, d, s.seed, s.offset);
+    launch_kernel<scalar_t, kPerFeature, kResidual, true>(x, keep, residual, y, n, d, s, device, stream);
   } else {
-    _fisher_dropout_kernel<scalar_t, kPerFeature, kResidual, false>
-        <<<blocks, kThreads, 0, stream>>>(x, keep, residual, y, n, d, s.seed, s.offset);
+    launch_kernel<scalar_t, kPerFeature, kResidual, false>(x, keep, residual, y, n, d, s, device, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor fisher_dropout_cuda(const at::Tensor& x, const at::Tensor& keep, const std::optional<at::Tensor>& residual,
@@ -111,18 +119,18 @@ at::Tensor fisher_dropout_cuda(const at::Tensor& x, const at::Tensor& keep, cons
   const bool per_feature = keep_c.numel() != 1;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   refuse_graph_capture(stream, "fisher_dropout");
-  const int sms = multiprocessors(x.get_device());
+  const int device = x.get_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fisher_dropout_cuda", [&] {
     const scalar_t* xp = x_c.const_data_ptr<scalar_t>();
     const scalar_t* rp = r_c.defined() ? r_c.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const float* kp = keep_c.const_data_ptr<float>();
     if (per_feature) {
-      rp ? launch<scalar_t, true, true>(xp, kp, rp, yp, n, d, s, sms, stream)
-         : launch<scalar_t, true, false>(xp, kp, rp, yp, n, d, s, sms, stream);
+      rp ? launch<scalar_t, true, true>(xp, kp, rp, yp, n, d, s, device, stream)
+         : launch<scalar_t, true, false>(xp, kp, rp, yp, n, d, s, device, stream);
     } else {
-      rp ? launch<scalar_t, false, true>(xp, kp, rp, yp, n, d, s, sms, stream)
-         : launch<scalar_t, false, false>(xp, kp, rp, yp, n, d, s, sms, stream);
+      rp ? launch<scalar_t, false, true>(xp, kp, rp, yp, n, d, s, device, stream)
+         : launch<scalar_t, false, false>(xp, kp, rp, yp, n, d, s, device, stream);
     }
   });
   return y;

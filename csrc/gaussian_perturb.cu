@@ -31,12 +31,18 @@ __global__ void __launch_bounds__(kThreads)
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float z[4];
     philox_normal4(philox_group(seed, offset, static_cast<uint64_t>(g)), z);
+    // One 64-bit division per group, not per element (it is a long software routine on the GPU).
+    int64_t row = 4 * g / cols, col = 4 * g - row * cols;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int64_t p = 4 * g + e;
       if (p < n) {
-        const float sd = __ldg(std + (per_column ? p % cols : p / cols));
+        const float sd = __ldg(std + (per_column ? col : row));
         out[p] = static_cast<scalar_t>(perturb_value<acc_t>(static_cast<acc_t>(w[p]), sd, z[e]));
+      }
+      if (++col == cols) {
+        col = 0;
+        ++row;
       }
     }
   }
@@ -51,14 +57,17 @@ at::Tensor gaussian_perturb_cuda(const at::Tensor& weight, const at::Tensor& std
   const int64_t rows = out.size(0), cols = out.size(1);
   const int64_t groups = (rows * cols + 3) / 4;
   if (groups == 0) return layout.per_column ? out.t() : out;
-  const int64_t blocks = std::max<int64_t>(
-      1, std::min<int64_t>((groups + kThreads - 1) / kThreads, multiprocessors(weight.get_device()) * 16));
+  const int device = weight.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   refuse_graph_capture(stream, "gaussian_perturb");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gaussian_perturb_cuda", [&] {
-    _gaussian_perturb_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        layout.storage.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(),
-        rows, cols, layout.per_column, key.seed, key.offset);
+    static ResidentBlocks resident;  // one wave of blocks at most, each looping over its groups
+    const auto kernel = _gaussian_perturb_kernel<scalar_t>;
+    const int64_t wave = static_cast<int64_t>(multiprocessors(device)) * resident(kernel, kThreads, device);
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((groups + kThreads - 1) / kThreads, wave));
+    kernel<<<blocks, kThreads, 0, stream>>>(layout.storage.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(),
+                                            out.mutable_data_ptr<scalar_t>(), rows, cols, layout.per_column, key.seed,
+                                            key.offset);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return layout.per_column ? out.t() : out;

@@ -29,6 +29,31 @@ inline int device_attribute(int device) {
 
 inline int multiprocessors(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 
+// How many blocks of one kernel fit on a multiprocessor at once, queried once per device. A grid-stride kernel
+// launched with exactly multiprocessors x this many blocks runs in one wave: with more, the last partial wave runs
+// at low occupancy while the other multiprocessors idle. One static instance per kernel:
+//   static ResidentBlocks resident;  const int per_sm = resident(kernel, threads, device);
+class ResidentBlocks {
+ public:
+  template <typename Kernel>
+  int operator()(Kernel kernel, int threads, int device) {
+    if (device < 0 || device >= kMaxDevices) return query(kernel, threads);
+    std::call_once(once_[device], [&] { value_[device] = query(kernel, threads); });
+    return value_[device];
+  }
+
+ private:
+  static constexpr int kMaxDevices = 64;
+  template <typename Kernel>
+  static int query(Kernel kernel, int threads) {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+    return blocks > 0 ? blocks : 1;
+  }
+  std::array<std::once_flag, kMaxDevices> once_;
+  std::array<int, kMaxDevices> value_{};
+};
+
 // The most shared memory one block may ask for (opting in beyond the default 48 KiB).
 inline int shared_memory_per_block_optin(int device) {
   return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
