@@ -1,6 +1,7 @@
-// CUDA kernel of finetune_ext::fisher_dropout (_fisher_dropout_kernel). Each thread owns 8 elements of x (one
-// 16-byte load for bf16/fp16, two for fp32), draws one Philox call for them (16-bit uniforms), and writes y
-// with vector stores. No mask is stored: backward calls the same kernel on the incoming gradient.
+// CUDA kernel of finetune_ext::fisher_dropout (_fisher_dropout_kernel). Each thread takes kGroups Philox groups
+// of 8 elements of x per step (one 16-byte load per group for bf16/fp16, two for fp32), all loads issued first,
+// then one Philox call per group (16-bit uniforms), and writes y with vector stores. No mask is stored: backward
+// calls the same kernel on the incoming gradient.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,7 +19,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-constexpr int kElems = 8;  // elements per thread: one Philox group
+constexpr int kElems = 8;   // elements of one Philox group
+constexpr int kGroups = 2;  // groups a thread takes per step: their loads are all in flight before the first Philox
 
 // Loaded and stored as 16-byte vectors (two for fp32, four for fp64): x needs 16-byte alignment, not the Pack's size.
 template <typename scalar_t, int N>
@@ -32,47 +34,54 @@ __global__ void __launch_bounds__(kThreads)
                            const scalar_t* __restrict__ residual, scalar_t* __restrict__ y, int64_t n, int64_t d,
                            uint64_t seed, uint64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int N = kElems;
-  const int64_t chunks = (n + N - 1) / N;
+  constexpr int N = kElems, E = kGroups * kElems;  // a chunk: kGroups consecutive groups
+  const int64_t chunks = (n + E - 1) / E;
   const float keep0 = kPerFeature ? 0.0f : __ldg(keep);
   const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   // The feature of a chunk's first element, advanced by a fixed amount per step: one 64-bit modulo per thread,
   // not one per chunk (a 64-bit division is a long software routine on the GPU).
-  int64_t first_f = kPerFeature ? first * N % d : 0;
-  const int64_t step_f = kPerFeature ? step * N % d : 0;
+  int64_t first_f = kPerFeature ? first * E % d : 0;
+  const int64_t step_f = kPerFeature ? step * E % d : 0;
   for (int64_t c = first; c < chunks; c += step) {
-    const int64_t base = c * N;
-    const bool full = kVector && base + N <= n;
-    Pack<scalar_t, N> xv, rv;
+    const int64_t base = c * E;
+    const bool full = kVector && base + E <= n;
+    Pack<scalar_t, N> xv[kGroups], rv[kGroups];
     if (full) {  // loads first: they are in flight while Philox runs
-      xv = *reinterpret_cast<const Pack<scalar_t, N>*>(x + base);
-      if constexpr (kResidual) rv = *reinterpret_cast<const Pack<scalar_t, N>*>(residual + base);
-    }
-    float u[N];
-    const Philox4 r = philox_group(seed, offset, static_cast<uint64_t>(c));
 #pragma unroll
-    for (int i = 0; i < N; ++i) u[i] = philox_uniform(r.v[i / 2], i % 2);
+      for (int g = 0; g < kGroups; ++g) {
+        xv[g] = *reinterpret_cast<const Pack<scalar_t, N>*>(x + base + g * N);
+        if constexpr (kResidual) rv[g] = *reinterpret_cast<const Pack<scalar_t, N>*>(residual + base + g * N);
+      }
+    }
     int64_t f = first_f;
     if (kPerFeature) first_f = first_f + step_f < d ? first_f + step_f : first_f + step_f - d;
-    if (full) {
-      Pack<scalar_t, N> yv;
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float k = kPerFeature ? __ldg(keep + f) : keep0;
-        if (kPerFeature && ++f == d) f = 0;
-        acc_t v = dropout_value<acc_t>(static_cast<acc_t>(xv.v[i]), k, u[i]);
-        if constexpr (kResidual) v = static_cast<acc_t>(rv.v[i]) + v;
-        yv.v[i] = static_cast<scalar_t>(v);
-      }
-      *reinterpret_cast<Pack<scalar_t, N>*>(y + base) = yv;
-    } else {
-      for (int i = 0; i < N && base + i < n; ++i) {
-        const float k = kPerFeature ? __ldg(keep + f) : keep0;
-        if (kPerFeature && ++f == d) f = 0;
-        acc_t v = dropout_value<acc_t>(static_cast<acc_t>(x[base + i]), k, u[i]);
-        if constexpr (kResidual) v = static_cast<acc_t>(residual[base + i]) + v;
-        y[base + i] = static_cast<scalar_t>(v);
+    for (int g = 0; g < kGroups; ++g) {
+      const int64_t start = base + g * N;
+      float u[N];
+      const Philox4 r = philox_group(seed, offset, static_cast<uint64_t>(c * kGroups + g));
+#pragma unroll
+      for (int i = 0; i < N; ++i) u[i] = philox_uniform(r.v[i / 2], i % 2);
+      if (full) {
+        Pack<scalar_t, N> yv;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          const float k = kPerFeature ? __ldg(keep + f) : keep0;
+          if (kPerFeature && ++f == d) f = 0;
+          acc_t v = dropout_value<acc_t>(static_cast<acc_t>(xv[g].v[i]), k, u[i]);
+          if constexpr (kResidual) v = static_cast<acc_t>(rv[g].v[i]) + v;
+          yv.v[i] = static_cast<scalar_t>(v);
+        }
+        *reinterpret_cast<Pack<scalar_t, N>*>(y + start) = yv;
+      } else {
+        for (int i = 0; i < N && start + i < n; ++i) {
+          const float k = kPerFeature ? __ldg(keep + f) : keep0;
+          if (kPerFeature && ++f == d) f = 0;
+          acc_t v = dropout_value<acc_t>(static_cast<acc_t>(x[start + i]), k, u[i]);
+          if constexpr (kResidual) v = static_cast<acc_t>(residual[start + i]) + v;
+          y[start + i] = static_cast<scalar_t>(v);
+        }
       }
     }
   }
@@ -84,7 +93,7 @@ void launch_kernel(const scalar_t* x, const float* keep, const scalar_t* residua
                    PhiloxSeed s, int device, cudaStream_t stream) {
   static ResidentBlocks resident;
   const auto kernel = _fisher_dropout_kernel<scalar_t, kPerFeature, kResidual, kVector>;
-  const int64_t chunks = (n + kElems - 1) / kElems;
+  const int64_t chunks = (n + kGroups * kElems - 1) / (kGroups * kElems);
   const int64_t wave = static_cast<int64_t>(multiprocessors(device)) * resident(kernel, kThreads, device);
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((chunks + kThreads - 1) / kThreads, wave));
   kernel<<<blocks, kThreads, 0, stream>>>(x, keep, residual, y, n, d, s.seed, s.offset);
