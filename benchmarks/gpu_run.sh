@@ -114,7 +114,7 @@ stop_unless_loaded cuda
 phase "C++ errors raise" 60 "$PY" -c "$probe" cpu cuda
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 1)  # a crash fails its test and the worker is replaced
-phase "cuda tests" 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider --timeout 60 "${xdist[@]}"
+phase "cuda tests" 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider --timeout 60 --durations=10 "${xdist[@]}"
 crashed=$(grep -o "crashed while running '[^']*'" "$log" | head -1 | cut -d"'" -f2)
 if [ -n "$crashed" ] && command -v cuda-gdb >/dev/null; then
   phase "native backtrace of $crashed" 90 cuda-gdb -q -batch -ex run -ex bt --args "$PY" -m pytest -q \
