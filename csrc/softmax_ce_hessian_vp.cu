@@ -70,6 +70,31 @@ __device__ T block_reduce(T v, bool is_max, T* smem) {
   return smem[0];
 }
 
+// Sums over the block of each of the kChunk values d[i]: afterwards partials[0][i] holds the sum of d[i].
+template <typename T>
+__device__ void block_sum_chunk(const T (&d)[kChunk], T (&partials)[32][kChunk]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  T r[kChunk];
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) r[i] = warp_reduce(d[i], false);
+  __syncthreads();  // partials may still be read by the previous call
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) partials[warp][i] = r[i];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) r[i] = warp_reduce(lane < (blockDim.x >> 5) ? partials[lane][i] : T(0), false);
+  }
+  __syncthreads();  // every warp's partials were read
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) partials[0][i] = r[i];
+  }
+  __syncthreads();
+}
+
 // out[k][row] = 0 for every vector k: the row's label is ignore_index.
 template <typename vec_t>
 __device__ void zero_row(vec_t* __restrict__ out, int64_t row, int64_t m, int64_t n, int64_t c) {
@@ -253,20 +278,22 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = acc_type<vec_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   __shared__ acc_t smem[32];
+  __shared__ acc_t partials[32][kChunk];
   __shared__ acc_t e[kSlice];
   const int64_t row = blockIdx.y, j0 = blockIdx.x * slice;
   const int64_t len = c - j0 < slice ? c - j0 : slice;
   if (labels != nullptr && labels[row] == ignore_index) return;  // pass 2 writes its zeros
   acc_t* w = ws + (row * gridDim.x + blockIdx.x) * (2 + m);
+  // Each thread reads back only the entries of e it wrote itself: no barrier between the loops.
   acc_t tmax = kNegInf;
   for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
-    const acc_t x = static_cast<acc_t>(z[row * c + j0 + j]);
-    tmax = x > tmax ? x : tmax;
+    e[j] = static_cast<acc_t>(z[row * c + j0 + j]);
+    tmax = e[j] > tmax ? e[j] : tmax;
   }
   const acc_t smax = block_reduce(tmax, true, smem);
   acc_t tsum = 0;
-  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {  // each thread reads back only its own entries
-    e[j] = smax == kNegInf ? acc_t(0) : exp(static_cast<acc_t>(z[row * c + j0 + j]) - smax);
+  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+    e[j] = smax == kNegInf ? acc_t(0) : exp(e[j] - smax);
     tsum += e[j];
   }
   const acc_t ssum = block_reduce(tsum, false, smem);
@@ -274,12 +301,20 @@ __global__ void __launch_bounds__(kThreads)
     w[0] = smax;
     w[1] = ssum;
   }
-  for (int64_t k = 0; k < m; ++k) {
-    acc_t d = 0;
-    for (int64_t j = threadIdx.x; j < len; j += blockDim.x)
-      d += e[j] * static_cast<acc_t>(v[(k * n + row) * c + j0 + j]);
-    d = block_reduce(d, false, smem);
-    if (threadIdx.x == 0) w[2 + k] = d;
+  // The dots of kChunk vectors at a time in one pass over the slice (their loads in flight together) and one
+  // block reduction for all of them.
+  for (int64_t k0 = 0; k0 < m; k0 += kChunk) {
+    const int kk = static_cast<int>(m - k0 < kChunk ? m - k0 : kChunk);
+    const vec_t* vr = v + (k0 * n + row) * c + j0;
+    acc_t d[kChunk] = {};
+    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        if (i < kk) d[i] += e[j] * static_cast<acc_t>(vr[i * n * c + j]);
+      }
+    }
+    block_sum_chunk(d, partials);
+    if (threadIdx.x < kk) w[2 + k0 + threadIdx.x] = partials[0][threadIdx.x];
   }
 }
 
