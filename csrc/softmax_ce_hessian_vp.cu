@@ -40,7 +40,8 @@ constexpr int kUnroll = 8;
 // The one-block-per-row kernel's block: the cached variant's 196 KiB leave room for one block per multiprocessor,
 // so the block is as large as CUDA allows (the H200 ran 512 threads at 0.6x torch.compile: still latency-bound).
 constexpr int kRowThreads = 1024;
-// The resident kernel's elements of a row per thread: 32 registers, and rows up to 65536 wide (GPT-2's 50257).
+// The resident kernel's elements of a row per thread: 26 registers, and rows up to 53248 wide (GPT-2's 50257;
+// 56 would spill at 1024 threads).
 constexpr int kResident = 52;
 constexpr int kSlice = 4096;  // the longest slice of a split row: its exp values fit in static shared memory
 
@@ -54,45 +55,39 @@ __device__ __forceinline__ T warp_reduce(T v, bool is_max) {
   return v;
 }
 
-// Sum or max over the block; every thread gets the result.
-template <typename T>
-__device__ T block_reduce(T v, bool is_max, T* smem) {
+// Sum or max over the block of each of the K values v[i], into v[i] in every thread. smem holds 32 * K values.
+template <int K, typename T>
+__device__ void block_reduce(T (&v)[K], bool is_max, T* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_reduce(v, is_max);
-  __syncthreads();  // smem may still be read by the previous call
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
   const T neutral = is_max ? -std::numeric_limits<T>::infinity() : T(0);
-  v = threadIdx.x < (blockDim.x >> 5) ? smem[lane] : neutral;
-  if (warp == 0) v = warp_reduce(v, is_max);
-  if (threadIdx.x == 0) smem[0] = v;
-  __syncthreads();
-  return smem[0];
-}
-
-// Sums over the block of each of the kChunk values d[i]: afterwards partials[0][i] holds the sum of d[i].
-template <typename T>
-__device__ void block_sum_chunk(const T (&d)[kChunk], T (&partials)[32][kChunk]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  T r[kChunk];
 #pragma unroll
-  for (int i = 0; i < kChunk; ++i) r[i] = warp_reduce(d[i], false);
-  __syncthreads();  // partials may still be read by the previous call
+  for (int i = 0; i < K; ++i) v[i] = warp_reduce(v[i], is_max);
+  __syncthreads();  // smem may still be read by the previous call
   if (lane == 0) {
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) partials[warp][i] = r[i];
+    for (int i = 0; i < K; ++i) smem[warp * K + i] = v[i];
   }
   __syncthreads();
-  if (warp == 0) {
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) r[i] = warp_reduce(lane < (blockDim.x >> 5) ? partials[lane][i] : T(0), false);
+  for (int i = 0; i < K; ++i) {
+    v[i] = threadIdx.x < (blockDim.x >> 5) ? smem[lane * K + i] : neutral;
+    if (warp == 0) v[i] = warp_reduce(v[i], is_max);
   }
-  __syncthreads();  // every warp's partials were read
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) partials[0][i] = r[i];
+    for (int i = 0; i < K; ++i) smem[i] = v[i];
   }
   __syncthreads();
+#pragma unroll
+  for (int i = 0; i < K; ++i) v[i] = smem[i];
+}
+
+// Sum or max over the block of one value; every thread gets the result. smem holds 32 values.
+template <typename T>
+__device__ T block_reduce(T v, bool is_max, T* smem) {
+  T one[1] = {v};
+  block_reduce(one, is_max, smem);
+  return one[0];
 }
 
 // out[k][row] = 0 for every vector k: the row's label is ignore_index.
@@ -277,8 +272,7 @@ __global__ void __launch_bounds__(kThreads)
                                         int64_t slice) {
   using acc_t = acc_type<vec_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  __shared__ acc_t smem[32];
-  __shared__ acc_t partials[32][kChunk];
+  __shared__ acc_t smem[32 * kChunk];  // every reduction's, the kChunk dots' too
   __shared__ acc_t e[kSlice];
   const int64_t row = blockIdx.y, j0 = blockIdx.x * slice;
   const int64_t len = c - j0 < slice ? c - j0 : slice;
@@ -313,8 +307,13 @@ __global__ void __launch_bounds__(kThreads)
         if (i < kk) d[i] += e[j] * static_cast<acc_t>(vr[i * n * c + j]);
       }
     }
-    block_sum_chunk(d, partials);
-    if (threadIdx.x < kk) w[2 + k0 + threadIdx.x] = partials[0][threadIdx.x];
+    block_reduce(d, false, smem);
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        if (i < kk) w[2 + k0 + i] = d[i];
+      }
+    }
   }
 }
 
