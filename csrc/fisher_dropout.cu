@@ -9,8 +9,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "common/cuda_device.h"
 #include "fisher_dropout.h"
 
@@ -87,16 +85,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One wave of blocks at most (ResidentBlocks), each looping over its chunks.
+// One wave of blocks at most, each looping over its chunks.
 template <typename scalar_t, bool kPerFeature, bool kResidual, bool kVector>
 void launch_kernel(const scalar_t* x, const float* keep, const scalar_t* residual, scalar_t* y, int64_t n, int64_t d,
                    PhiloxSeed s, int device, cudaStream_t stream) {
-  static ResidentBlocks resident;
+  static OneWaveGrid grid;
   const auto kernel = _fisher_dropout_kernel<scalar_t, kPerFeature, kResidual, kVector>;
   const int64_t chunks = (n + kGroups * kElems - 1) / (kGroups * kElems);
-  const int64_t wave = static_cast<int64_t>(multiprocessors(device)) * resident(kernel, kThreads, device);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((chunks + kThreads - 1) / kThreads, wave));
-  kernel<<<blocks, kThreads, 0, stream>>>(x, keep, residual, y, n, d, s.seed, s.offset);
+  kernel<<<grid.blocks(kernel, kThreads, chunks, device), kThreads, 0, stream>>>(x, keep, residual, y, n, d, s.seed,
+                                                                                 s.offset);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

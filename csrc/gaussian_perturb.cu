@@ -10,8 +10,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "common/cuda_device.h"
 #include "gaussian_perturb.h"
 
@@ -61,13 +59,11 @@ at::Tensor gaussian_perturb_cuda(const at::Tensor& weight, const at::Tensor& std
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   refuse_graph_capture(stream, "gaussian_perturb");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gaussian_perturb_cuda", [&] {
-    static ResidentBlocks resident;  // one wave of blocks at most, each looping over its groups
+    static OneWaveGrid grid;  // each block loops over its groups
     const auto kernel = _gaussian_perturb_kernel<scalar_t>;
-    const int64_t wave = static_cast<int64_t>(multiprocessors(device)) * resident(kernel, kThreads, device);
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((groups + kThreads - 1) / kThreads, wave));
-    kernel<<<blocks, kThreads, 0, stream>>>(layout.storage.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(),
-                                            out.mutable_data_ptr<scalar_t>(), rows, cols, layout.per_column, key.seed,
-                                            key.offset);
+    kernel<<<grid.blocks(kernel, kThreads, groups, device), kThreads, 0, stream>>>(
+        layout.storage.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(),
+        rows, cols, layout.per_column, key.seed, key.offset);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return layout.per_column ? out.t() : out;

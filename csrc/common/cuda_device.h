@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <array>
 #include <mutex>
 
@@ -29,21 +30,26 @@ inline int device_attribute(int device) {
 
 inline int multiprocessors(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 
-// How many blocks of one kernel fit on a multiprocessor at once, queried once per device. A grid-stride kernel
-// launched with exactly multiprocessors x this many blocks runs in one wave: with more, the last partial wave runs
+// The grid of a grid-stride kernel: one block per `threads` work items, at most one wave (multiprocessors x the
+// blocks of this kernel that fit on one at once, queried once per device). With more, the last partial wave runs
 // at low occupancy while the other multiprocessors idle. One static instance per kernel:
-//   static ResidentBlocks resident;  const int per_sm = resident(kernel, threads, device);
-class ResidentBlocks {
+//   static OneWaveGrid grid;  kernel<<<grid.blocks(kernel, threads, items, device), threads>>>(...);
+class OneWaveGrid {
  public:
   template <typename Kernel>
-  int operator()(Kernel kernel, int threads, int device) {
-    if (device < 0 || device >= kMaxDevices) return query(kernel, threads);
-    std::call_once(once_[device], [&] { value_[device] = query(kernel, threads); });
-    return value_[device];
+  int64_t blocks(Kernel kernel, int threads, int64_t items, int device) {
+    const int64_t wave = static_cast<int64_t>(multiprocessors(device)) * resident(kernel, threads, device);
+    return std::max<int64_t>(1, std::min<int64_t>((items + threads - 1) / threads, wave));
   }
 
  private:
   static constexpr int kMaxDevices = 64;
+  template <typename Kernel>
+  int resident(Kernel kernel, int threads, int device) {
+    if (device < 0 || device >= kMaxDevices) return query(kernel, threads);
+    std::call_once(once_[device], [&] { value_[device] = query(kernel, threads); });
+    return value_[device];
+  }
   template <typename Kernel>
   static int query(Kernel kernel, int threads) {
     int blocks = 0;
