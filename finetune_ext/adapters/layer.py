@@ -50,6 +50,12 @@ class LinChainLinear(nn.Module):
         self.reset_parameters(config.init)
         self.train(base.training)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("noise", "shift"):  # set for every layer each step: skip Module's bookkeeping (3 us a call)
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
     @torch.no_grad()
     def reset_parameters(self, init: str = "kaiming") -> None:
         """The official initialisation (``kaiming``) or mixers at the identity; B = 0 either way."""

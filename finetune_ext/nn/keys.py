@@ -10,7 +10,7 @@ saving or restoring generator states; outside ``keyed`` the layers draw keys fro
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -20,15 +20,24 @@ _MASK = (1 << 64) - 1
 _current: ContextVar[int | None] = ContextVar("finetune_ext_key", default=None)
 
 
-def mix(*words: int) -> int:
-    """A 63-bit hash of integers (SplitMix64 finaliser, folded word by word)."""
-    h = 0x9E3779B97F4A7C15
+def _fold(h: int, words: Iterable[int]) -> int:
     for w in words:
         h = (h ^ (w & _MASK)) & _MASK
         h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
         h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK
         h ^= h >> 31
-    return h >> 1
+    return h
+
+
+def mix(*words: int) -> int:
+    """A 63-bit hash of integers (SplitMix64 finaliser, folded word by word)."""
+    return _fold(0x9E3779B97F4A7C15, words) >> 1
+
+
+def mix_each(prefix: tuple[int, ...], lasts: list[int]) -> list[int]:
+    """``[mix(*prefix, last) for last in lasts]`` with the prefix folded once (a step's keys for every layer)."""
+    h = _fold(0x9E3779B97F4A7C15, prefix)
+    return [_fold(h, (last,)) >> 1 for last in lasts]
 
 
 def site_id(name: str) -> int:

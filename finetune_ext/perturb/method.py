@@ -16,6 +16,7 @@ chain's ``M A`` and ``grad_A`` enters as ``M grad_A`` (the mixers held fixed).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -119,12 +120,17 @@ class _Perturbation(Transform):
 class _Group:
     """Adapted layers whose row statistics are computed stacked (one weight shape and dtype, rank, device, scale
     and adapter kind): a few batched kernels per group and step instead of a few dozen small ones per layer (on a
-    GPU each is a launch, and a GPT-2 step is bound by the host). Its methods run under ``no_grad``."""
+    GPU each is a launch, and a GPT-2 step is bound by the host). Its results stay stacked: the noise's row stds
+    are written in place into ``std``, whose row views the layers were given once. Methods run under ``no_grad``."""
 
     names: list[str]
     layers: list[LinChainLinear]
-    weights: list[torch.Tensor]  # each layer's frozen W as [out, in] (views: the base weights are never replaced)
+    weights_t: list[torch.Tensor]  # each layer's frozen W^T, [in, out] (views: the base weights are never replaced)
     w_sq: torch.Tensor  # [L, out]: ||W_i||^2 of each layer's frozen weight, float64
+    std: torch.Tensor  # [L, out] float32: the noise's row stds of the current draw
+    std_rows: tuple[torch.Tensor, ...]  # std's row views, one per layer (made once)
+    drawn: bool = False  # whether std holds a draw (not before the first step or load)
+    grad_norms: torch.Tensor | None = None  # [L, out]: ||G_i|| of the last backward, float64
 
     @property
     def scale(self) -> float:
@@ -141,12 +147,12 @@ class _Group:
 
     def merged_norms(self) -> torch.Tensor:
         """``||W'_i||`` of every row of ``W' = W + s B A'``, ``[L, out]``."""
-        A, _, B = self.factors()
-        A_low = A.to(self.weights[0].dtype)  # one cast for the group, not one per layer
-        AW = torch.stack([stats.weight_product(W, a) for W, a in zip(self.weights, A_low, strict=True)])
+        A, M, B = self.factors()
+        rows = [layer.lora_A for layer in self.layers] if M is None else A.unbind()  # LoRA: no views to make
+        AW = torch.stack([stats.weight_product(w_t, a) for w_t, a in zip(self.weights_t, rows, strict=True)])
         return stats.merged_row_norms(self.w_sq, AW, A, B, self.scale)
 
-    def grad_norms(self) -> torch.Tensor | None:
+    def gradient_norms(self) -> torch.Tensor | None:
         """``||G_i||`` of the gradient proxy of the last backward, ``[L, out]``; ``None`` while a layer has none."""
         grads_A, grads_B = [ly.lora_A.grad for ly in self.layers], [ly.lora_B.grad for ly in self.layers]
         if any(g is None for g in grads_A + grads_B):
@@ -168,7 +174,9 @@ def _groups(layers: dict[str, LinChainLinear]) -> list[_Group]:
     for names in by_key.values():
         members = [layers[n] for n in names]
         weights = [layer.base_weight().detach() for layer in members]
-        groups.append(_Group(names, members, weights, torch.stack([stats.row_sq_norms(W) for W in weights])))
+        std = torch.zeros(len(weights), weights[0].shape[0], device=weights[0].device)
+        w_sq = torch.stack([stats.row_sq_norms(W) for W in weights])
+        groups.append(_Group(names, members, [W.t() for W in weights], w_sq, std, std.unbind()))
     return groups
 
 
@@ -181,31 +189,53 @@ class FlatLoRA(_Perturbation):
     def apply(self, model: nn.Module, run: RunContext) -> None:
         super().apply(model, run)
         self.groups = _groups(self.layers)
-        self.std: dict[str, torch.Tensor] = {}
 
     def row_std(self, group: _Group, step: int) -> torch.Tensor:
         """The noise's row stds of every layer of ``group``, ``[L, out]``."""
-        fan_in = group.weights[0].shape[1]
+        fan_in = group.weights_t[0].shape[0]
         return self.ramp(step) * self.options.rho / math.sqrt(fan_in) * group.merged_norms()
 
     @torch.no_grad()
     def before_step(self, step: int, stepper: Stepper) -> None:
         refresh = self.options.refresh
         for group in self.groups:
-            if step % refresh == 0 or any(name not in self.std for name in group.names):
-                self.std.update(zip(group.names, self.row_std(group, step).float().unbind(), strict=True))
-        for name, layer in self.layers.items():
-            layer.noise = (self.std[name], keys.mix(self.seed, _NOISE_STREAM, step // refresh, layer.site))
+            if step % refresh == 0 or not group.drawn:
+                group.std.copy_(self.row_std(group, step))
+                group.drawn = True
+            seeds = keys.mix_each((self.seed, _NOISE_STREAM, step // refresh), [ly.site for ly in group.layers])
+            for layer, std, seed in zip(group.layers, group.std_rows, seeds, strict=True):
+                layer.noise = (std, seed)
 
     def after_step(self, step: int, stepper: Stepper) -> None:
         for layer in self.layers.values():
             layer.noise = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"std": dict(self.std)}
+        return {"std": _rows(self.groups, lambda g: g.std if g.drawn else None)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.std = dict(state["std"])
+        for group in self.groups:
+            rows = _stacked(group, state["std"])
+            if rows is not None:
+                group.std.copy_(rows)
+            group.drawn = rows is not None
+
+
+def _rows(groups: list[_Group], stacked: Callable[[_Group], torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """A per-group ``[L, out]`` statistic as ``{layer name: row}`` (copies; groups without one left out)."""
+    out = {}
+    for group in groups:
+        value = stacked(group)
+        if value is not None:
+            out.update(zip(group.names, value.clone().unbind(), strict=True))
+    return out
+
+
+def _stacked(group: _Group, rows: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``group``'s rows of a ``{layer name: row}`` statistic stacked, ``None`` unless every layer has one."""
+    if not all(name in rows for name in group.names):
+        return None
+    return torch.stack([rows[name] for name in group.names]).to(group.std.device)
 
 
 class GGPO(FlatLoRA):
@@ -214,16 +244,10 @@ class GGPO(FlatLoRA):
     name = "ggpo"
     Options = GGPOOptions
 
-    def apply(self, model: nn.Module, run: RunContext) -> None:
-        super().apply(model, run)
-        self.grad_norms: dict[str, torch.Tensor] = {}
-
     def row_std(self, group: _Group, step: int) -> torch.Tensor:
         o = self.options
-        fan_out, fan_in = group.weights[0].shape
-        g = None
-        if all(name in self.grad_norms for name in group.names):
-            g = torch.stack([self.grad_norms[name] for name in group.names])
+        fan_in, fan_out = group.weights_t[0].shape
+        g = group.grad_norms
         if o.formula == "kohya":
             w_mean = group.w_sq.sqrt().mean(-1, keepdim=True)
             A, _, B = group.factors()
@@ -232,24 +256,25 @@ class GGPO(FlatLoRA):
             return self.ramp(step) * (o.rho * (w_mean**2 + ba**2).sqrt() + o.beta * g2) / math.sqrt(fan_out)
         norms = guided = group.merged_norms()
         if g is not None:  # g rescaled to each layer's mean ||W'_i||; an all-zero g leaves Flat-LoRA's stds. No sync.
-            rescaled = g * (norms.mean(-1, keepdim=True) / g.mean(-1, keepdim=True))
-            guided = torch.where(g.sum(-1, keepdim=True) > 0, rescaled, norms)
-        return self.ramp(step) * o.rho / math.sqrt(fan_in) * (norms + o.beta * guided) / (1.0 + o.beta)
+            g_sum = g.sum(-1, keepdim=True)
+            guided = torch.where(g_sum > 0, g * (norms.sum(-1, keepdim=True) / g_sum), norms)
+        return torch.add(norms, guided, alpha=o.beta).mul_(self.ramp(step) * o.rho / math.sqrt(fan_in) / (1.0 + o.beta))
 
     @torch.no_grad()
     def after_step(self, step: int, stepper: Stepper) -> None:
         super().after_step(step, stepper)
-        for group in self.groups:
-            g = group.grad_norms()
+        for group in self.groups:  # a step without gradients (a stepper that cleared them) keeps the last norms
+            g = group.gradient_norms()
             if g is not None:
-                self.grad_norms.update(zip(group.names, g.unbind(), strict=True))
+                group.grad_norms = g
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "grad_norms": dict(self.grad_norms)}
+        return {**super().state_dict(), "grad_norms": _rows(self.groups, lambda g: g.grad_norms)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.grad_norms = dict(state["grad_norms"])
+        for group in self.groups:
+            group.grad_norms = _stacked(group, state["grad_norms"])
 
 
 class MGPO(_Perturbation):

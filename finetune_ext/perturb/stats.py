@@ -21,28 +21,27 @@ def row_sq_norms(W: torch.Tensor) -> torch.Tensor:
     return W.double().square().sum(-1)
 
 
-def weight_product(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``A W^T`` ``[r, out]`` in ``W``'s dtype: the one product of a row-norm update that touches ``W``.
-
-    Transposed (``(W A^T)^T``): for a transposed view ``W`` (GPT-2's Conv1D) MKL takes 5-15x longer on ``W A^T``
-    on CPU. One ``mm`` a layer: on a GPU the statistics' step cost is the host's, one call at a time."""
-    return torch.mm(A if A.dtype == W.dtype else A.to(W.dtype), W.t())
+def weight_product(W_t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``A W^T`` ``[r, out]`` in ``W``'s dtype from ``W_t = W^T`` ``[in, out]``: the one product of a row-norm
+    update that touches ``W``. Not ``W A^T``: for a transposed view ``W`` (GPT-2's Conv1D) MKL takes 5-15x longer
+    on that product on CPU. One ``mm`` a layer (on a GPU the statistics' step cost is the host's)."""
+    return torch.mm(A if A.dtype == W_t.dtype else A.to(W_t.dtype), W_t)
 
 
 def merged_row_norms(
     w_sq: torch.Tensor, AW: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """``||(W + scale B A)_i||`` for every row ``i``, from ``w_sq = row_sq_norms(W)`` and ``AW = weight_product(W,
+    """``||(W + scale B A)_i||`` for every row ``i``, from ``w_sq = row_sq_norms(W)`` and ``AW = weight_product(W^T,
     A)``. Every argument may carry a leading layer dimension (layers of one shape, stacked)."""
     A64, B64 = A.double(), B.double()
-    inner = 2.0 * AW.mT.double() + scale * (B64 @ (A64 @ A64.mT))  # ||W'_i||^2 = ||W_i||^2 + s <B_i, inner_i>
-    return (w_sq + scale * (B64 * inner).sum(-1)).clamp_min(0.0).sqrt()
+    half = (B64 @ (A64 @ A64.mT)).mul_(0.5 * scale).add_(AW.mT)  # ||W'_i||^2 = ||W_i||^2 + 2 s <B_i, half_i>
+    return torch.add(w_sq, (B64 * half).sum(-1), alpha=2.0 * scale).clamp_min_(0.0).sqrt_()
 
 
 def product_row_norms(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """``||(P Q)_i||`` for every row ``i`` from the Gram of ``Q``, without forming ``P Q`` (stacked layers too)."""
     P64, Q64 = P.double(), Q.double()
-    return ((P64 @ (Q64 @ Q64.mT)) * P64).sum(-1).clamp_min(0.0).sqrt()
+    return ((P64 @ (Q64 @ Q64.mT)) * P64).sum(-1).clamp_min_(0.0).sqrt_()
 
 
 def product_norm(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,29 @@ def test_flat_lora_std_and_key(chain) -> None:
     assert layer.noise[1] != seed_5 and layers["2"].noise[1] != layer.noise[1]
 
 
+def test_state_carries_a_draw_between_refreshes() -> None:
+    """Resumed mid-period (refresh=3), a fresh transform uses the saved stds and gradient norms, not new ones."""
+    model, layers = _adapted(chain=2)
+    saved = GGPO(GGPOOptions(refresh=3))
+    _train(model, saved, 2)  # step 0 drew; steps 1 and 2 reuse it
+    saved.before_step(2, None)
+    expected = {name: layer.noise for name, layer in layers.items()}
+    state = saved.state_dict()
+    for layer in layers.values():
+        nn.init.normal_(layer.lora_B, std=1.0)  # the weights moved on: a new draw would differ
+    resumed = GGPO(GGPOOptions(refresh=3))
+    resumed.apply(model, _run_context())
+    resumed.load_state_dict(state)
+    resumed.before_step(2, None)
+    for name, layer in layers.items():
+        assert torch.equal(layer.noise[0], expected[name][0]) and layer.noise[1] == expected[name][1]
+    assert state["grad_norms"].keys() == layers.keys()
+    for name, row in resumed.state_dict()["grad_norms"].items():
+        assert torch.equal(row, state["grad_norms"][name])
+    resumed.before_step(3, None)  # the next period draws from the current weights
+    assert not torch.equal(layers["0"].noise[0], expected["0"][0])
+
+
 def test_ggpo_default_keeps_flat_lora_mean_and_follows_the_gradient() -> None:
     model, layers = _adapted()
     _train(model, GGPO(GGPOOptions(ramp="constant")), 2)  # leaves grad norms of the last backward
@@ -113,7 +136,7 @@ def test_ggpo_default_keeps_flat_lora_mean_and_follows_the_gradient() -> None:
     ggpo.before_step(0, None)
     std_ggpo = layers["0"].noise[0].double()
     torch.testing.assert_close(std_ggpo.mean(), std_flat.mean(), **tolerance(torch.float32))
-    g = ggpo.grad_norms["0"]
+    g = ggpo.state_dict()["grad_norms"]["0"]
     assert torch.corrcoef(torch.stack([std_ggpo - std_flat, g - g.mean()]))[0, 1] > 0.5
 
 

@@ -17,7 +17,7 @@ def test_merged_row_norms_match_the_dense_merge() -> None:
     for out_f, in_f, r, s in ((7, 5, 3, 2.0), (33, 129, 8, 0.5), (64, 16, 16, 1.0)):
         W, A, B = _factors(out_f, in_f, r, out_f)
         for layout in (W, W.t().contiguous().t()):  # row-major, and GPT-2's Conv1D (a transposed view)
-            got = stats.merged_row_norms(stats.row_sq_norms(layout), stats.weight_product(layout, A), A, B, s)
+            got = stats.merged_row_norms(stats.row_sq_norms(layout), stats.weight_product(layout.t(), A), A, B, s)
             exact = torch.linalg.vector_norm(W + s * B @ A, dim=1)
             torch.testing.assert_close(got, exact, **tolerance(torch.float64))
 
@@ -35,7 +35,7 @@ def test_gradient_proxy_row_norms_match_the_dense_product() -> None:
 
 def test_float32_inputs_give_float64_norms() -> None:
     W, A, B = (t.float() for t in _factors(12, 9, 2, 3))
-    got = stats.merged_row_norms(stats.row_sq_norms(W), stats.weight_product(W, A), A, B, 1.5)
+    got = stats.merged_row_norms(stats.row_sq_norms(W), stats.weight_product(W.t(), A), A, B, 1.5)
     assert got.dtype == torch.float64
     exact = torch.linalg.vector_norm(W.double() + 1.5 * B.double() @ A.double(), dim=1)
     torch.testing.assert_close(got, exact, **tolerance(torch.float32))
