@@ -4,7 +4,6 @@
 // transposed Conv1D weight is read and written in order. Bit-identical to the CPU kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -51,10 +50,9 @@ at::Tensor gaussian_perturb_cuda(const at::Tensor& weight, const at::Tensor& std
   const c10::cuda::CUDAGuard guard(weight.device());
   const PerturbLayout layout = perturb_layout(weight);
   const at::Tensor std_c = std.contiguous();
-  at::Tensor out = at::empty(layout.storage.sizes(), layout.storage.options());
-  const int64_t rows = out.size(0), cols = out.size(1);
+  const int64_t rows = layout.rows, cols = layout.cols;
   const int64_t groups = (rows * cols + 3) / 4;
-  if (groups == 0) return layout.per_column ? out.t() : out;
+  if (groups == 0) return layout.out;
   const int device = weight.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   refuse_graph_capture(stream, "gaussian_perturb");
@@ -62,11 +60,11 @@ at::Tensor gaussian_perturb_cuda(const at::Tensor& weight, const at::Tensor& std
     static OneWaveGrid grid;  // each block loops over its groups
     const auto kernel = _gaussian_perturb_kernel<scalar_t>;
     kernel<<<grid.blocks(kernel, kThreads, groups, device), kThreads, 0, stream>>>(
-        layout.storage.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(),
+        layout.data.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(), layout.out.mutable_data_ptr<scalar_t>(),
         rows, cols, layout.per_column, key.seed, key.offset);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return layout.per_column ? out.t() : out;
+  return layout.out;
 }
 
 }  // namespace

@@ -13,6 +13,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -40,17 +42,28 @@ inline PhiloxSeed check_gaussian_perturb_args(const at::Tensor& weight, const at
   return philox_seed_arg(seed, "gaussian_perturb");
 }
 
-// The weight as a contiguous storage matrix and whether its std index runs along storage columns.
+// The weight's elements as a dense storage matrix [rows, cols] and an empty result laid out like it. No views
+// are made (each would be a dispatcher call, and the op runs twice per adapted layer and training step).
 struct PerturbLayout {
-  at::Tensor storage;  // contiguous: the weight itself, or the [in, out] tensor a transposed view looks at
+  at::Tensor data;     // the weight (row-major, or a transposed view of a row-major [in, out]) or a row-major copy
+  at::Tensor out;      // the result, with data's strides
+  int64_t rows, cols;  // of the storage matrix: [in, out] for a transposed view
   bool per_column;     // std index = storage column (transposed view) instead of storage row
 };
 
+// weight.t().is_contiguous(), without making the view.
+inline bool is_transposed_contiguous(const at::Tensor& weight) {
+  const int64_t out = weight.size(0), in = weight.size(1);
+  return (out == 1 || weight.stride(0) == 1) && (in == 1 || weight.stride(1) == out);
+}
+
 inline PerturbLayout perturb_layout(const at::Tensor& weight) {
-  if (weight.is_contiguous()) return {weight, false};
-  const at::Tensor t = weight.t();
-  if (t.is_contiguous()) return {t, true};
-  return {weight.contiguous(), false};
+  const int64_t out = weight.size(0), in = weight.size(1);
+  if (!weight.is_contiguous() && is_transposed_contiguous(weight)) {
+    return {weight, at::empty_strided({out, in}, {1, out}, weight.options()), in, out, true};
+  }
+  const at::Tensor data = weight.contiguous();
+  return {data, at::empty({out, in}, weight.options()), out, in, false};
 }
 
 // Correctly rounded float32 arithmetic that no compiler contracts into an FMA.

@@ -6,7 +6,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "philox_block.h"
@@ -77,13 +76,12 @@ at::Tensor gaussian_perturb_cpu(const at::Tensor& weight, const at::Tensor& std,
   const PhiloxSeed key = check_gaussian_perturb_args(weight, std, seed, c10::DeviceType::CPU);
   const PerturbLayout layout = perturb_layout(weight);
   const at::Tensor std_c = std.contiguous();
-  at::Tensor out = at::empty(layout.storage.sizes(), layout.storage.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gaussian_perturb_cpu", [&] {
-    gaussian_perturb_cpu_impl<scalar_t>(layout.storage.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(),
-                                        out.mutable_data_ptr<scalar_t>(), out.size(0), out.size(1), layout.per_column,
-                                        key);
+    gaussian_perturb_cpu_impl<scalar_t>(layout.data.const_data_ptr<scalar_t>(), std_c.const_data_ptr<float>(),
+                                        layout.out.mutable_data_ptr<scalar_t>(), layout.rows, layout.cols,
+                                        layout.per_column, key);
   });
-  return layout.per_column ? out.t() : out;
+  return layout.out;
 }
 
 }  // namespace

@@ -38,7 +38,14 @@ def test_bits_match_reference(device, dtype, shape) -> None:
 def test_strided_weights_keep_their_layout_and_match_the_reference(device) -> None:
     """A transposed view (GPT-2's Conv1D) draws in memory order and keeps its layout; other strides go row-major."""
     base = torch.randn(40, 66, device=device)
-    for W, column_major in ((base.t(), True), (base[:, ::2], False), (base[1:, 3:], False)):
+    views = (
+        (base.t(), True),
+        (base[:, ::2], False),
+        (base[1:, 3:], False),
+        (base[:, ::2].t(), False),
+        (base[:1].t(), False),
+    )
+    for W, column_major in views:
         std = torch.rand(W.shape[0], device=device)
         out = ops.gaussian_perturb(W, std, seed=5, backend="ext")
         assert out.t().is_contiguous() if column_major else out.is_contiguous()
