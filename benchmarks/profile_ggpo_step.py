@@ -10,6 +10,7 @@ benchmark's small GPT-2, fp32; CUDA: GPT-2 small at 8 x 256 in bf16 autocast, as
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -20,6 +21,19 @@ from finetune_ext.bench.ggpo_step import PROVIDERS, cases
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _is_operator(name: str) -> bool:
+    return name.startswith(("aten::", "finetune_ext::"))
+
+
+def _is_launch(name: str) -> bool:
+    return name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def _count(prof: profile, kind: Callable[[str], bool]) -> int:
+    """Profiled events of one kind: on a host-bound GPU step, time goes with operator calls and launches."""
+    return sum(1 for event in prof.events() if kind(event.name))
 
 
 def main() -> None:
@@ -51,6 +65,10 @@ def main() -> None:
                 case.fn()
             _sync(device)
         print(f"\n### {case.provider}: {step_ms:.1f} ms a step (mean of {args.steps}, unprofiled), shape {case.shape}")
+        print(
+            f"operator calls a step: {_count(prof, _is_operator) / args.steps:.0f}; kernel launches a step: "
+            f"{_count(prof, _is_launch) / args.steps:.0f}"
+        )
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=args.top))
         if device.type == "cuda":

@@ -23,8 +23,9 @@ class LinChainLinear(nn.Module):
     adapter dropout's mask under ``finetune_ext.nn.keys.keyed``.
 
     A weight perturbation (``finetune_ext.perturb``) is set per step as ``noise = (std [out], Philox seed)``
-    (the layer multiplies by ``W + std * z``, formed inside ``lora_linear``) or ``shift = (P [out, q], Q [q, in])``
-    (it adds ``x Q^T P^T``, the output of ``W + P Q``); the base weight itself is never written.
+    (the layer multiplies by ``W + std * z``, formed inside ``lora_linear``; ``std`` is a row of the transform's
+    buffer, rewritten in place at each draw) or ``shift = (P [out, q], Q [q, in])`` (it adds ``x Q^T P^T``, the
+    output of ``W + P Q``); the base weight itself is never written.
     """
 
     def __init__(self, base: nn.Linear | Conv1D, config: LinChainConfig, site: int = 0) -> None:
