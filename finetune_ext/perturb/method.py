@@ -84,7 +84,7 @@ class MGPOOptions:
 
 
 class _Perturbation(Transform):
-    """Finds the adapters; the ramp; the factors of each layer's update and gradient proxy."""
+    """Finds the adapters and the ramp."""
 
     requires = ("adapter",)
 
@@ -98,22 +98,6 @@ class _Perturbation(Transform):
         if self.options.ramp == "constant":
             return 1.0
         return 0.5 * (1.0 - math.cos(math.pi * step / max(1, self.total_steps)))
-
-    @staticmethod
-    @torch.no_grad()
-    def factors(layer: LinChainLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(A', M)``: the effective down-projection and the chain matrix (``None`` for LoRA)."""
-        M, _ = layer.chain()
-        return layer.factors()[0].detach(), (M.detach() if M is not None else None)
-
-    @staticmethod
-    @torch.no_grad()
-    def pair(layer: LinChainLinear, d_A: torch.Tensor | None, d_B: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """``(P, Q)`` with ``P Q = s (d_B A' + B M d_A)``; ``()`` when a direction is missing."""
-        if d_A is None or d_B is None:
-            return ()
-        A, M = _Perturbation.factors(layer)
-        return stats.gradient_factors(A, layer.lora_B.detach(), d_A, d_B, layer.scale, M)
 
 
 @dataclass
@@ -130,7 +114,8 @@ class _Group:
     std: torch.Tensor  # [L, out] float32: the noise's row stds of the current draw
     std_rows: tuple[torch.Tensor, ...]  # std's row views, one per layer (made once)
     drawn: bool = False  # whether std holds a draw (not before the first step or load)
-    grad_norms: torch.Tensor | None = None  # [L, out]: ||G_i|| of the last backward, float64
+    grad_norms: torch.Tensor | None = None  # [L, out]: ||G_i|| of the last backward, float64 (ggpo)
+    ema: torch.Tensor | None = None  # [L]: EMA of ||G||_F (mgpo)
 
     @property
     def scale(self) -> float:
@@ -152,14 +137,18 @@ class _Group:
         AW = torch.stack([stats.weight_product(w_t, a) for w_t, a in zip(self.weights_t, rows, strict=True)])
         return stats.merged_row_norms(self.w_sq, AW, A, B, self.scale)
 
+    def pair(self, d_A: list[torch.Tensor | None], d_B: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+        """``(P, Q)`` stacked, ``P Q = s (d_B A' + B M d_A)`` for the directions ``d_A``, ``d_B`` of each layer's
+        factors (gradients, momenta); ``()`` while a layer has none."""
+        if any(d is None for d in d_A + d_B):
+            return ()
+        A, M, B = self.factors()
+        return stats.gradient_factors(A, B, torch.stack(d_A), torch.stack(d_B), self.scale, M)
+
     def gradient_norms(self) -> torch.Tensor | None:
         """``||G_i||`` of the gradient proxy of the last backward, ``[L, out]``; ``None`` while a layer has none."""
-        grads_A, grads_B = [ly.lora_A.grad for ly in self.layers], [ly.lora_B.grad for ly in self.layers]
-        if any(g is None for g in grads_A + grads_B):
-            return None
-        A, M, B = self.factors()
-        P_Q = stats.gradient_factors(A, B, torch.stack(grads_A), torch.stack(grads_B), self.scale, M)
-        return stats.product_row_norms(*P_Q)
+        P_Q = self.pair([ly.lora_A.grad for ly in self.layers], [ly.lora_B.grad for ly in self.layers])
+        return stats.product_row_norms(*P_Q) if P_Q else None
 
 
 @torch.no_grad()
@@ -285,7 +274,7 @@ class MGPO(_Perturbation):
 
     def apply(self, model: nn.Module, run: RunContext) -> None:
         super().apply(model, run)
-        self.ema: dict[str, torch.Tensor] = {}
+        self.groups = _groups(self.layers)
 
     @staticmethod
     def momentum(stepper: Stepper, p: torch.Tensor) -> torch.Tensor | None:
@@ -298,33 +287,36 @@ class MGPO(_Perturbation):
     @torch.no_grad()
     def before_step(self, step: int, stepper: Stepper) -> None:
         o = self.options
-        for name, layer in self.layers.items():
-            layer.shift = None
-            P_Q = self.pair(layer, self.momentum(stepper, layer.lora_A), self.momentum(stepper, layer.lora_B))
-            if not P_Q:
-                continue
-            norm = stats.product_norm(*P_Q)
-            gbar = self.ema.get(name)
-            adaptive = 1.0 if gbar is None else torch.clamp(1.0 / (gbar + 1e-12), max=10.0)
-            # A vanishing momentum shifts by zero, decided on the device (bool(norm > 1e-12) would wait, per layer).
-            coef = torch.where(norm > 1e-12, -o.rho * self.ramp(step) * adaptive / (norm + 1e-12), 0.0)
-            P, Q = P_Q
-            layer.shift = ((P.double() * coef).to(P.dtype), Q)
+        for group in self.groups:
+            momenta = [[self.momentum(stepper, p) for p in (ly.lora_A, ly.lora_B)] for ly in group.layers]
+            P_Q = group.pair([m for m, _ in momenta], [m for _, m in momenta])
+            shifts = [None] * len(group.layers)  # a group shifts once every layer has a momentum
+            if P_Q:
+                P, Q = P_Q
+                norm = stats.product_norm(P, Q)  # [L]
+                adaptive = 1.0 if group.ema is None else torch.clamp(1.0 / (group.ema + 1e-12), max=10.0)
+                # A vanishing momentum shifts by zero, decided on the device (bool(norm > 1e-12) would wait).
+                coef = torch.where(norm > 1e-12, -o.rho * self.ramp(step) * adaptive / (norm + 1e-12), 0.0)
+                scaled = (P.double() * coef[:, None, None]).to(P.dtype)
+                shifts = list(zip(scaled.unbind(), Q.unbind(), strict=True))
+            for layer, shift in zip(group.layers, shifts, strict=True):
+                layer.shift = shift
 
     @torch.no_grad()
     def after_step(self, step: int, stepper: Stepper) -> None:
         beta = self.options.beta
-        for name, layer in self.layers.items():
+        for layer in self.layers.values():
             layer.shift = None
-            P_Q = self.pair(layer, layer.lora_A.grad, layer.lora_B.grad)
+        for group in self.groups:
+            P_Q = group.pair([ly.lora_A.grad for ly in group.layers], [ly.lora_B.grad for ly in group.layers])
             if not P_Q:
                 continue
             norm = stats.product_norm(*P_Q)
-            prev = self.ema.get(name)
-            self.ema[name] = norm if prev is None else beta * prev + (1.0 - beta) * norm
+            group.ema = norm if group.ema is None else beta * group.ema + (1.0 - beta) * norm
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": dict(self.ema)}
+        return {"ema": _rows(self.groups, lambda g: g.ema)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ema = dict(state["ema"])
+        for group in self.groups:
+            group.ema = _stacked(group, state["ema"])
