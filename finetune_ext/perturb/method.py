@@ -163,7 +163,7 @@ def _groups(layers: dict[str, LinChainLinear]) -> list[_Group]:
     for names in by_key.values():
         members = [layers[n] for n in names]
         weights = [layer.base_weight().detach() for layer in members]
-        std = torch.zeros(len(weights), weights[0].shape[0], device=weights[0].device)
+        std = torch.zeros(len(weights), weights[0].shape[0], dtype=torch.float32, device=weights[0].device)
         w_sq = torch.stack([stats.row_sq_norms(W) for W in weights])
         groups.append(_Group(names, members, [W.t() for W in weights], w_sq, std, std.unbind()))
     return groups
