@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 
 
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``: ``torch.bmm`` for stacked layers, where matmul's broadcasting adds four dispatcher calls."""
+    return torch.bmm(a, b) if a.dim() == 3 and b.dim() == 3 else a @ b
+
+
 def row_sq_norms(W: torch.Tensor) -> torch.Tensor:
     """``||W_i||^2`` of every row, float64 (cache it: the base weight is frozen)."""
     return W.double().square().sum(-1)
@@ -34,14 +39,15 @@ def merged_row_norms(
     """``||(W + scale B A)_i||`` for every row ``i``, from ``w_sq = row_sq_norms(W)`` and ``AW = weight_product(W^T,
     A)``. Every argument may carry a leading layer dimension (layers of one shape, stacked)."""
     A64, B64 = A.double(), B.double()
-    half = (B64 @ (A64 @ A64.mT)).mul_(0.5 * scale).add_(AW.mT)  # ||W'_i||^2 = ||W_i||^2 + 2 s <B_i, half_i>
+    # ||W'_i||^2 = ||W_i||^2 + 2 s <B_i, half_i>
+    half = _product(B64, _product(A64, A64.mT)).mul_(0.5 * scale).add_(AW.mT)
     return torch.add(w_sq, (B64 * half).sum(-1), alpha=2.0 * scale).clamp_min_(0.0).sqrt_()
 
 
 def product_row_norms(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """``||(P Q)_i||`` for every row ``i`` from the Gram of ``Q``, without forming ``P Q`` (stacked layers too)."""
     P64, Q64 = P.double(), Q.double()
-    return ((P64 @ (Q64 @ Q64.mT)) * P64).sum(-1).clamp_min_(0.0).sqrt_()
+    return (_product(P64, _product(Q64, Q64.mT)) * P64).sum(-1).clamp_min_(0.0).sqrt_()
 
 
 def product_norm(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -59,5 +65,5 @@ def gradient_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, Q)`` with ``P Q = scale (grad_B A + B M grad_A)``: ``P = scale [grad_B, B]``, ``Q = [A; M grad_A]``.
     ``A`` is the effective down-projection (LinChain: ``M A_0``) and ``M`` the chain matrix, ``None`` for LoRA."""
-    grad_A = M @ grad_A if M is not None else grad_A
+    grad_A = _product(M, grad_A) if M is not None else grad_A
     return scale * torch.cat([grad_B, B], dim=-1), torch.cat([A, grad_A], dim=-2)
