@@ -17,6 +17,7 @@ from contextvars import ContextVar
 import torch
 
 _MASK = (1 << 64) - 1
+_START = 0x9E3779B97F4A7C15  # the hash state before the first word
 _current: ContextVar[int | None] = ContextVar("finetune_ext_key", default=None)
 
 
@@ -31,12 +32,12 @@ def _fold(h: int, words: Iterable[int]) -> int:
 
 def mix(*words: int) -> int:
     """A 63-bit hash of integers (SplitMix64 finaliser, folded word by word)."""
-    return _fold(0x9E3779B97F4A7C15, words) >> 1
+    return _fold(_START, words) >> 1
 
 
 def mix_each(prefix: tuple[int, ...], lasts: list[int]) -> list[int]:
     """``[mix(*prefix, last) for last in lasts]`` with the prefix folded once (a step's keys for every layer)."""
-    h = _fold(0x9E3779B97F4A7C15, prefix)
+    h = _fold(_START, prefix)
     return [_fold(h, (last,)) >> 1 for last in lasts]
 
 

@@ -145,9 +145,13 @@ class _Group:
         A, M, B = self.factors()
         return stats.gradient_factors(A, B, torch.stack(d_A), torch.stack(d_B), self.scale, M)
 
+    def gradient_pair(self) -> tuple[torch.Tensor, ...]:
+        """``pair`` of the last backward's gradients: ``P Q = G``, the gradient proxy; ``()`` while a layer has none."""
+        return self.pair([ly.lora_A.grad for ly in self.layers], [ly.lora_B.grad for ly in self.layers])
+
     def gradient_norms(self) -> torch.Tensor | None:
         """``||G_i||`` of the gradient proxy of the last backward, ``[L, out]``; ``None`` while a layer has none."""
-        P_Q = self.pair([ly.lora_A.grad for ly in self.layers], [ly.lora_B.grad for ly in self.layers])
+        P_Q = self.gradient_pair()
         return stats.product_row_norms(*P_Q) if P_Q else None
 
 
@@ -308,7 +312,7 @@ class MGPO(_Perturbation):
         for layer in self.layers.values():
             layer.shift = None
         for group in self.groups:
-            P_Q = group.pair([ly.lora_A.grad for ly in group.layers], [ly.lora_B.grad for ly in group.layers])
+            P_Q = group.gradient_pair()
             if not P_Q:
                 continue
             norm = stats.product_norm(*P_Q)

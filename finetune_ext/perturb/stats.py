@@ -17,7 +17,7 @@ import torch
 
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b``: ``torch.bmm`` for stacked layers, where matmul's broadcasting adds four dispatcher calls."""
+    """``a @ b``: ``torch.bmm`` for stacked layers (matmul's broadcasting adds about ten dispatcher events)."""
     return torch.bmm(a, b) if a.dim() == 3 and b.dim() == 3 else a @ b
 
 
