@@ -1,5 +1,5 @@
-// CPU kernel of finetune_ext::softmax_ce_hessian_vp: rows split across threads; each row's probabilities are
-// computed once into a thread-local buffer and applied to all m vectors.
+// CPU kernel of finetune_ext::softmax_ce_hessian_vp: (row, vector) pairs split across threads; each row's
+// probabilities are computed into a thread-local buffer and applied to the row's vectors of the thread's share.
 #include "../softmax_ce_hessian_vp.h"
 
 #include <ATen/Dispatch.h>
@@ -18,21 +18,17 @@
 namespace finetune_ext {
 namespace {
 
-// sum_j term(j) with kLanes independent partial sums (vectorisable without -ffast-math), each lane block of 1024
-// terms folded into a double: the error stays that of a short float sum.
+// sum_j term(j): blocks of 1024 terms summed in acc_t by an OpenMP simd reduction (vectorised without
+// -ffast-math), the blocks added in double, so the error stays that of a short float sum.
 template <typename acc_t, typename Term>
-double lane_sum(int64_t c, Term term) {
-  constexpr int kLanes = 8;
+[[gnu::always_inline]] inline double block_sum(int64_t c, Term term) {
   double total = 0;
   for (int64_t start = 0; start < c; start += 1024) {
     const int64_t end = std::min<int64_t>(c, start + 1024);
-    acc_t lanes[kLanes] = {};
-    int64_t j = start;
-    for (; j + kLanes <= end; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) lanes[l] += term(j + l);
-    }
-    for (; j < end; ++j) lanes[0] += term(j);
-    for (int l = 0; l < kLanes; ++l) total += lanes[l];
+    acc_t block = 0;
+#pragma omp simd reduction(+ : block)
+    for (int64_t j = start; j < end; ++j) block += term(j);
+    total += block;
   }
   return total;
 }
@@ -82,32 +78,45 @@ void exp_shifted(double* p, int64_t c, double shift) {
   for (int64_t j = 0; j < c; ++j) p[j] = std::exp(p[j] - shift);
 }
 
+// p = softmax(z) over one row, in the accumulation type.
+template <typename logit_t, typename acc_t>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_row(const logit_t* z, acc_t* p, int64_t c) {
+  exp_shifted(p, c, copy_max(z, p, c));
+  const acc_t inv = static_cast<acc_t>(1.0 / block_sum<acc_t>(c, [&](int64_t j) { return p[j]; }));
+  for (int64_t j = 0; j < c; ++j) p[j] *= inv;
+}
+
+// out = s p (v - <p, v>) over one row.
+template <typename acc_t, typename vec_t>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void hessian_vp_row(const acc_t* p, const vec_t* v,
+                                                                                 vec_t* out, int64_t c, acc_t s) {
+  const acc_t d = static_cast<acc_t>(block_sum<acc_t>(c, [&](int64_t j) { return p[j] * static_cast<acc_t>(v[j]); }));
+  for (int64_t j = 0; j < c; ++j) out[j] = static_cast<vec_t>(p[j] * (static_cast<acc_t>(v[j]) - d) * s);
+}
+
+// Threads split the (row, vector) pairs in row-major order, so a handful of vectors (m = 8 over one row) still
+// use every core; a thread computes a row's probabilities when it reaches the row's first pair of its share.
 template <typename logit_t, typename vec_t>
 void hessian_vp_cpu_impl(const logit_t* z, const vec_t* v, const int64_t* labels, int64_t ignore_index,
                          const void* scale, vec_t* out, int64_t m, int64_t n, int64_t c) {
   using acc_t = std::conditional_t<std::is_same_v<vec_t, double>, double, float>;
   const acc_t s = scale != nullptr ? *static_cast<const acc_t*>(scale) : acc_t(1);
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * m, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> p(c);
-    for (int64_t row = begin; row < end; ++row) {
-      const bool ignored = labels != nullptr && labels[row] == ignore_index;
-      if (!ignored) {
-        const logit_t* zr = z + row * c;
-        exp_shifted(p.data(), c, copy_max(zr, p.data(), c));
-        const acc_t inv = static_cast<acc_t>(1.0 / lane_sum<acc_t>(c, [&](int64_t j) { return p[j]; }));
-        for (int64_t j = 0; j < c; ++j) p[j] *= inv;
+    int64_t p_row = -1;
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t row = pair / m, k = pair % m;
+      const vec_t* vr = v + (k * n + row) * c;
+      vec_t* orow = out + (k * n + row) * c;
+      if (labels != nullptr && labels[row] == ignore_index) {
+        std::fill(orow, orow + c, vec_t(0));
+        continue;
       }
-      for (int64_t k = 0; k < m; ++k) {
-        const vec_t* vr = v + (k * n + row) * c;
-        vec_t* orow = out + (k * n + row) * c;
-        if (ignored) {
-          std::fill(orow, orow + c, vec_t(0));
-          continue;
-        }
-        const acc_t d =
-            static_cast<acc_t>(lane_sum<acc_t>(c, [&](int64_t j) { return p[j] * static_cast<acc_t>(vr[j]); }));
-        for (int64_t j = 0; j < c; ++j) orow[j] = static_cast<vec_t>(p[j] * (static_cast<acc_t>(vr[j]) - d) * s);
+      if (row != p_row) {
+        softmax_row(z + row * c, p.data(), c);
+        p_row = row;
       }
+      hessian_vp_row(p.data(), vr, orow, c, s);
     }
   });
 }

@@ -51,6 +51,25 @@ def test_matches_reference(device, dtype, m, lead, c) -> None:
     assert (ops.softmax_ce_hessian_vp(logits, V, labels, backend="ext")[ignored] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_threads_split_rows_between_vectors(dtype) -> None:
+    """The CPU kernel splits (row, vector) pairs across threads, so a row's vectors can fall to different threads
+    (here 4 rows x 5 vectors over 3 threads: shares of 7, 7 and 6 pairs). Every pair's result is the same bits
+    whatever the split, and matches the reference, ignored rows included."""
+    logits, V, labels = _inputs("cpu", dtype, m=5, lead=(4,), c=3001)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.softmax_ce_hessian_vp(logits, V, labels, backend="ext")
+        torch.set_num_threads(3)
+        split = ops.softmax_ce_hessian_vp(logits, V, labels, backend="ext")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, one)
+    exact = reference.softmax_ce_hessian_vp(logits.double(), V.double(), labels)
+    assert_within_2x_reference(split, reference.softmax_ce_hessian_vp(logits, V, labels), exact)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(
     ("logit_dtype", "dtype"),
