@@ -13,6 +13,11 @@ from finetune_ext.adapters.config import LinChainConfig
 from finetune_ext.nn import keys
 
 
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype``; no ``to`` call when it already is (a dispatcher call per tensor and layer)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 class LinChainLinear(nn.Module):
     """``y = base(x) + s * B (M dropout(x) A^T... )``: LoRA factors ``A [r, in]``, ``B [out, r]`` and a chain of
     ``k`` mixers stored as ``mixer_weight [k, r, r]`` (``u <- mixer_weight[i] u + mixer_bias[i]``).
@@ -84,16 +89,16 @@ class LinChainLinear(nn.Module):
             return None, None
         if self._chain is not None:
             return self._chain
-        b = self.mixer_bias[None] if self.mixer_bias is not None else None
-        M, beff = ops.linchain_compose(self.mixer_weight[None], b)
-        return M[0], beff[0]
+        b = self.mixer_bias.unsqueeze(0) if self.mixer_bias is not None else None
+        M, beff = ops.linchain_compose(self.mixer_weight.unsqueeze(0), b)
+        return M.squeeze(0), beff.squeeze(0)  # not M[0]: select's backward allocates and fills a zero tensor
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(A', c)``: the effective down-projection ``M A`` and rank-space bias."""
         M, beff = self.chain()
         if M is None:
             return self.lora_A, None
-        return M @ self.lora_A, (beff if self.mixer_bias is not None else None)
+        return torch.mm(M, self.lora_A), (beff if self.mixer_bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -101,15 +106,17 @@ class LinChainLinear(nn.Module):
         A, c = self.factors()
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        cast = [t.to(dtype) if t is not None else None for t in (x, self.base_weight(), self.base_layer.bias, A)]
+        x, weight, bias, A, B, c = (
+            _as(t, dtype) for t in (x, self.base_weight(), self.base_layer.bias, A, self.lora_B, c)
+        )
         std, noise_seed = self.noise if self.noise is not None and self.training else (None, 0)
         y = ops.lora_linear(
-            cast[0],
-            cast[1],
-            cast[2],
-            cast[3],
-            self.lora_B.to(dtype),
-            c.to(dtype) if c is not None else None,
+            x,
+            weight,
+            bias,
+            A,
+            B,
+            c,
             scale=self.scale,
             dropout_p=self.dropout,
             training=self.training,
@@ -119,8 +126,8 @@ class LinChainLinear(nn.Module):
         )
         if self.shift is None or not self.training:
             return y
-        P, Q = (t.to(dtype) for t in self.shift)
-        return y + (cast[0] @ Q.t()) @ P.t()
+        P, Q = (_as(t, dtype) for t in self.shift)
+        return y + (x @ Q.t()) @ P.t()
 
     @torch.no_grad()
     def delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:

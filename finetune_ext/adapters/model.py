@@ -106,8 +106,9 @@ def _compose_all(layers) -> None:
         W = torch.stack([a.mixer_weight for a in group])
         b = torch.stack([a.mixer_bias for a in group]) if group[0].mixer_bias is not None else None
         M, beff = ops.linchain_compose(W, b)
-        for i, a in enumerate(group):
-            a._chain = (M[i], beff[i])
+        # unbind: one backward node for the group (select's, one a layer, would each fill a zero [N, r, r])
+        for a, chain in zip(group, zip(M.unbind(0), beff.unbind(0), strict=True), strict=True):
+            a._chain = chain
 
 
 def _clear(layers) -> None:
