@@ -22,9 +22,9 @@ class LinChainLinear(nn.Module):
     """``y = base(x) + s * B (M dropout(x) A^T... )``: LoRA factors ``A [r, in]``, ``B [out, r]`` and a chain of
     ``k`` mixers stored as ``mixer_weight [k, r, r]`` (``u <- mixer_weight[i] u + mixer_bias[i]``).
 
-    The chain is composed into ``M, beff`` once per model forward for all adapters (``linchain_compose``, set
-    by the model-level hook in ``adapters.model``; composed here when the layer is called on its own), and the
-    layer runs as LoRA with ``A' = M A`` and a rank-space bias ``beff`` (``ops.lora_linear``). ``site`` keys the
+    The chain is composed into ``M, beff`` and the layer runs as LoRA with ``A' = M A`` and a rank-space bias
+    ``beff`` (``ops.lora_linear``); ``A'`` and ``beff`` are made once per model forward for all adapters (by
+    the model-level hook in ``adapters.model``), or here when the layer is called on its own. ``site`` keys the
     adapter dropout's mask under ``finetune_ext.nn.keys.keyed``.
 
     A weight perturbation (``finetune_ext.perturb``) is set per step as ``noise = (std [out], Philox seed)``
@@ -50,7 +50,7 @@ class LinChainLinear(nn.Module):
         self.mixer_bias = nn.Parameter(torch.empty(k, r, **like)) if k and config.mixer_bias else None
         self.merged = False
         self._created_bias = False
-        self._chain: tuple[torch.Tensor, torch.Tensor] | None = None  # (M, beff) of the current model forward
+        self._factors: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (M A, beff) of the model forward
         self.noise: tuple[torch.Tensor, int] | None = None
         self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters(config.init)
@@ -83,22 +83,17 @@ class LinChainLinear(nn.Module):
         w = self.base_layer.weight
         return w.t() if self.conv1d else w
 
-    def chain(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(M, beff)`` of the chain, ``(None, None)`` for LoRA."""
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(A', c)``: the effective down-projection ``M A`` and rank-space bias (``None`` without mixer biases),
+        as the model hook composed them for this forward, else composed here."""
+        if self._factors is not None:
+            return self._factors
         if self.mixer_weight is None:
-            return None, None
-        if self._chain is not None:
-            return self._chain
+            return self.lora_A, None
         b = self.mixer_bias.unsqueeze(0) if self.mixer_bias is not None else None
         M, beff = ops.linchain_compose(self.mixer_weight.unsqueeze(0), b)
-        return M.squeeze(0), beff.squeeze(0)  # not M[0]: select's backward allocates and fills a zero tensor
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(A', c)``: the effective down-projection ``M A`` and rank-space bias."""
-        M, beff = self.chain()
-        if M is None:
-            return self.lora_A, None
-        return torch.mm(M, self.lora_A), (beff if self.mixer_bias is not None else None)
+        # squeeze, not M[0]: select's backward allocates and fills a zero tensor
+        return torch.mm(M.squeeze(0), self.lora_A), (beff.squeeze(0) if b is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

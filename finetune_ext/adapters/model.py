@@ -1,8 +1,8 @@
 """Put LinChain adapters on a model, merge them, save and load them.
 
 Adapters wrap the targeted module instances (``parent.<name> = LinChainLinear(module)``); no class is patched.
-A forward pre-hook on the model composes every adapter's chain in one ``linchain_compose`` call per
-(r, k, dtype, device) group before each forward, and a hook after it drops the composed tensors.
+A forward pre-hook on the model composes every adapter's chain and its ``M A`` in one ``linchain_compose`` and one
+``bmm`` per group of same-shaped adapters before each forward, and a hook after it drops the composed tensors.
 """
 
 from __future__ import annotations
@@ -97,23 +97,27 @@ def _modules_to_save(model: nn.Module, config: LinChainConfig) -> list[nn.Module
 
 
 def _compose_all(layers) -> None:
+    """Each chained adapter's ``(M A, beff)`` for this forward: one ``linchain_compose`` and one ``bmm`` per group
+    of adapters with the same shapes, instead of a product (and its backward) per layer."""
     groups: dict[tuple, list[LinChainLinear]] = defaultdict(list)
     for a in layers:
         if a.mixer_weight is not None and not a.merged:
             w = a.mixer_weight
-            groups[(a.r, a.chain_length, w.dtype, w.device, a.mixer_bias is not None)].append(a)
+            groups[(a.r, a.chain_length, a.lora_A.shape[1], w.dtype, w.device, a.mixer_bias is not None)].append(a)
     for group in groups.values():
         W = torch.stack([a.mixer_weight for a in group])
         b = torch.stack([a.mixer_bias for a in group]) if group[0].mixer_bias is not None else None
         M, beff = ops.linchain_compose(W, b)
-        # unbind: one backward node for the group (select's, one a layer, would each fill a zero [N, r, r])
-        for a, chain in zip(group, zip(M.unbind(0), beff.unbind(0), strict=True), strict=True):
-            a._chain = chain
+        A = torch.bmm(M, torch.stack([a.lora_A for a in group]))
+        # unbind: one backward node for the group (select's, one a layer, would each fill a zero [N, r, in])
+        cs = beff.unbind(0) if b is not None else [None] * len(group)
+        for a, factors in zip(group, zip(A.unbind(0), cs, strict=True), strict=True):
+            a._factors = factors
 
 
 def _clear(layers) -> None:
     for a in layers:
-        a._chain = None
+        a._factors = None
 
 
 def merge(model: nn.Module) -> None:

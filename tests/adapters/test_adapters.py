@@ -86,7 +86,8 @@ def test_forward_and_gradients_equal_the_official_chain(k) -> None:
         torch.testing.assert_close(a, e, **tolerance(torch.float64))
 
 
-def test_model_forward_composes_every_chain_in_one_call(monkeypatch) -> None:
+def test_model_forward_composes_the_chains_once_per_shape(monkeypatch) -> None:
+    """One linchain_compose (and one batched M A) per group of same-shaped adapters in a model forward."""
     model = _gpt2(torch.float64)
     adapters.apply_linchain(model, LinChainConfig(r=3, chain_length=2, dropout=0.0))
     _randomise_B(model)
@@ -97,8 +98,8 @@ def test_model_forward_composes_every_chain_in_one_call(monkeypatch) -> None:
     )
     ids = _ids()
     out = model(ids).logits
-    assert calls == [(8, 2, 3, 3)]  # 2 layers x 4 Conv1D, one launch
-    assert all(a._chain is None for a in adapters.adapters(model).values())  # dropped after the forward
+    assert calls == [(6, 2, 3, 3), (2, 2, 3, 3)]  # 2 layers x 3 Conv1D with d inputs, x 1 with 4 d
+    assert all(a._factors is None for a in adapters.adapters(model).values())  # dropped after the forward
     # Each layer called on its own composes its chain itself: same model output.
     monkeypatch.setattr(adapters.model, "_compose_all", lambda layers: None)
     torch.testing.assert_close(model(ids).logits, out, **tolerance(torch.float64))

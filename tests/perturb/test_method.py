@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from finetune_ext import ops
 from finetune_ext.adapters import LinChainConfig, apply_linchain
 from finetune_ext.perturb import GGPO, MGPO, FlatLoRA
 from finetune_ext.perturb.method import FlatLoRAOptions, GGPOOptions, MGPOOptions
@@ -164,7 +165,7 @@ def test_mgpo_shifts_against_the_momentum(chain) -> None:
     P, Q = layer.shift
     eps = P @ Q
     A = layer.factors()[0].detach()  # A' = M A
-    M = layer.chain()[0].detach() if chain else None
+    M = ops.linchain_compose(layer.mixer_weight.detach()[None])[0][0] if chain else None
     m_A, m_B = (stepper.optimizer.state[p]["exp_avg"] for p in (layer.lora_A, layer.lora_B))
     v = layer.scale * (m_B @ A + layer.lora_B.detach() @ (M @ m_A if M is not None else m_A))
     cos = (eps * v).sum() / (eps.norm() * v.norm())
