@@ -9,6 +9,7 @@ missing. Autograd is registered next to each public function in ``finetune_ext/o
 
 from __future__ import annotations
 
+import functools
 from array import array
 from typing import Literal
 
@@ -35,6 +36,20 @@ def philox_key(seed: int | None, offset: int, generator: torch.Generator | None)
         seed = int(torch.randint(0, _SEED_MAX, (1,), dtype=torch.int64, generator=generator))
     # frombuffer: a third of torch.tensor's host time, and this runs for every random op's call
     return torch.frombuffer(array("q", [seed, offset]), dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _keep_scalar(keep: float, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a tensor made under inference mode could not be saved for a backward
+        return torch.full((), keep, dtype=torch.float32, device=device)
+
+
+def keep_tensor(keep: float, device: torch.device) -> torch.Tensor:
+    """The float32 scalar tensor ``keep`` on ``device`` that the dropout kernels read, made once per value and
+    device (never written): a new one per call was an allocation and, on a GPU, a fill kernel per layer call."""
+    if torch.compiler.is_compiling():
+        return torch.full((), keep, dtype=torch.float32, device=device)
+    return _keep_scalar(keep, device)
 
 
 # y = residual + x * m / keep, m ~ Bernoulli(keep) from Philox keyed by seed = (seed, offset), a CPU int64[2].

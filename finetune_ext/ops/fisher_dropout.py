@@ -13,7 +13,7 @@ import math
 import torch
 
 from finetune_ext import reference
-from finetune_ext.ops._library import Backend, check_backend, philox_key, use_kernel
+from finetune_ext.ops._library import Backend, check_backend, keep_tensor, philox_key, use_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -87,7 +87,7 @@ def _check_args(
     elif isinstance(keep, (int, float)):
         if math.isnan(keep) or not 0.0 < keep <= 1.0:
             raise ValueError(f"keep: expected a value in (0, 1], got {keep}")
-        keep_t = torch.full((), float(keep), dtype=torch.float32, device=x.device)
+        keep_t = keep_tensor(float(keep), x.device)
     else:
         raise TypeError(f"keep: expected a float or a torch.Tensor, got {type(keep).__name__}")
     if residual is not None:

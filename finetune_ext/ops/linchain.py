@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from finetune_ext import reference
-from finetune_ext.ops._library import Backend, check_backend, philox_key, use_kernel
+from finetune_ext.ops._library import Backend, check_backend, keep_tensor, philox_key, use_kernel
 from finetune_ext.ops.gaussian_perturb import check_noise_args
 
 _UNUSED_KEY = torch.zeros(2, dtype=torch.int64)  # the Philox key argument of a call without dropout or noise
@@ -87,7 +87,7 @@ def lora_linear(
         raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
     drop = training and dropout_p > 0.0
     key = philox_key(seed, 0, generator) if drop else _UNUSED_KEY
-    keep = torch.full((), 1.0 - dropout_p, dtype=torch.float32, device=x.device) if drop else None
+    keep = keep_tensor(1.0 - dropout_p, x.device) if drop else None
     noise_key = philox_key(noise_seed, noise_offset, None) if noise_std is not None else _UNUSED_KEY
     if noise_std is not None:
         noise_std = check_noise_args(weight, noise_std)

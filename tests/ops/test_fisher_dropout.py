@@ -96,6 +96,20 @@ def test_seeding_reproduces_and_varies() -> None:
     assert not torch.equal(_ext(x, 0.5, offset=0), _ext(x, 0.5, offset=1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_float_keep_made_under_inference_mode_serves_a_later_backward(device) -> None:
+    """A float keep becomes one float32 tensor per value and device, made at its first use; a first use under
+    inference mode must not leave an inference tensor that a later training call could not save."""
+    x = torch.randn(16, 8, device=device)
+    with torch.inference_mode():
+        first = ops.fisher_dropout(x, 0.625, seed=3)
+    xg = x.clone().requires_grad_(True)
+    y = ops.fisher_dropout(xg, 0.625, seed=3)
+    (grad,) = torch.autograd.grad(y, xg, torch.ones_like(y))
+    assert torch.equal(y.detach(), first)
+    torch.testing.assert_close(grad, (first != 0).float() / 0.625, **tolerance(torch.float32))
+
+
 def test_backward_saves_no_tensor_of_input_size() -> None:
     x = torch.randn(32, 128, requires_grad=True)
     sizes = []
