@@ -217,8 +217,20 @@ class Stream:
 
 
 def make_batch(split: dict[str, torch.Tensor], idx: torch.Tensor, task: str, device: torch.device) -> dict:
-    """The examples ``idx`` of ``split`` on ``device``, with ``labels`` (the inputs themselves for LM)."""
-    batch = {k: v[idx].to(device, non_blocking=True) for k, v in split.items()}
+    """The examples ``idx`` of ``split`` on ``device``, with ``labels`` (the inputs themselves for LM).
+
+    Labelled examples are stored padded to ``max_length``; with right padding a batch ends at its longest example
+    (SST-2's sentences fill about a fifth of 128), so no step computes on padding alone. Left padding is kept:
+    cutting it would move the tokens' positions in models that count them from the left (GPT-2)."""
+    columns = slice(None)
+    if task != "lm" and "attention_mask" in split:
+        used = split["attention_mask"][idx].any(0)
+        columns = slice(0, int(used.nonzero()[-1]) + 1)
+    width = split["input_ids"].shape[-1]
+    batch = {
+        k: (v[idx, columns] if v.dim() == 2 and v.shape[1] == width else v[idx]).to(device, non_blocking=True)
+        for k, v in split.items()
+    }
     if task == "lm":
         batch["labels"] = batch["input_ids"]
     return batch

@@ -166,7 +166,8 @@ def encode(
     def split(rows: list[Example]) -> dict[str, torch.Tensor]:
         columns = list(zip(*(e.texts for e in rows), strict=True))
         texts = (text for e in rows for text in e.texts)
-        enc = cached(tokenizer, texts, f"columns={len(columns)} max_length={max_length}",
+        sides = f"padding_side={tokenizer.padding_side} truncation_side={tokenizer.truncation_side}"
+        enc = cached(tokenizer, texts, f"columns={len(columns)} max_length={max_length} {sides}",
                      lambda: dict(tokenizer(*columns, padding="max_length", truncation=True, max_length=max_length,
                                             return_tensors="pt")))  # fmt: skip
         dtype = torch.float32 if kind == "regression" else torch.long

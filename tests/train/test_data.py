@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finetune_ext.testing import tolerance
 from finetune_ext.train import UserError
-from finetune_ext.train.data import load_splits
+from finetune_ext.train.data import load_splits, make_batch
 from finetune_ext.train.distributed import Dist
 from finetune_ext.train.metrics import evaluate
 from finetune_ext.train.models import load_model, load_tokenizer
@@ -36,6 +37,27 @@ def test_lm_blocks_pack_all_tokens(wikitext_slice, tokenizer) -> None:
     n = len(ids) // 32
     assert splits.task == "lm"
     assert torch.equal(splits.val["input_ids"], torch.tensor(ids[: n * 32]).view(n, 32))
+
+
+@pytest.mark.parametrize(("model", "side"), [("config:bert-tiny", "right"), ("config:gpt2-tiny", "right"),
+                                            ("config:gpt2-tiny", "left")])  # fmt: skip
+def test_labelled_batches_end_at_their_longest_example(sst2_slice, gpt2_tokenizer, bert_tokenizer, model, side) -> None:
+    """Stored padded to max_length, a batch of right-padded examples ends at its longest one; left padding stays
+    (GPT-2 would see its tokens at other positions). The model's outputs are those of the padded batch."""
+    tok = load_tokenizer(bert_tokenizer if "bert" in model else gpt2_tokenizer)
+    tok.padding_side = side
+    splits = load_splits(str(sst2_slice), tok, block_size=8, max_length=64, train_samples=None, val_size=8, seed=0)
+    idx = torch.tensor([3, 0, 7, 5])
+    padded = {k: v[idx] for k, v in splits.train.items()}
+    longest = int(padded["attention_mask"].sum(1).max())
+    assert longest < 64
+    batch = make_batch(splits.train, idx, "cls", torch.device("cpu"))
+    kept = slice(0, longest) if side == "right" else slice(None)
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(batch[key], padded[key][:, kept])
+    assert torch.equal(batch["labels"], padded["labels"])
+    net = load_model(model, "cls", tok, splits.num_labels).eval()
+    torch.testing.assert_close(net(**batch).logits, net(**padded).logits, **tolerance(torch.float32))
 
 
 def test_low_data_subsets_are_seeded(wikitext_slice, sst2_slice, tokenizer) -> None:

@@ -118,6 +118,11 @@ def test_labelled_splits_are_cached_per_rows_and_max_length(
     for other in (dict(max_length=16), dict(seed=1)):  # other settings, other held-out rows: both miss
         with pytest.raises(AssertionError, match="tokenized although"):
             load(tokenizer, **other)
+    for side in ("padding_side", "truncation_side"):  # the other side pads or cuts other positions: a miss
+        setattr(tokenizer, side, "left")
+        with pytest.raises(AssertionError, match="tokenized although"):
+            load(tokenizer)
+        setattr(tokenizer, side, "right")
 
 
 def test_progress_bar_only_while_tokenizing(cache, tokenizer, wikitext_slice, capsys) -> None:
