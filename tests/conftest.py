@@ -118,5 +118,5 @@ def bert_tokenizer(tmp_path_factory, sst2_slice) -> str:
     )
     folder = tmp_path_factory.mktemp("bert-tok")
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)  # transformers 5: vocab, not vocab_file
     return str(folder)

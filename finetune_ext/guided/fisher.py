@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,12 +25,20 @@ from finetune_ext.curvature.models import eager_attention
 
 
 def mask_tokens(
-    input_ids: torch.Tensor, mask_id: int, vocab_size: int, generator: torch.Generator, probability: float = 0.15
+    input_ids: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    probability: float = 0.15,
+    special: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking (DataCollatorForLanguageModeling's rule): 15% of tokens are targets; of those 80% become
-    ``mask_id``, 10% a random token, 10% stay. Returns (inputs, labels with -100 on non-targets)."""
+    """BERT masking (DataCollatorForLanguageModeling's rule): 15% of tokens are targets, never the ``special``
+    ones ([CLS], [SEP]: a bool mask); of those 80% become ``mask_id``, 10% a random token, 10% stay. Returns
+    (inputs, labels with -100 on non-targets)."""
     labels = input_ids.clone()
     target = torch.rand(input_ids.shape, generator=generator) < probability
+    if special is not None:
+        target &= ~special
     labels[~target] = -100
     inputs = input_ids.clone()
     replace = target & (torch.rand(input_ids.shape, generator=generator) < 0.8)
@@ -62,8 +71,10 @@ def empirical_fisher(
 ) -> dict[str, torch.Tensor]:
     """Mean squared per-sample gradient for every trainable parameter (float32, on the model's device).
 
-    ``samples`` yields ``(input_ids [L], labels [L])``; labels are -100 where no loss is taken (for causal LMs
-    pass the input ids: the shift happens here). The model runs in eval mode (no dropout).
+    ``samples`` yields ``(input_ids [L], labels [L])``, the tokens of one example (no padding: the model sees
+    no attention mask), L may vary; labels are -100 where no loss is taken (for causal LMs pass the input ids:
+    the shift happens here). Samples of one length are batched ``chunk_size`` at a time. The model runs in eval
+    mode (no dropout).
     """
     from tqdm.auto import tqdm
 
@@ -76,9 +87,9 @@ def empirical_fisher(
     was_training = model.training
     model.eval()
     count = 0
-    batch: list[tuple[torch.Tensor, torch.Tensor]] = []
+    waiting: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)  # by length: vmap stacks them
 
-    def flush() -> None:
+    def flush(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         nonlocal use_vmap
         ids = torch.stack([b[0] for b in batch])
         labels = torch.stack([b[1] for b in batch])
@@ -98,13 +109,15 @@ def empirical_fisher(
     try:
         with eager_attention(model):  # SDPA has no vmap batching rule on CPU; eager batches
             for ids, labels in tqdm(samples, desc="fisher", disable=not progress, unit="sample"):
+                batch = waiting[len(ids)]
                 batch.append((ids, labels))
                 count += 1
                 if len(batch) == chunk_size:
-                    flush()
+                    flush(batch)
                     batch.clear()
-            if batch:
-                flush()
+            for batch in waiting.values():
+                if batch:
+                    flush(batch)
     finally:
         model.train(was_training)
     total = torch.tensor([float(count)], device=sums[0].device)  # a rank may hold no sample: fine

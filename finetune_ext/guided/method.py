@@ -60,26 +60,25 @@ def lm_twin(model: nn.Module) -> tuple[nn.Module, bool]:
 def fisher_samples(
     run: RunContext, causal: bool, n: int, seed: int, vocab: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` seeded training examples as (inputs, labels) for the causal-LM or masked-LM objective."""
+    """``n`` seeded training examples as (inputs, labels) for the causal-LM or masked-LM objective, each cut to
+    its own tokens: the Fisher model runs without an attention mask, and padding would be attended."""
     ids = run.train["input_ids"]
     mask = run.train.get("attention_mask", torch.ones_like(ids))
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(ids), generator=g)[: min(n, len(ids))]
     out = []
     for i in pick.tolist():
-        x, keep = ids[i], mask[i].bool()
+        x = ids[i][mask[i].bool()]
         if causal:
-            out.append((x, torch.where(keep, x, torch.full_like(x, -100))))
+            out.append((x, x))
         else:
             tok = run.tokenizer
             if tok.mask_token_id is None:
                 raise ValueError("tokenizer: the masked-LM Fisher needs a mask token; this tokenizer has none")
-            inputs, labels = mask_tokens(x, tok.mask_token_id, vocab, g)
             special = torch.tensor(
                 tok.get_special_tokens_mask(x.tolist(), already_has_special_tokens=True), dtype=torch.bool
             )
-            labels[~keep | special] = -100
-            out.append((torch.where(keep, inputs, x), labels))
+            out.append(mask_tokens(x, tok.mask_token_id, vocab, g, special=special))
     return out
 
 
@@ -119,6 +118,7 @@ class GuidedDropout(Transform):
             "n": o.fisher_samples,
             "seed": run.seed,
             "data": list(run.train["input_ids"].shape),
+            "samples": "unpadded",  # estimates from padded samples (before 2026-12-05) attended the padding
         }
         cache = FisherCache(o.fisher_cache) if o.fisher_cache else None
         key = FisherCache.key(twin, **settings) if cache else ""

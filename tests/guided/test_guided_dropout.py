@@ -7,18 +7,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from finetune_ext import guided
 from finetune_ext.guided import sites as site_mod
+from finetune_ext.guided.method import fisher_samples
 from finetune_ext.nn import FisherDropout, GaussianDropout
 from finetune_ext.testing import tolerance
 from finetune_ext.train import TrainConfig, train
+from finetune_ext.train.data import load_splits
+from finetune_ext.train.models import load_tokenizer
 
 # Fisher entries are ~1e-8: the table's float32 atol (1e-6) would accept anything, so the absolute part is
 # scaled by each tensor's largest entry (squared gradients near 0 are float32 denormals).
@@ -35,9 +39,10 @@ def _tiny_gpt2() -> GPT2LMHeadModel:
 
 
 def test_fisher_equals_float64_loop_over_per_sample_gradients() -> None:
+    """Samples of different lengths (batched by length, two at a time) against one backward per sample."""
     model = _tiny_gpt2().double()
     g = torch.Generator().manual_seed(1)
-    samples = [(x, x) for x in torch.randint(0, 17, (5, 7), generator=g)]
+    samples = [(x, x) for n in (7, 5, 7, 3, 5, 7) for x in torch.randint(0, 17, (1, n), generator=g)]
     fisher = guided.empirical_fisher(model, samples, causal=True, chunk_size=2, progress=False)
     loop = guided.empirical_fisher(model, samples, causal=True, chunk_size=2, progress=False, use_vmap=False)
     expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
@@ -51,6 +56,44 @@ def test_fisher_equals_float64_loop_over_per_sample_gradients() -> None:
     for name, value in expected.items():
         _close(fisher[name].double(), value)
         _close(loop[name].double(), value)
+
+
+def test_masked_lm_fisher_samples_are_the_examples_tokens(sst2_slice, bert_tokenizer) -> None:
+    """Training examples stored padded: each Fisher sample is its example's tokens (MLM-masked, special tokens
+    not targets), and its Fisher is that of the padded example under its attention mask (the official
+    script's padded batches), which a mask-free model call on the padded example would not give."""
+    tok = load_tokenizer(bert_tokenizer)
+    splits = load_splits(str(sst2_slice), tok, block_size=8, max_length=40, train_samples=None, val_size=8, seed=0)
+    run = SimpleNamespace(train=splits.train, tokenizer=tok)
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                        vocab_size=len(tok), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    model = BertForMaskedLM(config).double()
+    samples = fisher_samples(run, False, 4, 0, len(tok))
+    padded = []
+    width = splits.train["input_ids"].shape[1]
+    for x, labels in samples:
+        assert len(x) < width and x.ne(tok.pad_token_id).all()
+        assert (x[0], x[-1]) == (tok.cls_token_id, tok.sep_token_id) and labels[0] == labels[-1] == -100
+        ids = torch.full((width,), tok.pad_token_id)
+        ids[: len(x)] = x
+        padded.append((ids, F.pad(labels, (0, width - len(x)), value=-100), (ids != tok.pad_token_id).long()))
+    fisher = guided.empirical_fisher(model, samples, causal=False, chunk_size=2, progress=False)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    unmasked = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    model.eval()
+    for ids, labels, mask in padded:
+        for sums, kwargs in ((expected, {"attention_mask": mask[None]}), (unmasked, {})):
+            model.zero_grad()
+            F.cross_entropy(model(input_ids=ids[None], **kwargs).logits[0], labels).backward()
+            for n, p in model.named_parameters():
+                sums[n] += p.grad.pow(2) / len(padded)
+    # The key bias cannot change a softmax over keys: its gradient is rounding noise (~1e-30), left out.
+    expected = {n: e for n, e in expected.items() if not n.endswith("key.bias")}
+    for name, value in expected.items():
+        _close(fisher[name].double(), value, msg=name)
+    gap = max(float((unmasked[n] - e).abs().max() / e.abs().max()) for n, e in expected.items())
+    assert gap > 0.05  # attending the padding changes the estimate
 
 
 def test_official_schedule_on_a_bert_base_layout() -> None:
