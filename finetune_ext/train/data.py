@@ -224,8 +224,8 @@ def make_batch(split: dict[str, torch.Tensor], idx: torch.Tensor, task: str, dev
     cutting it would move the tokens' positions in models that count them from the left (GPT-2)."""
     columns = slice(None)
     if task != "lm" and "attention_mask" in split:
-        used = split["attention_mask"][idx].any(0)
-        columns = slice(0, int(used.nonzero()[-1]) + 1)
+        used = split["attention_mask"][idx].any(0).int()
+        columns = slice(0, int(used.cumsum(0).argmax()) + 1)  # through the last used position (one if none is)
     width = split["input_ids"].shape[-1]
     batch = {
         k: (v[idx, columns] if v.dim() == 2 and v.shape[1] == width else v[idx]).to(device, non_blocking=True)
