@@ -17,9 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from finetune_ext import ops
 from finetune_ext.adapters.config import LinChainConfig
-from finetune_ext.adapters.layer import LinChainLinear
+from finetune_ext.adapters.layer import LinChainLinear, chain_factors
 from finetune_ext.nn import keys, replace_module
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -105,12 +104,9 @@ def _compose_all(layers) -> None:
             w = a.mixer_weight
             groups[(a.r, a.chain_length, a.lora_A.shape[1], w.dtype, w.device, a.mixer_bias is not None)].append(a)
     for group in groups.values():
-        W = torch.stack([a.mixer_weight for a in group])
-        b = torch.stack([a.mixer_bias for a in group]) if group[0].mixer_bias is not None else None
-        M, beff = ops.linchain_compose(W, b)
-        A = torch.bmm(M, torch.stack([a.lora_A for a in group]))
+        _, beff, A = chain_factors(group)
         # unbind: one backward node for the group (select's, one a layer, would each fill a zero [N, r, in])
-        cs = beff.unbind(0) if b is not None else [None] * len(group)
+        cs = beff.unbind(0) if beff is not None else [None] * len(group)
         for a, factors in zip(group, zip(A.unbind(0), cs, strict=True), strict=True):
             a._factors = factors
 

@@ -23,8 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from finetune_ext import ops
-from finetune_ext.adapters.layer import LinChainLinear
+from finetune_ext.adapters.layer import LinChainLinear, chain_factors
 from finetune_ext.nn import keys
 from finetune_ext.perturb import stats
 from finetune_ext.train.errors import UserError
@@ -123,12 +122,11 @@ class _Group:
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(A', M, B)`` stacked over the layers, ``A' = M A`` (``M`` is ``None`` for LoRA)."""
-        A = torch.stack([layer.lora_A for layer in self.layers])
         B = torch.stack([layer.lora_B for layer in self.layers])
         if self.layers[0].mixer_weight is None:
-            return A, None, B
-        M, _ = ops.linchain_compose(torch.stack([layer.mixer_weight for layer in self.layers]))  # M needs no bias
-        return M @ A, M, B
+            return torch.stack([layer.lora_A for layer in self.layers]), None, B
+        M, _, A = chain_factors(self.layers)
+        return A, M, B
 
     def merged_norms(self) -> torch.Tensor:
         """``||W'_i||`` of every row of ``W' = W + s B A'``, ``[L, out]``."""

@@ -92,9 +92,9 @@ def test_model_forward_composes_the_chains_once_per_shape(monkeypatch) -> None:
     adapters.apply_linchain(model, LinChainConfig(r=3, chain_length=2, dropout=0.0))
     _randomise_B(model)
     calls = []
-    original = adapters.model.ops.linchain_compose
+    original = adapters.layer.ops.linchain_compose
     monkeypatch.setattr(
-        adapters.model.ops, "linchain_compose", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k)
+        adapters.layer.ops, "linchain_compose", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k)
     )
     ids = _ids()
     out = model(ids).logits
