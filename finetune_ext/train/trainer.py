@@ -164,7 +164,8 @@ def check_config(cfg: TrainConfig, world: int = 1) -> Parts:
 
 
 def _check_numbers(cfg: TrainConfig, world: int) -> None:
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_batch_size", "block_size"):
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_batch_size", "block_size",
+                 "max_length"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}: expected an integer >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0:

@@ -119,6 +119,7 @@ def test_cli_run_with_bf16_and_accumulation(tmp_path, wikitext_slice, gpt2_token
         (["--dropout-option", "p=0.1"], "dropout-option: dropout 'standard' takes no options, got p"),
         (["--method", "lora", "--adapter", "linchain"], "adapter: --method lora uses adapter 'lora'; got 'linchain'"),
         (["--block-size", "300"], "block_size: 300 exceeds the model's context 256"),
+        (["--max-length", "0"], "max_length: expected an integer >= 1, got 0"),
         (["--batch-size", "6", "--grad-accum", "4"], "batch_size: 6 must be divisible by grad_accum x processes"),
         (["--resume"], "resume: no checkpoint in"),
         (["--method-option", "oops"], "method-option: expected KEY=VALUE, got 'oops'"),
