@@ -9,6 +9,8 @@
 #include <optional>
 #include <tuple>
 
+#include "common/autograd.h"
+
 namespace finetune_ext {
 namespace {
 
@@ -36,7 +38,7 @@ class LinChainComposeFunction : public torch::autograd::Function<LinChainCompose
             .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     const variable_list s = ctx->get_saved_variables();
-    const std::optional<at::Tensor> b = s[1].defined() ? std::optional<at::Tensor>(s[1]) : std::nullopt;
+    const std::optional<at::Tensor> b = defined_or_none(s[1]);
     auto [gW, gb] = op.call(grads[0], grads[1], s[0], b);
     return {gW, b.has_value() ? gb : at::Tensor()};
   }

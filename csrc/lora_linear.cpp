@@ -25,6 +25,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common/autograd.h"
+
 namespace finetune_ext {
 namespace {
 
@@ -118,10 +120,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
 
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:

@@ -38,6 +38,13 @@ def _lora_linear(backend: str, device: torch.device) -> list[torch.Tensor]:
     return [ops.lora_linear(x, W, bias, A, B, c, scale=2.0, dropout_p=0.1, seed=3, backend=backend)]
 
 
+def _linchain_linear(backend: str, device: torch.device) -> list[torch.Tensor]:
+    x, W, bias = _randn(device, 10, 32), _randn(device, 24, 32, seed=2), _randn(device, 24, seed=3)
+    A, B = _randn(device, 4, 32, seed=4), _randn(device, 24, 4, seed=5)
+    mixers = _randn(device, 3, 4, 4, seed=6) * 0.5, _randn(device, 3, 4, seed=7)
+    return [ops.linchain_linear(x, W, bias, A, B, *mixers, scale=2.0, dropout_p=0.1, seed=3, backend=backend)]
+
+
 def _gaussian_perturb(backend: str, device: torch.device) -> list[torch.Tensor]:
     return [
         ops.gaussian_perturb(
@@ -62,6 +69,7 @@ CHECKS: dict[str, Callable[[str, torch.device], list[torch.Tensor]]] = {
     "softmax_ce_hessian_vp": _softmax_ce_hessian_vp,
     "linchain_compose": _linchain_compose,
     "lora_linear": _lora_linear,
+    "linchain_linear": _linchain_linear,
     "gaussian_perturb": _gaussian_perturb,
     "armijo_moments_/armijo_update_": _armijo,
 }

@@ -24,7 +24,8 @@ class LinChainLinear(nn.Module):
 
     The chain is composed into ``M, beff`` and the layer runs as LoRA with ``A' = M A`` and a rank-space bias
     ``beff`` (``ops.lora_linear``); ``A'`` and ``beff`` are made once per model forward for all adapters (by
-    the model-level hook in ``adapters.model``), or here when the layer is called on its own. ``site`` keys the
+    the model-level hook in ``adapters.model``), or inside ``ops.linchain_linear`` when the layer is called on
+    its own. ``site`` keys the
     adapter dropout's mask under ``finetune_ext.nn.keys.keyed``.
 
     A weight perturbation (``finetune_ext.perturb``) is set per step as ``noise = (std [out], Philox seed)``
@@ -90,36 +91,24 @@ class LinChainLinear(nn.Module):
             return self._factors
         if self.mixer_weight is None:
             return self.lora_A, None
-        # chain_factors([self]) less its stacks and bmm (6 operator calls of about 150 a layer call); squeeze, not
-        # M[0]: select's backward allocates and fills a zero tensor
-        b = self.mixer_bias.unsqueeze(0) if self.mixer_bias is not None else None
-        M, beff = ops.linchain_compose(self.mixer_weight.unsqueeze(0), b)
-        return torch.mm(M.squeeze(0), self.lora_A), (beff.squeeze(0) if b is not None else None)
+        _, beff, A = chain_factors([self])
+        return A[0], (beff[0] if beff is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        A, c = self.factors()
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        x, weight, bias, A, B, c = (
-            _as(t, dtype) for t in (x, self.base_weight(), self.base_layer.bias, A, self.lora_B, c)
-        )
+        x, weight, bias, B = (_as(t, dtype) for t in (x, self.base_weight(), self.base_layer.bias, self.lora_B))
         std, noise_seed = self.noise if self.noise is not None and self.training else (None, 0)
-        y = ops.lora_linear(
-            x,
-            weight,
-            bias,
-            A,
-            B,
-            c,
-            scale=self.scale,
-            dropout_p=self.dropout,
-            training=self.training,
-            seed=keys.site_seed(self.site),
-            noise_std=std,
-            noise_seed=noise_seed,
-        )
+        random = {"dropout_p": self.dropout, "training": self.training, "seed": keys.site_seed(self.site),
+                  "noise_std": std, "noise_seed": noise_seed}  # fmt: skip
+        if self._factors is None and self.mixer_weight is not None:  # on its own: the chain composed in the op
+            mixers = (_as(self.mixer_weight, dtype), _as(self.mixer_bias, dtype))
+            y = ops.linchain_linear(x, weight, bias, _as(self.lora_A, dtype), B, *mixers, scale=self.scale, **random)
+        else:
+            A, c = (_as(t, dtype) for t in self.factors())
+            y = ops.lora_linear(x, weight, bias, A, B, c, scale=self.scale, **random)
         if self.shift is None or not self.training:
             return y
         P, Q = (_as(t, dtype) for t in self.shift)

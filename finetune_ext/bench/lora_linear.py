@@ -2,7 +2,7 @@
 
 Providers: ``reference`` (the official LinChain forward, mixer by mixer per token, as plain autograd ops),
 ``lora`` (plain PyTorch LoRA at the same rank, PEFT's formulation: base + scale * B(A(dropout(x)))),
-``ext`` (``LinChainLinear``: chain composed by ``linchain_compose``, then the fused ``lora_linear``),
+``ext`` (``LinChainLinear`` on its own: ``linchain_linear``, the chain composed inside the fused layer op),
 ``ext-lora`` (the fused op without a chain), ``merged`` (the base layer alone: what a merged model runs) and,
 when ``peft`` is installed, ``peft`` (PEFT's ``lora.Linear`` at the same rank, what users would otherwise pick).
 Adapter dropout 0.05 everywhere. Sizes are element counts of x: tokens = size // d, for d = 768 (and 4096

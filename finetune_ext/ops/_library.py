@@ -3,8 +3,9 @@
 Kernels register against these schemas from C++ (``TORCH_LIBRARY_IMPL(finetune_ext, CPU|CUDA, m)`` in
 ``csrc/``), so an op exists, with its fake kernel for ``torch.compile``, even when the compiled library is
 missing. Autograd is registered next to each public function in ``finetune_ext/ops/<op>.py``, but for
-``lora_linear`` and ``linchain_compose``, whose autograd is C++ (``csrc/lora_linear.cpp``,
-``csrc/linchain_compose_autograd.cpp``): Python's wrapper cost more host time than the ops at adapter sizes.
+``lora_linear``, ``linchain_linear`` and ``linchain_compose``, whose autograd is C++ (``csrc/lora_linear.cpp``,
+``csrc/linchain_linear.cpp``, ``csrc/linchain_compose_autograd.cpp``): Python's wrapper cost more host time than
+the ops at adapter sizes.
 """
 
 from __future__ import annotations
@@ -193,6 +194,21 @@ def _lora_linear_fake(x, weight, bias, A, B, c, scale, keep, seed, noise_std, no
 def _lora_linear_backward_fake(grad, x, weight, A, B, u, scale, keep, seed, noise_std, noise_seed, output_mask):
     shapes = (x.shape, A.shape, B.shape, (A.shape[0],))
     return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask, strict=True))
+
+
+# A LinChain layer in one call: lora_linear(x, weight, bias, M A, B, beff, ...) with (M, beff) =
+# linchain_compose(mixer_weight[None], mixer_bias[None]) for one chain, mixer_weight [k, r, r], mixer_bias [k, r]
+# or None (then c = None). One autograd node (csrc/linchain_linear.cpp) with gradients for x, A, B and the mixers.
+LIB.define(
+    "linchain_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor mixer_weight, "
+    "Tensor? mixer_bias, float scale, Tensor? keep, Tensor seed, Tensor? noise_std, Tensor noise_seed) -> Tensor"
+)
+
+
+@torch.library.register_fake("finetune_ext::linchain_linear")
+def _linchain_linear_fake(x, weight, bias, A, B, mixer_weight, mixer_bias, scale, keep, seed, noise_std, noise_seed):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: f"x {tuple(x.shape)} does not match weight {weight.shape}")
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 # out = weight + std[:, None] * z, z ~ N(0, 1) i.i.d. from Philox (Box-Muller, four normals per group of

@@ -1,10 +1,11 @@
-"""LinChain ops: batched chain composition and the fused adapted linear layer.
+"""LinChain ops: batched chain composition and the fused adapted linear layer, with or without its chain.
 
 ``linchain_compose`` turns every adapter's chain of r x r mixers into one matrix and one rank-space bias in a
 single launch, with exact gradients for each mixer. ``lora_linear`` is a frozen linear layer plus a low-rank
 update, ``x W^T + bias + scale * (dropout(x) A^T + c) B^T``: with ``A = M A_0`` and ``c = beff`` it is a
 LinChain layer at LoRA's cost. Its dropout is ``fisher_dropout``'s seeded mask, redrawn in the backward, so
-only the ``[tokens, r]`` rank-space activations are saved.
+only the ``[tokens, r]`` rank-space activations are saved. ``linchain_linear`` is one chain composed and its
+layer run in one operator call (an adapter called on its own; in a model the chains are composed once per forward).
 """
 
 from __future__ import annotations
@@ -83,6 +84,70 @@ def lora_linear(
     """
     check_backend(backend)
     _check_lora_args(x, weight, bias, A, B, c)
+    keep, key, noise_std, noise_key = _random_args(
+        x, weight, bias, dropout_p, training, seed, generator, noise_std, noise_seed, noise_offset, backend
+    )
+    if not use_kernel("lora_linear", backend, x.device) or _base_needs_grad(weight, bias):
+        return reference.lora_linear(
+            x, weight, bias, A, B, c, scale, keep, seed=int(key[0]), offset=int(key[1]),
+            noise_std=noise_std, noise_key=(noise_seed, noise_offset),
+        )  # fmt: skip
+    y, _ = torch.ops.finetune_ext.lora_linear(x, weight, bias, A, B, c, float(scale), keep, key, noise_std, noise_key)
+    return y
+
+
+def linchain_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    mixer_weight: torch.Tensor,
+    mixer_bias: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    noise_std: torch.Tensor | None = None,
+    noise_seed: int = 0,
+    noise_offset: int = 0,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """A LinChain layer in one call: ``lora_linear`` with ``A' = M A`` and ``c = beff`` of the chain's
+    ``linchain_compose``, composed inside the op (one autograd node: a layer called on its own pays the host for
+    one operator instead of the chain's half dozen and their backward nodes).
+
+    Args:
+        x, weight, bias, A, B: as for ``lora_linear`` (``A`` is the chain's input projection ``A_0``).
+        mixer_weight, mixer_bias: the chain, ``[k, r, r]`` (mixer ``i`` applied ``i``-th) and ``[k, r]`` or
+            ``None``; gradients flow to both.
+        scale, dropout_p, training, seed, generator, noise_std, noise_seed, noise_offset, backend: as for
+            ``lora_linear``.
+
+    Returns:
+        ``[..., out]`` in x's dtype.
+    """
+    check_backend(backend)
+    _check_lora_args(x, weight, bias, A, B, None)
+    _check_mixer_args(x, A, mixer_weight, mixer_bias)
+    keep, key, noise_std, noise_key = _random_args(
+        x, weight, bias, dropout_p, training, seed, generator, noise_std, noise_seed, noise_offset, backend
+    )
+    if not use_kernel("linchain_linear", backend, x.device) or _base_needs_grad(weight, bias):
+        return reference.linchain_linear(
+            x, weight, bias, A, B, mixer_weight, mixer_bias, scale, keep, seed=int(key[0]), offset=int(key[1]),
+            noise_std=noise_std, noise_key=(noise_seed, noise_offset),
+        )  # fmt: skip
+    return torch.ops.finetune_ext.linchain_linear(
+        x, weight, bias, A, B, mixer_weight, mixer_bias, float(scale), keep, key, noise_std, noise_key
+    )
+
+
+def _random_args(x, weight, bias, dropout_p, training, seed, generator, noise_std, noise_seed, noise_offset, backend):
+    """``(keep, dropout key, noise_std as float32, noise key)`` of an adapted layer's call, checked; raises when
+    ``backend="ext"`` meets a base layer that requires grad (the fused ops keep it frozen)."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
     drop = training and dropout_p > 0.0
@@ -91,16 +156,24 @@ def lora_linear(
     noise_key = philox_key(noise_seed, noise_offset, None) if noise_std is not None else _UNUSED_KEY
     if noise_std is not None:
         noise_std = check_noise_args(weight, noise_std)
-    base_grad = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    if base_grad and backend == "ext":
+    if backend == "ext" and _base_needs_grad(weight, bias):
         raise RuntimeError("backend='ext': the fused lora_linear keeps weight and bias frozen; they require grad")
-    if base_grad or not use_kernel("lora_linear", backend, x.device):
-        return reference.lora_linear(
-            x, weight, bias, A, B, c, scale, keep, seed=int(key[0]), offset=int(key[1]),
-            noise_std=noise_std, noise_key=(noise_seed, noise_offset),
-        )  # fmt: skip
-    y, _ = torch.ops.finetune_ext.lora_linear(x, weight, bias, A, B, c, float(scale), keep, key, noise_std, noise_key)
-    return y
+    return keep, key, noise_std, noise_key
+
+
+def _base_needs_grad(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def _check_mixer_args(x, A, mixer_weight, mixer_bias) -> None:
+    r = A.shape[0]
+    if mixer_weight.dim() != 3 or mixer_weight.shape[0] < 1 or mixer_weight.shape[1:] != (r, r):
+        raise ValueError(f"mixer_weight: expected shape [k, {r}, {r}] with k >= 1, got {list(mixer_weight.shape)}")
+    if mixer_bias is not None and mixer_bias.shape != (mixer_weight.shape[0], r):
+        raise ValueError(f"mixer_bias: expected shape [{mixer_weight.shape[0]}, {r}], got {list(mixer_bias.shape)}")
+    for name, t in {"mixer_weight": mixer_weight, "mixer_bias": mixer_bias}.items():
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: expected dtype {x.dtype} on {x.device} (like x), got {t.dtype} on {t.device}")
 
 
 def _check_lora_args(x, weight, bias, A, B, c) -> None:

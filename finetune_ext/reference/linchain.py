@@ -1,8 +1,9 @@
-"""Pure-PyTorch LinChain: the oracles of the ``linchain_compose`` and ``lora_linear`` kernels and the
-benchmarks' baselines.
+"""Pure-PyTorch LinChain: the oracles of the ``linchain_compose``, ``lora_linear`` and ``linchain_linear`` ops and
+the benchmarks' baselines.
 
 ``linchain_compose`` multiplies the mixers one by one; ``lora_linear`` writes the adapted layer with plain
-autograd ops and the reference dropout (same Philox mask as the kernels). ``linchain_chain`` is the official
+autograd ops and the reference dropout (same Philox mask as the kernels); ``linchain_linear`` is the two
+chained. ``linchain_chain`` is the official
 code's per-token form (``A``, then each mixer with its bias, then ``B``), the "matmul by matmul" baseline.
 """
 
@@ -49,6 +50,32 @@ def lora_linear(
     if noise_std is not None:
         weight = gaussian_perturb(weight, noise_std, seed=noise_key[0], offset=noise_key[1])
     return F.linear(x, weight, bias) + scale * F.linear(u, B)
+
+
+def linchain_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    mixer_weight: torch.Tensor,
+    mixer_bias: torch.Tensor | None,
+    scale: float,
+    keep: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    offset: int = 0,
+    noise_std: torch.Tensor | None = None,
+    noise_key: tuple[int, int] = (0, 0),
+) -> torch.Tensor:
+    """``lora_linear`` with ``A' = M A`` and ``c = beff`` of one chain, ``mixer_weight [k, r, r]`` and
+    ``mixer_bias [k, r]`` or ``None`` (then no ``c``)."""
+    M, beff = linchain_compose(mixer_weight[None], mixer_bias[None] if mixer_bias is not None else None)
+    c = beff[0] if mixer_bias is not None else None
+    return lora_linear(
+        x, weight, bias, M[0] @ A, B, c, scale, keep, seed=seed, offset=offset, noise_std=noise_std,
+        noise_key=noise_key,
+    )  # fmt: skip
 
 
 def linchain_chain(

@@ -170,6 +170,92 @@ def test_lora_linear_transposed_weight_and_frozen_base(device) -> None:
         ops.lora_linear(x, weight, bias, A, B, c, scale=2.0, backend="ext")
 
 
+def _mixers(device, dtype, k=3, r=4, seed=1):
+    W, b = _chains(device, dtype, n=1, k=k, r=r, seed=seed)
+    return W[0], b[0]
+
+
+def _layer_on_kernel_chain(x, weight, bias, A, B, Wm, bm=None, **kw):
+    """The layer as ``reference.lora_linear`` on the chain from ``linchain_compose``'s kernel (its own test
+    checks the chain against the reference). A low-precision chain's rounding shifts ``M A`` and ``beff`` for
+    every token alike, so against the all-reference layer the gradients' errors are single correlated draws
+    (1-2 of 60 random bf16/fp16 cases failed the 2x rule; none did here)."""
+    M, beff = ops.linchain_compose(Wm[None], bm[None] if bm is not None else None, backend="ext")
+    c = beff[0] if bm is not None else None
+    return reference.lora_linear(x, weight, bias, M[0] @ A, B, c, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_linchain_linear_matches_reference(device, dtype, p) -> None:
+    """The layer with its chain in one op: forward and the gradients of x, A, B and both mixer tensors by the
+    2x-reference rule against float64; without mixer biases too."""
+    x, weight, bias, A, B, _ = _layer(device, dtype)
+    Wm, bm = _mixers(device, dtype)
+    grad_out = torch.randn(3, 7, 20, device=device).to(dtype)
+    std = torch.rand(20, device=device)
+    keep = torch.full((), 1.0 - p) if p else None
+
+    def run(fn, leaves, cast=None):
+        w, bi = (weight, bias) if cast is None else (weight.to(cast), bias.to(cast))
+        inputs = list(leaves) if cast is None else [t.to(cast) for t in leaves]
+        return _grads(lambda x_, *t: fn(x_, w, bi, *t), inputs, grad_out if cast is None else grad_out.to(cast))
+
+    def ext(x_, w, bi, A_, B_, *mixers):
+        return ops.linchain_linear(x_, w, bi, A_, B_, *mixers, scale=2.0, dropout_p=p, seed=11, noise_std=std,
+                                   noise_seed=5, backend="ext")  # fmt: skip
+
+    def ref(x_, w, bi, A_, B_, *mixers):
+        return _layer_on_kernel_chain(x_, w, bi, A_, B_, *mixers, scale=2.0, keep=keep, seed=11, noise_std=std,
+                                      noise_key=(5, 0))  # fmt: skip
+
+    for leaves in ((x, A, B, Wm, bm), (x, A, B, Wm)):
+        (y, grads), (y_ref, grads_ref), (y64, grads64) = (
+            run(ext, leaves),
+            run(ref, leaves),
+            run(ref, leaves, torch.float64),
+        )
+        assert y.dtype == dtype and y.shape == (3, 7, 20)
+        assert_within_2x_reference(y, y_ref, y64)
+        for g_, gr, g64 in zip(grads, grads_ref, grads64, strict=True):
+            assert_within_2x_reference(g_, gr, g64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linchain_linear_gradcheck_opcheck_and_inference(device) -> None:
+    x, weight, bias, A, B, _ = _layer(device, torch.float64, lead=(5,), d_in=6, d_out=4, r=3)
+    Wm, bm = _mixers(device, torch.float64, k=2, r=3)
+    leaves = [t.requires_grad_(True) for t in (x, A, B, Wm, bm)]
+    std = torch.rand(4, device=device, dtype=torch.float64)
+
+    def fn(*t, noise=None):
+        return ops.linchain_linear(*t[:1], weight, bias, *t[1:], scale=0.5, dropout_p=0.4, seed=3, noise_std=noise,
+                                   noise_seed=8, backend="ext")  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradcheck(lambda *t: fn(*t, noise=std), leaves)
+    assert torch.autograd.gradcheck(fn, leaves[:4])  # no mixer biases
+    grad_out = torch.randn(5, 4, dtype=torch.float64, device=device)
+    ours = torch.autograd.grad(fn(*leaves, noise=std), leaves, grad_out)
+    y_ref = reference.linchain_linear(
+        leaves[0], weight, bias, *leaves[1:], 0.5, torch.full((), 0.6), seed=3, noise_std=std.float(), noise_key=(8, 0)
+    )
+    want = torch.autograd.grad(y_ref, leaves, grad_out)
+    for g_, w_ in zip(ours, want, strict=True):
+        torch.testing.assert_close(g_, w_, **tolerance(torch.float64))
+    keep, seed = torch.full((), 0.6, dtype=torch.float32, device=device), torch.tensor([3, 0])
+    no_noise, noise_key = (None, torch.zeros(2, dtype=torch.int64)), torch.tensor([8, 0])
+    op = torch.ops.finetune_ext.linchain_linear
+    torch.library.opcheck(op, (x, weight, bias, A, B, Wm, bm, 0.5, keep, seed, *no_noise))
+    torch.library.opcheck(op, (x, weight, None, A, B, Wm, None, 0.5, None, seed, *no_noise))
+    torch.library.opcheck(op, (x, weight, bias, A, B, Wm, bm, 0.5, keep, seed, std.float(), noise_key))
+    expected = ops.linchain_linear(x, weight, bias, A, B, Wm, bm, scale=0.5, backend="reference")
+    with torch.inference_mode():  # inference tensors skip the autograd kernel: the op's plain forward
+        y = ops.linchain_linear(*(t.detach().clone() for t in (x, weight, bias, A, B, Wm, bm)), scale=0.5)
+    torch.testing.assert_close(y, expected.detach(), **tolerance(torch.float64))
+
+
 def test_bad_input() -> None:
     x, weight, bias, A, B, c = _layer("cpu", torch.float32)
     with pytest.raises(ValueError, match=r"A: expected shape \[r, 24\], got \[4, 23\]"):
@@ -187,24 +273,39 @@ def test_bad_input() -> None:
         ops.linchain_compose(W, b[:, :2])
     with pytest.raises(RuntimeError, match="linchain_compose: expected W of shape"):
         torch.ops.finetune_ext.linchain_compose(torch.zeros(2, 0, 3, 3), None)
+    Wm, bm = _mixers("cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"mixer_weight: expected shape \[k, 4, 4\] with k >= 1, got \[3, 4, 5\]"):
+        ops.linchain_linear(x, weight, bias, A, B, torch.zeros(3, 4, 5), bm)
+    with pytest.raises(ValueError, match=r"mixer_bias: expected shape \[3, 4\], got \[2, 4\]"):
+        ops.linchain_linear(x, weight, bias, A, B, Wm, bm[:2])
+    with pytest.raises(ValueError, match=r"mixer_bias: expected dtype torch.float32 on cpu \(like x\)"):
+        ops.linchain_linear(x, weight, bias, A, B, Wm, bm.double())
+    with pytest.raises(RuntimeError, match=r"linchain_linear: expected mixer_weight \[k, 4, 4\]"):
+        key = torch.zeros(2, dtype=torch.int64)
+        torch.ops.finetune_ext.linchain_linear(x, weight, bias, A, B, Wm[:, :3], None, 1.0, None, key, None, key)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device) -> None:
-    """An adapted layer end to end (compose, A' = M A, fused layer) compiles without graph breaks."""
+    """An adapted layer end to end (compose, A' = M A, fused layer; or linchain_linear) compiles without graph
+    breaks."""
     x, weight, bias, A, B, _ = _layer(device, torch.float32)
     W, b = _chains(device, torch.float32, n=1, k=3, r=4)
     leaves = [t.requires_grad_(True) for t in (x, A, W, b)]
 
-    def f(x_, A_, W_, b_):
+    def composed(x_, A_, W_, b_):
         M, beff = ops.linchain_compose(W_, b_, backend="ext")
         return ops.lora_linear(x_, weight, bias, M[0] @ A_, B, beff[0], scale=2.0, dropout_p=0.1, seed=9)
 
-    y = torch.compile(f, fullgraph=True)(*leaves)
-    torch.testing.assert_close(y, f(*leaves), **tolerance(torch.float32))
-    got = torch.autograd.grad(y.sum(), leaves)
-    for g_, e in zip(got, torch.autograd.grad(f(*leaves).sum(), leaves), strict=True):
-        torch.testing.assert_close(g_, e, **tolerance(torch.float32))
+    def fused(x_, A_, W_, b_):
+        return ops.linchain_linear(x_, weight, bias, A_, B, W_[0], b_[0], scale=2.0, dropout_p=0.1, seed=9)
+
+    for f in (composed, fused):
+        y = torch.compile(f, fullgraph=True)(*leaves)
+        torch.testing.assert_close(y, f(*leaves), **tolerance(torch.float32))
+        got = torch.autograd.grad(y.sum(), leaves)
+        for g_, e in zip(got, torch.autograd.grad(f(*leaves).sum(), leaves), strict=True):
+            torch.testing.assert_close(g_, e, **tolerance(torch.float32))
 
 
 @pytest.mark.cuda
@@ -231,3 +332,26 @@ def test_cpu_and_cuda_agree(dtype) -> None:
         y,
         reference.lora_linear(*(t.double() for t in (x, weight, bias, A, B, c)), 2.0, torch.full((), 0.8), seed=4),
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linchain_linear_cpu_and_cuda_agree(dtype) -> None:
+    """The layer with its chain on CUDA: forward and every gradient by the 2x rule of the CPU op, against the CPU
+    op in float64 (the same dropout mask on both devices)."""
+    x, weight, bias, A, B, _ = _layer("cpu", dtype, lead=(257,), d_in=64, d_out=48, r=8)
+    Wm, bm = _mixers("cpu", dtype, k=3, r=8)
+    grad_out = torch.randn(257, 48).to(dtype)
+
+    def run(device, cast=dtype):
+        w, bi = (t.to(device=device, dtype=cast) for t in (weight, bias))
+
+        def fn(x_, A_, B_, W_, b_):
+            return ops.linchain_linear(x_, w, bi, A_, B_, W_, b_, scale=2.0, dropout_p=0.2, seed=4, backend="ext")
+
+        leaves = [t.to(device=device, dtype=cast) for t in (x, A, B, Wm, bm)]
+        y, grads = _grads(fn, leaves, grad_out.to(device=device, dtype=cast))
+        return [t.cpu() for t in (y, *grads)]
+
+    for on_cuda, on_cpu, exact in zip(run("cuda"), run("cpu"), run("cpu", torch.float64), strict=True):
+        assert_within_2x_reference(on_cuda, on_cpu, exact)
