@@ -119,10 +119,9 @@ def test_labelled_splits_are_cached_per_rows_and_max_length(
         with pytest.raises(AssertionError, match="tokenized although"):
             load(tokenizer, **other)
     for side in ("padding_side", "truncation_side"):  # the other side pads or cuts other positions: a miss
-        setattr(tokenizer, side, "left")
-        with pytest.raises(AssertionError, match="tokenized although"):
+        with monkeypatch.context() as patch, pytest.raises(AssertionError, match="tokenized although"):
+            patch.setattr(tokenizer, side, "left")
             load(tokenizer)
-        setattr(tokenizer, side, "right")
 
 
 def test_progress_bar_only_while_tokenizing(cache, tokenizer, wikitext_slice, capsys) -> None:
