@@ -101,14 +101,14 @@ class LinChainLinear(nn.Module):
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x, weight, bias, B = (_as(t, dtype) for t in (x, self.base_weight(), self.base_layer.bias, self.lora_B))
         std, noise_seed = self.noise if self.noise is not None and self.training else (None, 0)
-        random = {"dropout_p": self.dropout, "training": self.training, "seed": keys.site_seed(self.site),
-                  "noise_std": std, "noise_seed": noise_seed}  # fmt: skip
+        stochastic = {"dropout_p": self.dropout, "training": self.training, "seed": keys.site_seed(self.site),
+                      "noise_std": std, "noise_seed": noise_seed}  # fmt: skip
         if self._factors is None and self.mixer_weight is not None:  # on its own: the chain composed in the op
-            mixers = (_as(self.mixer_weight, dtype), _as(self.mixer_bias, dtype))
-            y = ops.linchain_linear(x, weight, bias, _as(self.lora_A, dtype), B, *mixers, scale=self.scale, **random)
+            A, mixer_weight, mixer_bias = (_as(t, dtype) for t in (self.lora_A, self.mixer_weight, self.mixer_bias))
+            y = ops.linchain_linear(x, weight, bias, A, B, mixer_weight, mixer_bias, scale=self.scale, **stochastic)
         else:
             A, c = (_as(t, dtype) for t in self.factors())
-            y = ops.lora_linear(x, weight, bias, A, B, c, scale=self.scale, **random)
+            y = ops.lora_linear(x, weight, bias, A, B, c, scale=self.scale, **stochastic)
         if self.shift is None or not self.training:
             return y
         P, Q = (_as(t, dtype) for t in self.shift)
