@@ -90,15 +90,29 @@ Grads lora_linear_backward(const at::Tensor& grad, const at::Tensor& x, const at
   return op.call(grad, x, weight, A, B, u, scale, keep, seed, noise_std, noise_seed, mask);
 }
 
+// The forward and what its backward needs: y, u (lora_linear's rank-space activations), M and M A.
+struct Forward {
+  at::Tensor y, u, M, MA;
+};
+
+Forward forward_parts(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& A,
+                      const at::Tensor& B, const at::Tensor& mixer_weight, const OptTensor& mixer_bias, double scale,
+                      const OptTensor& keep, const at::Tensor& seed, const OptTensor& noise_std,
+                      const at::Tensor& noise_seed) {
+  check_mixer_args(x, A, mixer_weight, mixer_bias);
+  auto [M, beff] = compose(mixer_weight, mixer_bias);
+  const OptTensor c = mixer_bias.has_value() ? OptTensor(beff) : std::nullopt;
+  const at::Tensor MA = at::mm(M, A);
+  auto [y, u] = lora_linear(x, weight, bias, MA, B, c, scale, keep, seed, noise_std, noise_seed);
+  return {y, u, M, MA};
+}
+
 // The layer without autograd (inference tensors, calls below the autograd key).
 at::Tensor linchain_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& A,
                            const at::Tensor& B, const at::Tensor& mixer_weight, const OptTensor& mixer_bias,
                            double scale, const OptTensor& keep, const at::Tensor& seed, const OptTensor& noise_std,
                            const at::Tensor& noise_seed) {
-  check_mixer_args(x, A, mixer_weight, mixer_bias);
-  auto [M, beff] = compose(mixer_weight, mixer_bias);
-  const OptTensor c = mixer_bias.has_value() ? OptTensor(beff) : std::nullopt;
-  return std::get<0>(lora_linear(x, weight, bias, at::mm(M, A), B, c, scale, keep, seed, noise_std, noise_seed));
+  return forward_parts(x, weight, bias, A, B, mixer_weight, mixer_bias, scale, keep, seed, noise_std, noise_seed).y;
 }
 
 using torch::autograd::AutogradContext;
@@ -112,19 +126,16 @@ class LinChainLinearFunction : public torch::autograd::Function<LinChainLinearFu
                                const OptTensor& keep, const at::Tensor& seed, const OptTensor& noise_std,
                                const at::Tensor& noise_seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    check_mixer_args(x, A, mixer_weight, mixer_bias);
-    auto [M, beff] = compose(mixer_weight, mixer_bias);
-    const OptTensor c = mixer_bias.has_value() ? OptTensor(beff) : std::nullopt;
-    const at::Tensor MA = at::mm(M, A);
-    auto [y, u] = lora_linear(x, weight, bias, MA, B, c, scale, keep, seed, noise_std, noise_seed);
-    ctx->save_for_backward({x, weight, A, B, u, M, MA, mixer_weight, mixer_bias.value_or(at::Tensor()),
+    const Forward f =
+        forward_parts(x, weight, bias, A, B, mixer_weight, mixer_bias, scale, keep, seed, noise_std, noise_seed);
+    ctx->save_for_backward({x, weight, A, B, f.u, f.M, f.MA, mixer_weight, mixer_bias.value_or(at::Tensor()),
                             keep.value_or(at::Tensor()), seed, noise_std.value_or(at::Tensor()), noise_seed});
     ctx->saved_data["scale"] = scale;
     // The gradients to compute: x, A, B, mixer_weight, mixer_bias (weight and bias are frozen).
     ctx->saved_data["need"] =
         c10::List<bool>({x.requires_grad(), A.requires_grad(), B.requires_grad(), mixer_weight.requires_grad(),
                          mixer_bias.has_value() && mixer_bias->requires_grad()});
-    return {y};
+    return {f.y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

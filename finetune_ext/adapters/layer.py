@@ -25,8 +25,7 @@ class LinChainLinear(nn.Module):
     The chain is composed into ``M, beff`` and the layer runs as LoRA with ``A' = M A`` and a rank-space bias
     ``beff`` (``ops.lora_linear``); ``A'`` and ``beff`` are made once per model forward for all adapters (by
     the model-level hook in ``adapters.model``), or inside ``ops.linchain_linear`` when the layer is called on
-    its own. ``site`` keys the
-    adapter dropout's mask under ``finetune_ext.nn.keys.keyed``.
+    its own. ``site`` keys the adapter dropout's mask under ``finetune_ext.nn.keys.keyed``.
 
     A weight perturbation (``finetune_ext.perturb``) is set per step as ``noise = (std [out], Philox seed)``
     (the layer multiplies by ``W + std * z``, formed inside ``lora_linear``; ``std`` is a row of the transform's
