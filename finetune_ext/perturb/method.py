@@ -15,6 +15,7 @@ chain's ``M A`` and ``grad_A`` enters as ``M grad_A`` (the mixers held fixed).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,9 +110,6 @@ class _Group:
     names: list[str]
     layers: list[LinChainLinear]
     weights_t: list[torch.Tensor]  # each layer's frozen W^T, [in, out] (views: the base weights are never replaced)
-    w_sq: torch.Tensor  # [L, out]: ||W_i||^2 of each layer's frozen weight, float64
-    std: torch.Tensor  # [L, out] float32: the noise's row stds of the current draw
-    std_rows: tuple[torch.Tensor, ...]  # std's row views, one per layer (made once)
     drawn: bool = False  # whether std holds a draw (not before the first step or load)
     grad_norms: torch.Tensor | None = None  # [L, out]: ||G_i|| of the last backward, float64 (ggpo)
     ema: torch.Tensor | None = None  # [L]: EMA of ||G||_F (mgpo)
@@ -119,6 +117,22 @@ class _Group:
     @property
     def scale(self) -> float:
         return self.layers[0].scale
+
+    @functools.cached_property
+    def w_sq(self) -> torch.Tensor:
+        """``[L, out]``: ``||W_i||^2`` of each layer's frozen weight, float64 (made on first use: mgpo needs none)."""
+        return torch.stack([stats.row_sq_norms(W_t.t()) for W_t in self.weights_t])
+
+    @functools.cached_property
+    def std(self) -> torch.Tensor:
+        """``[L, out]`` float32: the noise's row stds of the current draw (made on first use)."""
+        W_t = self.weights_t[0]
+        return torch.zeros(len(self.weights_t), W_t.shape[1], dtype=torch.float32, device=W_t.device)
+
+    @functools.cached_property
+    def std_rows(self) -> tuple[torch.Tensor, ...]:
+        """``std``'s row views, one per layer (made once: the layers hold them)."""
+        return self.std.unbind()
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(A', M, B)`` stacked over the layers, ``A' = M A`` (``M`` is ``None`` for LoRA)."""
@@ -164,10 +178,7 @@ def _groups(layers: dict[str, LinChainLinear]) -> list[_Group]:
     groups = []
     for names in by_key.values():
         members = [layers[n] for n in names]
-        weights = [layer.base_weight().detach() for layer in members]
-        std = torch.zeros(len(weights), weights[0].shape[0], dtype=torch.float32, device=weights[0].device)
-        w_sq = torch.stack([stats.row_sq_norms(W) for W in weights])
-        groups.append(_Group(names, members, [W.t() for W in weights], w_sq, std, std.unbind()))
+        groups.append(_Group(names, members, [layer.base_weight().detach().t() for layer in members]))
     return groups
 
 
@@ -226,7 +237,7 @@ def _stacked(group: _Group, rows: dict[str, torch.Tensor]) -> torch.Tensor | Non
     """``group``'s rows of a ``{layer name: row}`` statistic stacked, ``None`` unless every layer has one."""
     if not all(name in rows for name in group.names):
         return None
-    return torch.stack([rows[name] for name in group.names]).to(group.std.device)
+    return torch.stack([rows[name] for name in group.names]).to(group.weights_t[0].device)
 
 
 class GGPO(FlatLoRA):
