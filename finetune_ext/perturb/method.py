@@ -125,9 +125,11 @@ class _Group:
 
     @functools.cached_property
     def std(self) -> torch.Tensor:
-        """``[L, out]`` float32: the noise's row stds of the current draw (made on first use)."""
+        """``[L, out]`` float32: the noise's row stds of the current draw (made on first use, outside inference
+        mode even from a ``load_state_dict`` inside it: the layers' forwards save its rows for their backward)."""
         W_t = self.weights_t[0]
-        return torch.zeros(len(self.weights_t), W_t.shape[1], dtype=torch.float32, device=W_t.device)
+        with torch.inference_mode(False):
+            return torch.zeros(len(self.weights_t), W_t.shape[1], dtype=torch.float32, device=W_t.device)
 
     @functools.cached_property
     def std_rows(self) -> tuple[torch.Tensor, ...]:

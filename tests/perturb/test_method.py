@@ -125,6 +125,20 @@ def test_state_carries_a_draw_between_refreshes() -> None:
     assert not torch.equal(layers["0"].noise[0], expected["0"][0])
 
 
+def test_state_loaded_in_inference_mode_still_trains() -> None:
+    """The stds' buffer made by a load under ``torch.inference_mode`` can still be saved by a training forward."""
+    model, layers = _adapted()
+    saved = GGPO(GGPOOptions())
+    _train(model, saved, 1)
+    resumed = GGPO(GGPOOptions())
+    resumed.apply(model, _run_context())
+    with torch.inference_mode():
+        resumed.load_state_dict(saved.state_dict())
+    resumed.before_step(1, None)
+    model(torch.randn(4, 16)).square().mean().backward()
+    assert layers["0"].lora_A.grad is not None
+
+
 def test_ggpo_default_keeps_flat_lora_mean_and_follows_the_gradient() -> None:
     model, layers = _adapted()
     _train(model, GGPO(GGPOOptions(ramp="constant")), 2)  # leaves grad norms of the last backward
