@@ -8,9 +8,10 @@ sentences with ``--noise`` of the labels flipped (the sample and the flips follo
 ``--steps`` steps with the learning rate decaying linearly to 0; the clean GLUE dev set is the validation
 split, evaluated every ``--eval-every`` steps. Per run the CSV has the best and the final dev accuracy and the
 dip (the deepest fall of the dev accuracy below an earlier peak); the curves go to ``<out>_curves.csv`` and
-the plot. The rank sweep trains lora and ggpo at r in ``--ranks`` (seed 0) and reports the end point (evaluated
-there only). Rows are
-appended as runs end and finished runs are skipped on restart.
+the plot. ``--rhos`` trains the perturbations at each noise scale rho (lora is rho = 0); the plot's third panel
+is the best and final dev accuracy against rho. The rank sweep trains lora and ggpo at r in ``--ranks`` (seed 0,
+the first rho) and reports the end point (evaluated there only). Rows are appended as runs end and finished runs
+are skipped on restart.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 
 from _sweep import append_row, load_rows, mean_std, minilm_path, record
 
-from finetune_ext.train import TrainConfig, train
-from finetune_ext.train.data import _hold_out, _read_tsv, shared_data_dir
+from finetune_ext.train import TrainConfig, glue, train
+from finetune_ext.train.data import _hold_out, shared_data_dir
 
 VARIANTS = {
     "lora": {},
@@ -34,8 +35,8 @@ VARIANTS = {
     "ggpo": {"perturbation": "ggpo"},
     "mgpo": {"perturbation": "mgpo"},
 }
-FIELDS = ["variant", "r", "seed", "steps", "best_acc", "best_step", "final_acc", "dip", "step_ms", "seconds"]
-CURVE_FIELDS = ["variant", "r", "seed", "step", "dev_acc", "train_loss"]
+FIELDS = ["variant", "r", "rho", "seed", "steps", "best_acc", "best_step", "final_acc", "dip", "step_ms", "seconds"]
+CURVE_FIELDS = ["variant", "r", "rho", "seed", "step", "dev_acc", "train_loss"]
 
 
 def noisy_data(work: Path, n: int, noise: float, seed: int) -> Path:
@@ -44,8 +45,8 @@ def noisy_data(work: Path, n: int, noise: float, seed: int) -> Path:
     folder = work / f"data-n{n}-noise{noise:g}-seed{seed}"
     if (folder / "train.tsv").exists():
         return folder
-    sst2 = shared_data_dir() / "SST-2"
-    train_rows, dev_rows = _read_tsv(sst2 / "train.tsv"), _read_tsv(sst2 / "dev.tsv")
+    sst2 = glue.read(str(shared_data_dir() / "SST-2"), None, None)
+    train_rows, dev_rows = ([(e.texts[0], int(e.label)) for e in sst2[k]] for k in ("train", "test"))
     rng = random.Random(seed)
     sample = rng.sample(train_rows, n)
     flip = set(rng.sample(range(n), round(noise * n)))
@@ -65,28 +66,29 @@ def noisy_data(work: Path, n: int, noise: float, seed: int) -> Path:
     return folder
 
 
-def run(variant: str, r: int, seed: int, args: argparse.Namespace, work: Path) -> tuple[dict, list[dict]]:
-    """Train one configuration; its row and its curve."""
+def run(variant: str, r: int, rho: float, seed: int, args: argparse.Namespace, work: Path) -> tuple[dict, list[dict]]:
+    """Train one configuration (``rho`` is ignored for lora); its row and its curve."""
     data = noisy_data(work, args.train, args.noise, seed)
-    out = work / "runs" / f"{variant}-r{r}-seed{seed}"
+    out = work / "runs" / f"{variant}-r{r}-rho{rho:g}-seed{seed}"
+    noise = {"perturbation_options": {"rho": rho}} if VARIANTS[variant] else {}
     cfg = TrainConfig(
         model=minilm_path(), data=str(data), output_dir=str(out), overwrite=True, seed=seed, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.steps // 20, max_length=args.max_length,
         val_size=872, eval_every=args.eval_every if r == args.rank else args.steps, eval_batch_size=64,
         save_every=args.steps, keep_checkpoints=1,
-        progress=False, adapter="lora", adapter_options={"r": r, "alpha": 2.0 * r}, **VARIANTS[variant],
+        progress=False, adapter="lora", adapter_options={"r": r, "alpha": 2.0 * r}, **VARIANTS[variant], **noise,
     )  # fmt: skip
     summary = train(cfg)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [(e["step"], e["acc"]) for e in log if e.get("split") == "val"]
     loss = {e["step"]: e["loss"] for e in log if e.get("split") == "train"}
-    curve = [{"variant": variant, "r": r, "seed": seed, "step": s, "dev_acc": round(a, 5),
+    curve = [{"variant": variant, "r": r, "rho": rho, "seed": seed, "step": s, "dev_acc": round(a, 5),
               "train_loss": round(loss.get(s, float("nan")), 5)} for s, a in val]  # fmt: skip
     accs = [a for _, a in val]
     dip = max(max(accs[: i + 1]) - a for i, a in enumerate(accs))  # the deepest fall below an earlier peak
     step_ms = statistics.median(e["step_ms"] for e in log if e.get("split") == "train")
     row = {
-        "variant": variant, "r": r, "seed": seed, "steps": args.steps, "best_acc": round(max(accs), 5),
+        "variant": variant, "r": r, "rho": rho, "seed": seed, "steps": args.steps, "best_acc": round(max(accs), 5),
         "best_step": val[accs.index(max(accs))][0], "final_acc": round(accs[-1], 5),
         "dip": round(dip, 5), "step_ms": round(step_ms, 1),
         "seconds": round(summary["train_seconds_this_session"], 1),
@@ -94,48 +96,77 @@ def run(variant: str, r: int, seed: int, args: argparse.Namespace, work: Path) -
     return row, curve
 
 
-def write_table(done: list[dict], md: Path, rank: int) -> None:
+def noise_scale(variant: str, rho: float) -> float:
+    """The rho a run of ``variant`` records: 0 for lora, which has no perturbation."""
+    return rho if VARIANTS[variant] else 0.0
+
+
+def runs_of(rows: list[dict], variant: str, r: int, rho: float) -> list[dict]:
+    """The rows (or curve points) of ``variant`` at rank ``r`` and noise scale ``rho``."""
+    rho = noise_scale(variant, rho)
+    return [x for x in rows if x["variant"] == variant and int(x["r"]) == r and float(x["rho"]) == rho]
+
+
+def rhos_of(rows: list[dict], variant: str, r: int) -> list[float]:
+    return sorted({float(x["rho"]) for x in rows if x["variant"] == variant and int(x["r"]) == r})
+
+
+def write_table(done: list[dict], md: Path, rank: int, rho: float) -> None:
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    lines = ["| variant | best dev acc | final dev acc | deepest dip below an earlier peak | step ms | seeds |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| variant | rho | best dev acc | final dev acc | deepest dip below an earlier peak | step ms | seeds |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for variant in VARIANTS:
-        rows = [x for x in done if x["variant"] == variant and int(x["r"]) == rank]
-        if rows:
+        for scale in rhos_of(done, variant, rank):
+            rows = runs_of(done, variant, rank, scale)
             cells = [mean_std([float(x[k]) for x in rows], pct) for k in ("best_acc", "final_acc", "dip")]
             ms = mean_std([float(x["step_ms"]) for x in rows], lambda v: f"{v:.0f}")
-            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {ms} | {len(rows)} |")
+            lines.append(f"| {variant} | {scale:g} | " + " | ".join(cells) + f" | {ms} | {len(rows)} |")
     ranks = sorted({int(x["r"]) for x in done})
     if len(ranks) > 1:
         header = "| variant | " + " | ".join(f"r = {k}" for k in ranks) + " |"
-        lines += ["", "Rank sweep, final dev accuracy (seed 0):", "", header, "|---|" + "---|" * len(ranks)]
+        title = f"Rank sweep, final dev accuracy (seed 0, rho = {rho:g}):"
+        lines += ["", title, "", header, "|---|" + "---|" * len(ranks)]
         for variant in VARIANTS:
             cells = []
             for k in ranks:
-                hit = [x for x in done if (x["variant"], int(x["r"]), x["seed"]) == (variant, k, "0")]
+                hit = [x for x in runs_of(done, variant, k, rho) if x["seed"] == "0"]
                 cells.append(pct(float(hit[0]["final_acc"])) if hit else "-")
             if any(c != "-" for c in cells):
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     md.write_text("\n".join(lines) + "\n")
 
 
-def plot(curves: list[dict], path: Path, rank: int) -> None:
+def plot(curves: list[dict], done: list[dict], path: Path, rank: int, rho: float) -> None:
+    """Dev accuracy and training loss against the step at ``rho``; best and final dev accuracy against rho."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (acc_ax, loss_ax, rho_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
     for variant in VARIANTS:
-        rows = [c for c in curves if c["variant"] == variant and int(c["r"]) == rank]
+        rows = runs_of(curves, variant, rank, rho)
         steps = sorted({int(c["step"]) for c in rows})
-        if not steps:
-            continue
         for ax, key, scale in ((acc_ax, "dev_acc", 100.0), (loss_ax, "train_loss", 1.0)):
             mean = [scale * statistics.mean(float(c[key]) for c in rows if int(c["step"]) == s) for s in steps]
             ax.plot(steps, mean, label=f"{variant} ({len({c['seed'] for c in rows})} seeds)")
-    acc_ax.set(xlabel="step", ylabel="clean dev accuracy (%)", title="SST-2, 20% of training labels flipped")
+        scales = rhos_of(done, variant, rank)
+        if VARIANTS[variant] and len(scales) > 1:
+            for key, style in (("best_acc", "o-"), ("final_acc", "s--")):
+                acc = [[100 * float(x[key]) for x in runs_of(done, variant, rank, v)] for v in scales]
+                mean = [statistics.mean(a) for a in acc]
+                sd = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in acc]
+                rho_ax.errorbar(scales, mean, yerr=sd, fmt=style, capsize=3, label=f"{variant}, {key[:-4]}")
+    lora = [x for x in done if x["variant"] == "lora" and int(x["r"]) == rank]
+    for key, style in (("best_acc", "-"), ("final_acc", "--")):
+        if lora:
+            level = statistics.mean(100 * float(x[key]) for x in lora)
+            rho_ax.axhline(level, color="gray", linestyle=style, label=f"lora, {key[:-4]}")
+    acc_ax.set(xlabel="step", ylabel="clean dev accuracy (%)", title=f"SST-2, 20% of labels flipped, rho = {rho:g}")
     loss_ax.set(xlabel="step", ylabel="training loss (noisy labels)", yscale="log")
+    rho_ax.set(xlabel="rho (noise scale)", ylabel="clean dev accuracy (%)", title="mean ± std over seeds")
     acc_ax.legend()
+    rho_ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -146,6 +177,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the curves")
+    parser.add_argument("--rhos", nargs="+", type=float, default=[0.05], help="noise scales (the first: curves)")
     parser.add_argument("--ranks", nargs="*", type=int, default=[1, 4, 16, 64], help="rank sweep (seed 0)")
     parser.add_argument("--sweep-variants", nargs="+", default=["lora", "ggpo"], choices=list(VARIANTS))
     parser.add_argument("--train", type=int, default=400, help="noisy training sentences")
@@ -163,21 +195,24 @@ def main() -> None:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.noise < 1.0:
         parser.error(f"--noise: expected a fraction in [0, 1), got {args.noise}")
+    if min(args.rhos) < 0.0:
+        parser.error(f"--rhos: expected values >= 0, got {args.rhos}")
     work = Path(args.work)
     csv_path, md_path = Path(args.out + ".csv"), Path(args.out + ".md")
     curves_path = Path(args.out + "_curves.csv")
     done = load_rows(csv_path)
-    plan = [(v, args.rank, s) for s in args.seeds for v in args.variants]
-    plan += [(v, k, 0) for k in args.ranks for v in args.sweep_variants]
-    for variant, r, seed in plan:
-        if any((x["variant"], x["r"], x["seed"]) == (variant, str(r), str(seed)) for x in done):
+    rho = args.rhos[0]
+    plan = [(v, args.rank, noise_scale(v, p), s) for p in args.rhos for s in args.seeds for v in args.variants]
+    plan += [(v, k, noise_scale(v, rho), 0) for k in args.ranks for v in args.sweep_variants]
+    for variant, r, scale, seed in dict.fromkeys(plan):
+        if any(x["seed"] == str(seed) for x in runs_of(done, variant, r, scale)):
             continue
-        row, curve = run(variant, r, seed, args, work)
+        row, curve = run(variant, r, scale, seed, args, work)
         for point in curve:
             append_row(curves_path, point, CURVE_FIELDS)
         record(csv_path, row, FIELDS, done)
-        write_table(done, md_path, args.rank)
-        plot(load_rows(curves_path), md_path.with_name(md_path.stem + ".png"), args.rank)
+        write_table(done, md_path, args.rank, rho)
+        plot(load_rows(curves_path), done, md_path.with_name(md_path.stem + ".png"), args.rank, rho)
     print(md_path.read_text())
 
 
