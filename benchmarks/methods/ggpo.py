@@ -144,19 +144,20 @@ def plot(curves: list[dict], done: list[dict], path: Path, rank: int, rho: float
     import matplotlib.pyplot as plt
 
     fig, (acc_ax, loss_ax, rho_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
-    for variant in VARIANTS:
+    for i, variant in enumerate(VARIANTS):  # one colour per variant in every panel
         rows = runs_of(curves, variant, rank, rho)
         steps = sorted({int(c["step"]) for c in rows})
         for ax, key, scale in ((acc_ax, "dev_acc", 100.0), (loss_ax, "train_loss", 1.0)):
             mean = [scale * statistics.mean(float(c[key]) for c in rows if int(c["step"]) == s) for s in steps]
-            ax.plot(steps, mean, label=f"{variant} ({len({c['seed'] for c in rows})} seeds)")
+            ax.plot(steps, mean, color=f"C{i}", label=f"{variant} ({len({c['seed'] for c in rows})} seeds)")
         scales = rhos_of(done, variant, rank)
         if VARIANTS[variant] and len(scales) > 1:
             for key, style in (("best_acc", "o-"), ("final_acc", "s--")):
                 acc = [[100 * float(x[key]) for x in runs_of(done, variant, rank, v)] for v in scales]
                 mean = [statistics.mean(a) for a in acc]
                 sd = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in acc]
-                rho_ax.errorbar(scales, mean, yerr=sd, fmt=style, capsize=3, label=f"{variant}, {key[:-4]}")
+                label = f"{variant}, {key[:-4]}"
+                rho_ax.errorbar(scales, mean, yerr=sd, fmt=style, color=f"C{i}", capsize=3, label=label)
     lora = [x for x in done if x["variant"] == "lora" and int(x["r"]) == rank]
     for key, style in (("best_acc", "-"), ("final_acc", "--")):
         if lora:
@@ -166,7 +167,7 @@ def plot(curves: list[dict], done: list[dict], path: Path, rank: int, rho: float
     loss_ax.set(xlabel="step", ylabel="training loss (noisy labels)", yscale="log")
     rho_ax.set(xlabel="rho (noise scale)", ylabel="clean dev accuracy (%)", title="mean ± std over seeds")
     acc_ax.legend()
-    rho_ax.legend(fontsize="small")
+    rho_ax.legend(fontsize="small", ncol=3, loc="lower center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
