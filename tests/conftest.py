@@ -36,10 +36,12 @@ def _seed() -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _token_cache(tmp_path_factory):
-    """One token cache for the session (CLI subprocesses inherit it), not the user's."""
+def _subprocess_env(tmp_path_factory):
+    """What CLI subprocesses inherit: one token cache for the session (not the user's), and faulthandler, so a
+    process that aborts prints every thread's Python stack (a two-rank run once died of SIGABRT saying nothing else)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FINETUNE_EXT_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+        mp.setenv("PYTHONFAULTHANDLER", "1")
         yield
 
 

@@ -37,7 +37,9 @@ def process_group(device_arg: str) -> Iterator[tuple[Dist, torch.device]]:
     """Join the ``torchrun`` process group if there is one (NCCL on GPUs, gloo on CPU); pick the device.
 
     A group joined here is left again on the way out: one left to interpreter shutdown can abort the process
-    (gloo's worker threads still hold tensors then). A group the caller joined before stays joined.
+    (gloo's worker threads still hold tensors then). After a run that ended well the ranks meet at a barrier
+    first, so that none tears its connections down while another still works (rank 0 writes the summary and
+    plot last); after an error they do not wait for each other. A group the caller joined before stays joined.
     """
     if device_arg not in ("auto", "cpu", "cuda"):
         raise UserError(f"device: expected auto, cpu or cuda, got {device_arg!r}")
@@ -56,6 +58,8 @@ def process_group(device_arg: str) -> Iterator[tuple[Dist, torch.device]]:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
         yield Dist(rank, world, local), torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        if joined_here:
+            dist.barrier()
     finally:
         if joined_here:
             dist.destroy_process_group()
