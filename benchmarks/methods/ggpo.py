@@ -147,7 +147,7 @@ def plot(curves: list[dict], done: list[dict], path: Path, rank: int, rho: float
     for i, variant in enumerate(VARIANTS):  # one colour per variant in every panel
         rows = runs_of(curves, variant, rank, rho)
         steps = sorted({int(c["step"]) for c in rows})
-        for ax, key, scale in ((acc_ax, "dev_acc", 100.0), (loss_ax, "train_loss", 1.0)):
+        for ax, key, scale in ((acc_ax, "dev_acc", 100.0), (loss_ax, "train_loss", 1.0)) if steps else ():
             mean = [scale * statistics.mean(float(c[key]) for c in rows if int(c["step"]) == s) for s in steps]
             ax.plot(steps, mean, color=f"C{i}", label=f"{variant} ({len({c['seed'] for c in rows})} seeds)")
         scales = rhos_of(done, variant, rank)
