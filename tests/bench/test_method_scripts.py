@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 from pathlib import Path
 
 import pytest
 
+from finetune_ext.train import glue
 from finetune_ext.train.data import _hold_out
 from tests.conftest import shared_data
 
@@ -29,20 +29,18 @@ def test_method_script_imports(name: str, monkeypatch) -> None:
     assert callable(_load(name, monkeypatch).main)
 
 
-def _rows(path: Path) -> list[tuple[str, int]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
-        assert next(reader) == ["sentence", "label"]
-        return [(s, int(y)) for s, y in reader]
+def _rows(folder: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(sentence, label) rows of a folder's train.tsv and dev.tsv, read as the trainer reads them."""
+    split = glue.read(str(folder), None, None)
+    return tuple([(e.texts[0], int(e.label)) for e in split[k]] for k in ("train", "test"))
 
 
 def test_ggpo_noisy_data_flips_the_fraction_and_holds_out_the_clean_dev_set(tmp_path, monkeypatch) -> None:
-    sst2 = shared_data("SST-2")
+    source_train, source_dev = _rows(shared_data("SST-2"))
     ggpo = _load("ggpo.py", monkeypatch)
-    folder = ggpo.noisy_data(tmp_path, n=50, noise=0.2, seed=3)
-    train, dev = _rows(folder / "train.tsv"), _rows(folder / "dev.tsv")
-    assert dev == _rows(sst2 / "dev.tsv")
+    train, dev = _rows(ggpo.noisy_data(tmp_path, n=50, noise=0.2, seed=3))
+    assert dev == source_dev
     kept, held_out = _hold_out(train, len(dev), seed=3)  # what the trainer does with val_size = len(dev)
     assert held_out == dev and len(kept) == 50
-    original = dict(_rows(sst2 / "train.tsv"))
+    original = dict(source_train)
     assert sum(original[s] != y for s, y in kept) == 10
