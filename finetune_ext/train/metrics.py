@@ -91,10 +91,13 @@ def _gathered(predictions: list[torch.Tensor], targets: list[torch.Tensor], ddp:
 
 
 def _class_metrics(pred, target, binary: bool) -> dict[str, float]:
-    """Matthews correlation (any number of classes) and, for two classes, F1 of class 1 (GLUE's)."""
+    """Matthews correlation (any number of classes), the share of the most often predicted class (1.0: the
+    model predicts one class everywhere) and, for two classes, F1 of class 1 (GLUE's)."""
+    import numpy as np
     from sklearn.metrics import f1_score, matthews_corrcoef
 
-    out = {"mcc": float(matthews_corrcoef(target, pred))}
+    top = float(np.bincount(pred).max() / len(pred)) if len(pred) else 0.0
+    out = {"mcc": float(matthews_corrcoef(target, pred)), "top_class_frac": top}
     if binary:
         out["f1"] = float(f1_score(target, pred, zero_division=0.0))
     return out
