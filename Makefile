@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help env build test test-cuda bench gpu-wheels wheel wheel-check lint format clean
+.PHONY: help env build docs test test-cuda bench gpu-wheels wheel wheel-check lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -31,7 +31,10 @@ $(EXT_STAMP): $(ENV_STAMP) $(CSRC) setup.py
 
 build: $(EXT_STAMP)  ## (re)build the compiled kernels in place (ninja, incremental)
 
-test: build  ## run the test suite (GPU tests skip without a GPU)
+docs: env  ## the API reference from the docstrings into site/ (mkdocs, warnings are errors)
+	$(PY) -m mkdocs build --strict -q
+
+test: build docs  ## the docs build, then the test suite with the import contract (GPU tests skip without a GPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-cuda: build  ## run only the GPU tests
@@ -70,4 +73,4 @@ format: env  ## apply ruff and clang-format
 	$(VENV)/bin/clang-format -i $(CSRC)
 
 clean:  ## remove build outputs (keeps .venv)
-	rm -rf build dist *.egg-info finetune_ext/_C*.so finetune_ext/_build_meta.py $(EXT_STAMP)
+	rm -rf build dist site *.egg-info finetune_ext/_C*.so finetune_ext/_build_meta.py $(EXT_STAMP)

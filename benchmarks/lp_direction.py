@@ -19,14 +19,14 @@ import torch
 
 from finetune_ext.bench.harness import run_full_size
 from finetune_ext.bench.lp_direction import cases
-from finetune_ext.train.errors import UserError
+from finetune_ext.errors import UserError
 
 
 def captured_lp(model: str) -> tuple[np.ndarray, np.ndarray]:
     """(c, rows) of the first LiFT round on ``model`` at the default 256 rows x 20,000 columns."""
+    from finetune_ext.data import shared_data_dir
     from finetune_ext.lift import lp
     from finetune_ext.train import TrainConfig, train
-    from finetune_ext.train.data import shared_data_dir
 
     seen = {}
     solve = lp.LPSolver.solve

@@ -90,8 +90,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The ``TrainConfig`` of parsed ``train`` arguments, each ``--<kind>-option KEY=VALUE`` list as a dict."""
+    from finetune_ext.parts.options import parse_pairs
     from finetune_ext.train import TrainConfig
-    from finetune_ext.train.options import parse_pairs
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     for name in [k for k in fields if k.endswith("_options")]:
@@ -156,7 +156,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
     ``bool`` fields become flags (``--no-<name>`` for those that default to true); ``<kind>_options`` dicts
     become repeatable ``--<kind>-option KEY=VALUE`` options, parsed later by the part's declared types.
     """
-    from finetune_ext.train.options import field_types, parse_value, type_name
+    from finetune_ext.parts.options import field_types, parse_value, type_name
 
     for f in dataclasses.fields(config):
         tp, flag = field_types(config)[f.name], "--" + f.name.replace("_", "-")
@@ -237,7 +237,7 @@ def build_parser(train_options: bool = True) -> argparse.ArgumentParser:
 
 def _one_line_warnings(command: str) -> None:
     """Our run warnings (a repair or a change the run goes on with) print as one line, like our errors."""
-    from finetune_ext.train.errors import RunWarning
+    from finetune_ext.errors import RunWarning
 
     default = warnings.showwarning
 

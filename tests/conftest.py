@@ -50,7 +50,7 @@ DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
 
 def shared_data(*parts: str):
     """A path under the shared data folder (``$FINETUNE_EXT_DATA`` or ``../shared/data``); skips if absent."""
-    from finetune_ext.train.data import shared_data_dir
+    from finetune_ext.data import shared_data_dir
 
     path = shared_data_dir().joinpath(*parts)
     if not path.exists():

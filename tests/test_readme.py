@@ -25,7 +25,17 @@ BLOCKS = _fenced("python")
 
 
 def test_the_readme_has_python_examples() -> None:
-    assert len(BLOCKS) >= 5
+    assert len(BLOCKS) >= 3
+
+
+def test_the_readme_is_a_guide_not_a_log() -> None:
+    """At most 250 lines; no dates, commit hashes or run numbers (history is CHANGELOG.md's, studies are
+    benchmarks/results/'s); every local link resolves."""
+    assert README.count("\n") <= 250
+    date, commit, run = r"\b20\d\d-\d\d-\d\d\b", r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b", r"\brun \d+\b"
+    assert re.findall(f"{date}|{commit}|{run}", README) == []
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README)
+    assert links and [link for link in links if "://" not in link and not (ROOT / link).exists()] == []
 
 
 @pytest.mark.parametrize(("line", "code"), BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from _sweep import load_rows, majority_sentence, mean_std, minilm_path, record
 
+from finetune_ext.data import shared_data_dir
 from finetune_ext.train import TrainConfig, train
-from finetune_ext.train.data import shared_data_dir
 
 TASKS = {"RTE": ("acc", 128, 2490), "MRPC": ("f1", 128, 3668), "CoLA": ("mcc", 64, 8551)}  # metric, length, size
 FIELDS = ["task", "fraction", "variant", "seed", "lr", "steps", "metric", "test", "test_final", "best_step", "seconds"]

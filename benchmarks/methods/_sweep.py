@@ -49,10 +49,9 @@ def majority_score(task: str, metric: str) -> float:
     floor a table's scores should clear (MRPC's F1 is 0.812 for "paraphrase" everywhere)."""
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-    from finetune_ext.train import glue
-    from finetune_ext.train.data import shared_data_dir
+    from finetune_ext.data import labelled, shared_data_dir
 
-    labels = [e.label for e in glue.read(str(shared_data_dir() / task), None, None)["test"]]
+    labels = [e.label for e in labelled.read(str(shared_data_dir() / task), None, None)["test"]]
     pred = [max(set(labels), key=labels.count)] * len(labels)
     if metric == "f1":
         return f1_score(labels, pred, pos_label="1", zero_division=0.0)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from _sweep import load_rows, mean_std, minilm_path, record
 
+from finetune_ext.data import shared_data_dir
 from finetune_ext.train import TrainConfig, train
-from finetune_ext.train.data import shared_data_dir
 
 FIELDS = ["variant", "lr", "seed", "steps", "steps_to_target", "seconds_to_target", "seconds", "test_acc",
           "test_acc_final", "val_acc", "backtracks", "step_size_last"]  # fmt: skip

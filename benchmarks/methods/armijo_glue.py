@@ -32,8 +32,8 @@ from pathlib import Path
 
 from _sweep import load_rows, majority_sentence, mean_std, minilm_path, record
 
+from finetune_ext.data import shared_data_dir
 from finetune_ext.train import TrainConfig, train
-from finetune_ext.train.data import shared_data_dir
 
 TASKS = {"SST-2": ("acc", 64), "MRPC": ("f1", 128)}  # main GLUE metric, max length
 DEFAULTS = {"c": 0.1}  # seed 003's experiments (ArmijoOptions' default since: 0.5); the rest are its defaults

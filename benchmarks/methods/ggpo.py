@@ -29,8 +29,8 @@ from pathlib import Path
 from _stats import paired
 from _sweep import append_row, load_rows, majority_sentence, mean_std, minilm_path, record
 
-from finetune_ext.train import TrainConfig, glue, train
-from finetune_ext.train.data import shared_data_dir
+from finetune_ext.data import labelled, shared_data_dir
+from finetune_ext.train import TrainConfig, train
 
 VARIANTS = {
     "lora": {},
@@ -51,7 +51,7 @@ def noisy_data(work: Path, n: int, n_val: int, noise: float, seed: int) -> Path:
     folder = work / f"data-n{n}-val{n_val}-noise{noise:g}-seed{seed}"
     if (folder / "train.tsv").exists():
         return folder
-    sst2 = glue.read(str(shared_data_dir() / "SST-2"), None, None)
+    sst2 = labelled.read(str(shared_data_dir() / "SST-2"), None, None)
     train_rows, dev_rows = ([(e.texts[0], int(e.label)) for e in sst2[k]] for k in ("train", "test"))
     rng = random.Random(seed)
     sample = rng.sample(train_rows, n + n_val)
@@ -138,14 +138,22 @@ def write_table(done: list[dict], md: Path, lrs: list[float]) -> None:
         lines.append(f"| {variant} | {sel} | {fin} | {'-' if same else d_sel.text()} | {'-' if same else d_fin.text()}"
                      f" | {'-' if same else d_sel.verdict()} | {dip} | {ms} | {flagged}/{len(rows)} |")  # fmt: skip
     if len(lrs) > 1:
-        lines += ["", "Learning-rate sweep, dev accuracy of the selected checkpoint:", "",
-                  "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+        lines += [
+            "",
+            "Learning-rate sweep, dev accuracy of the selected checkpoint:",
+            "",
+            "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+            "|---|" + "---|" * len(lrs),
+        ]
         for variant in VARIANTS:
             cells = [mean_std([float(x["dev_acc_selected"]) for x in of(done, variant, lr)], pct) for lr in lrs]
             if any(c != "-" for c in cells):
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    lines += ["", majority_sentence({"SST-2": "acc"}),
-              f"One-class: selected checkpoints predicting one class on >= {100 * ONE_CLASS:.0f} % of dev."]
+    lines += [
+        "",
+        majority_sentence({"SST-2": "acc"}),
+        f"One-class: selected checkpoints predicting one class on >= {100 * ONE_CLASS:.0f} % of dev.",
+    ]
     md.write_text("\n".join(lines) + "\n")
 
 

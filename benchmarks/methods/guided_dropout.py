@@ -21,8 +21,8 @@ from pathlib import Path
 
 from _sweep import load_rows, mean_std, minilm_path, record
 
+from finetune_ext.data import shared_data_dir
 from finetune_ext.train import TrainConfig, train
-from finetune_ext.train.data import shared_data_dir
 
 VARIANTS = {
     "standard": ("adamw", {}),

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from _sweep import load_rows, mean_std, record
 
+from finetune_ext.data import shared_data_dir
 from finetune_ext.train import TrainConfig, train
-from finetune_ext.train.data import shared_data_dir
 
 FIELDS = ["method", "seed", "steps", "test_ppl", "test_ppl_final", "best_step", "val_loss", "lambda", "seconds"]
 BASE = {"model_type": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 256, "n_positions": 128}

@@ -36,7 +36,7 @@ GPT2_SMALL = {"model_type": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 128, "n
 
 def task_config(task: str, workdir: Path) -> tuple[dict, dict, str]:
     """(TrainConfig fields, adapter options, metric) of a task."""
-    from finetune_ext.train.data import shared_data_dir
+    from finetune_ext.data import shared_data_dir
 
     data = shared_data_dir()
     if task == "sst2":

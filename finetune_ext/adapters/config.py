@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from finetune_ext.train.options import option
+from finetune_ext.parts import option
 
 
 @dataclass

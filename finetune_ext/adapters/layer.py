@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from finetune_ext import ops
 from finetune_ext.adapters.config import LinChainConfig
 from finetune_ext.nn import keys
+from finetune_ext.nn.perturbation import WeightPerturbation
 
 
 def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -27,10 +28,9 @@ class LinChainLinear(nn.Module):
     the model-level hook in ``adapters.model``), or inside ``ops.linchain_linear`` when the layer is called on
     its own. ``site`` keys the adapter dropout's mask under ``finetune_ext.nn.keys.keyed``.
 
-    A weight perturbation (``finetune_ext.perturb``) is set per step as ``noise = (std [out], Philox seed)``
-    (the layer multiplies by ``W + std * z``, formed inside ``lora_linear``; ``std`` is a row of the transform's
-    buffer, rewritten in place at each draw) or ``shift = (P [out, q], Q [q, in])`` (it adds ``x Q^T P^T``, the
-    output of ``W + P Q``); the base weight itself is never written.
+    It implements ``finetune_ext.nn.PerturbableLayer``: a weight perturbation (``finetune_ext.perturb``) attaches
+    a ``WeightPerturbation`` whose noise is formed inside ``lora_linear`` and whose shift is added as a low-rank
+    term; the base weight itself is never written.
     """
 
     def __init__(self, base: nn.Linear | Conv1D, config: LinChainConfig, site: int = 0) -> None:
@@ -51,16 +51,21 @@ class LinChainLinear(nn.Module):
         self.merged = False
         self._created_bias = False
         self._factors: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (M A, beff) of the model forward
-        self.noise: tuple[torch.Tensor, int] | None = None
-        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.perturbation: WeightPerturbation | None = None
         self.reset_parameters(config.init)
         self.train(base.training)
 
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in ("noise", "shift"):  # set for every layer each step: skip Module's bookkeeping (3 us a call)
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
+    def attach_perturbation(self, perturbation: WeightPerturbation | None) -> None:
+        """Use ``perturbation``'s noise and shift in every training forward (``None``: detach)."""
+        self.perturbation = perturbation
+
+    def stacked_factors(self, layers: list[LinChainLinear]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(A', M, B)`` stacked over ``layers``: ``A' = M A`` (``M`` is ``None`` for LoRA)."""
+        B = torch.stack([layer.lora_B for layer in layers])
+        if self.mixer_weight is None:
+            return torch.stack([layer.lora_A for layer in layers]), None, B
+        M, _, A = chain_factors(layers)
+        return A, M, B
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "kaiming") -> None:
@@ -99,7 +104,8 @@ class LinChainLinear(nn.Module):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x, weight, bias, B = (_as(t, dtype) for t in (x, self.base_weight(), self.base_layer.bias, self.lora_B))
-        std, noise_seed = self.noise if self.noise is not None and self.training else (None, 0)
+        hook = self.perturbation if self.training else None
+        std, noise_seed = hook.noise if hook is not None and hook.noise is not None else (None, 0)
         stochastic = {"dropout_p": self.dropout, "training": self.training, "seed": keys.site_seed(self.site),
                       "noise_std": std, "noise_seed": noise_seed}  # fmt: skip
         if self._factors is None and self.mixer_weight is not None:  # on its own: the chain composed in the op
@@ -108,9 +114,9 @@ class LinChainLinear(nn.Module):
         else:
             A, c = (_as(t, dtype) for t in self.factors())
             y = ops.lora_linear(x, weight, bias, A, B, c, scale=self.scale, **stochastic)
-        if self.shift is None or not self.training:
+        if hook is None or hook.shift is None:
             return y
-        P, Q = (_as(t, dtype) for t in self.shift)
+        P, Q = (_as(t, dtype) for t in hook.shift)
         return y + (x @ Q.t()) @ P.t()
 
     @torch.no_grad()

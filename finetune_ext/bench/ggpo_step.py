@@ -20,10 +20,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from finetune_ext.adapters import LinChainConfig, LinChainLinear, apply_linchain
 from finetune_ext.bench.harness import Case, select_providers
+from finetune_ext.optim.parts import AdamW
+from finetune_ext.parts import OptimSettings, RunContext
 from finetune_ext.perturb import GGPO, FlatLoRA
-from finetune_ext.perturb.method import FlatLoRAOptions, GGPOOptions
-from finetune_ext.train.adamw import AdamW
-from finetune_ext.train.parts import OptimSettings, RunContext
+from finetune_ext.perturb.parts import FlatLoRAOptions, GGPOOptions
 
 RANK = 8
 SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 128, "n_positions": 64, "vocab_size": 1024, "bos_token_id": 0}

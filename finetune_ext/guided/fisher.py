@@ -15,13 +15,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from finetune_ext.curvature.models import eager_attention
+from finetune_ext.parts import Dist
 
 
 def mask_tokens(
@@ -68,13 +68,15 @@ def empirical_fisher(
     chunk_size: int = 8,
     progress: bool = True,
     use_vmap: bool = True,
+    dist: Dist | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean squared per-sample gradient for every trainable parameter (float32, on the model's device).
 
     ``samples`` yields ``(input_ids [L], labels [L])``, the tokens of one example (no padding: the model sees
     no attention mask), L may vary; labels are -100 where no loss is taken (for causal LMs pass the input ids:
     the shift happens here). Samples of one length are batched ``chunk_size`` at a time. The model runs in eval
-    mode (no dropout).
+    mode (no dropout). Under ``dist`` with several processes each passes its share of the samples and the sums
+    are added over the processes, so every process returns the same estimate.
     """
     from tqdm.auto import tqdm
 
@@ -121,10 +123,8 @@ def empirical_fisher(
     finally:
         model.train(was_training)
     total = torch.tensor([float(count)], device=sums[0].device)  # a rank may hold no sample: fine
-    if dist.is_available() and dist.is_initialized():
-        for s in sums:
-            dist.all_reduce(s)
-        dist.all_reduce(total)
+    for s in [*sums, total] if dist is not None else ():
+        dist.sum_(s)
     if total.item() == 0:
         raise ValueError("samples: expected at least one sample for the Fisher estimate, got none")
     return {n: s / total for n, s in zip(names, sums, strict=True)}

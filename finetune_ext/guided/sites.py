@@ -112,7 +112,7 @@ def site_scores(sites: list[Site], fisher: dict[str, torch.Tensor]) -> torch.Ten
     return torch.stack([torch.stack([fisher[p].double().mean() for p in s.params]).mean() for s in sites])
 
 
-def linear_schedule(scores: torch.Tensor, p_max: float) -> torch.Tensor:
+def rates_by_rank(scores: torch.Tensor, p_max: float) -> torch.Tensor:
     """Rates linearly spaced from ``p_max`` (lowest score) to 0 (highest): ``p_k = p_max (K-1-rank_k)/(K-1)``."""
     if not 0.0 <= p_max < 1.0:
         raise ValueError(f"p_max: expected a value in [0, 1), got {p_max}")
@@ -126,7 +126,7 @@ def linear_schedule(scores: torch.Tensor, p_max: float) -> torch.Tensor:
 
 def unit_rates(site_p: float, row_fisher: torch.Tensor) -> torch.Tensor:
     """Per-unit rates inside a site: linear from ``2 p`` (lowest-Fisher unit) to 0, mean ``p`` (capped below 1)."""
-    p = linear_schedule(row_fisher.double(), min(2 * site_p, 0.95))
+    p = rates_by_rank(row_fisher.double(), min(2 * site_p, 0.95))
     return p * (site_p / p.mean()) if p.mean() > 0 else p
 
 

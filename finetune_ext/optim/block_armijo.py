@@ -17,7 +17,7 @@ last bits). Every hyperparameter lives in the parameter groups, so ``state_dict`
 
 The closure must draw the same randomness at every evaluation (evaluate under
 ``finetune_ext.nn.keys.keyed(seed, step)``, as the trainer's ``StepContext`` does) and, under DDP, return the
-loss averaged over the ranks (``finetune_ext.train.distributed.mean_across_ranks``), so all ranks decide alike.
+loss averaged over the ranks (``finetune_ext.parts.distributed.mean_across_ranks``), so all ranks decide alike.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import re
 
 from torch import nn
 
-from finetune_ext.train.errors import UserError
+from finetune_ext.errors import UserError
 
 _LAYER = re.compile(r"^(.*?\.(?:layer|h|layers|block))\.(\d+)\.")
 

@@ -5,6 +5,6 @@ the three transforms. The perturbed weight is formed inside ``ops.lora_linear`` 
 added as a low-rank term: the base weight is never written.
 """
 
-from finetune_ext.perturb.method import GGPO, MGPO, FlatLoRA
+from finetune_ext.perturb.parts import GGPO, MGPO, FlatLoRA
 
 __all__ = ["GGPO", "MGPO", "FlatLoRA"]

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from finetune_ext.train.errors import UserError
+from finetune_ext.errors import UserError
 
 LATEST, MANIFEST = "latest", "manifest.json"
 TMP_PREFIX, TRASH_PREFIX = ".tmp-checkpoint-", ".trash-"

@@ -1,4 +1,4 @@
-"""Process group and signals: the device and rank of this process, cross-rank means, deferred Ctrl-C/SIGTERM."""
+"""Launch: joining the ``torchrun`` process group, picking the device, deferring Ctrl-C/SIGTERM to a step's end."""
 
 from __future__ import annotations
 
@@ -6,30 +6,13 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from finetune_ext.train.errors import UserError
-
-
-@dataclass
-class Dist:
-    """This process's place in the run: rank, world size, local rank (one process: 0, 1, 0)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+from finetune_ext.errors import UserError
+from finetune_ext.parts.distributed import Dist
 
 
 @contextlib.contextmanager
@@ -63,17 +46,6 @@ def process_group(device_arg: str) -> Iterator[tuple[Dist, torch.device]]:
     finally:
         if joined_here:
             dist.destroy_process_group()
-
-
-def mean_across_ranks(value: torch.Tensor) -> float:
-    """The mean of a scalar over all processes (the value itself without a process group), as a host float."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.detach().clone().double()
-        if dist.get_backend() == "nccl" and value.device.type != "cuda":
-            value = value.cuda()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
 
 
 class Interrupt:

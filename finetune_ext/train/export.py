@@ -17,8 +17,8 @@ from torch import nn
 
 from finetune_ext.adapters.model import apply_linchain, merge_and_unload
 from finetune_ext.adapters.peft_format import save_peft
+from finetune_ext.errors import RunWarning, UserError
 from finetune_ext.train import checkpoint, registry
-from finetune_ext.train.errors import RunWarning, UserError
 from finetune_ext.train.models import load_model as load_base
 from finetune_ext.train.models import load_tokenizer
 
@@ -38,10 +38,11 @@ def export(run_dir: str | Path, fmt: Literal["peft", "merged"], output: str | Pa
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output: {out} exists and is not an empty folder")
     tokenizer = load_tokenizer(cfg["tokenizer"] or cfg["model"].removeprefix("config:"))
-    model = load_base(cfg["model"], state["model"]["task"], tokenizer, num_labels=state["model"]["num_labels"])
+    task = {"cls": "classification"}.get(state["model"]["task"], state["model"]["task"])  # runs before one vocabulary
+    model = load_base(cfg["model"], task, tokenizer, num_labels=state["model"]["num_labels"])
     if adapter in ("lora", "linchain"):
         part = registry.build("adapter", adapter, cfg["parts"]["adapter"]["options"])
-        apply_linchain(model, part.model_config(model, state["model"]["task"]))
+        apply_linchain(model, part.model_config(model, task))
     _load_weights(model, folder, state, weights)
     model.eval()
     if fmt == "peft":

@@ -15,16 +15,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from finetune_ext.train.data import make_batch
-from finetune_ext.train.distributed import Dist
-from finetune_ext.train.errors import RunWarning, UserError
+from finetune_ext.data.splits import make_batch
+from finetune_ext.errors import RunWarning, UserError
+from finetune_ext.parts import Dist
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     split: dict[str, torch.Tensor],
-    kind: str,
+    task: str,
     *,
     num_labels: int = 0,
     batch_size: int,
@@ -33,7 +33,7 @@ def evaluate(
     ddp: Dist,
     autocast: Callable[[], Any],
 ) -> dict[str, float]:
-    """The metrics of ``kind`` (``lm``, ``classification``, ``regression``) on ``split``.
+    """The metrics of ``task`` (``lm``, ``classification``, ``regression``) on ``split``.
 
     ``lm``: mean NLL over every predicted token, accuracy, perplexity. ``classification``: mean NLL, accuracy,
     Matthews correlation and, with two classes, F1 of class 1. ``regression``: mean squared error as the loss,
@@ -47,14 +47,14 @@ def evaluate(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, count, correct
     predictions, targets = [], []  # labelled data only: its correlations need every prediction
     for start in starts[ddp.rank :: ddp.world]:
-        batch = make_batch(split, torch.arange(start, min(start + batch_size, n)), "lm" if kind == "lm" else "cls",
+        batch = make_batch(split, torch.arange(start, min(start + batch_size, n)), task,
                            device)  # fmt: skip
         labels = batch.pop("labels")
         with autocast():
             logits = model(**batch).logits.float()
-        if kind == "lm":
+        if task == "lm":
             logits, labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
-        if kind == "regression":
+        if task == "regression":
             sums[0] += F.mse_loss(logits.view(-1), labels, reduction="sum").double()
             pred = logits.view(-1)
         else:
@@ -62,19 +62,19 @@ def evaluate(
             pred = logits.argmax(-1)
             sums[2] += (pred == labels).sum().double()
         sums[1] += labels.numel()
-        if kind != "lm":
+        if task != "lm":
             predictions.append(pred)
             targets.append(labels)
     if ddp.world > 1:
         dist.all_reduce(sums)
     model.train(was_training)
     out = {"loss": float(sums[0] / sums[1])}
-    if kind != "regression":
+    if task != "regression":
         out["acc"] = float(sums[2] / sums[1])
-    if kind == "lm":
+    if task == "lm":
         return out | {"ppl": math.exp(min(out["loss"], 700.0))}
     pred, target = _gathered(predictions, targets, ddp)
-    if kind == "regression":
+    if task == "regression":
         return out | _correlations(pred.double().numpy(), target.double().numpy())
     return out | _class_metrics(pred.numpy(), target.numpy(), binary=num_labels == 2)
 
@@ -187,4 +187,32 @@ def plot_curves(records: list[dict], path: Path) -> None:
         axes[0, 1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_lift(records: list[dict], path: Path) -> None:
+    """LiFT's rounds from the metrics log, as PNG: each block's λ and the validation loss after the LP step.
+    Nothing is drawn for a run without LiFT rounds."""
+    rounds = [r for r in records if "lift_round" in r]
+    if not rounds:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    blocks = sorted(
+        {k for r in rounds for k in r if k.startswith("lift_lambda_")}, key=lambda k: int(k.rsplit("_", 1)[1])
+    )
+    for key in blocks:
+        ax1.plot([r["lift_round"] for r in rounds], [r[key] for r in rounds], "o-", ms=3, label=f"block {key[12:]}")
+    ax1.set(xlabel="round", ylabel="λ")
+    ax1.legend()
+    moved = [(r["lift_round"], r["lift_val_after"]) for r in rounds if "lift_val_after" in r]
+    if moved:
+        ax2.plot(*zip(*moved, strict=True), "o-", ms=3)
+    ax2.set(xlabel="round", ylabel="validation loss after the LP step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from finetune_ext.train.errors import UserError
+from finetune_ext.errors import UserError
 
 # Small configurations for tests and offline experiments: `--model config:<name>`.
 TINY_CONFIGS = {
@@ -52,11 +52,14 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_model(spec: str, task: str, tokenizer: PreTrainedTokenizerBase, num_labels: int = 2) -> PreTrainedModel:
     """``spec``: ``config:<tiny name>``, ``config:<config.json>``, a local folder or a hub id.
 
-    ``task`` is ``"lm"`` (causal LM head) or ``"cls"`` (sequence classification head). Models built from a
+    ``task`` is ``"lm"`` (causal LM head), ``"classification"`` or ``"regression"`` (sequence classification
+    head with ``num_labels`` outputs). Models built from a
     configuration take their vocabulary size from the tokenizer.
     """
-    auto = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification}[task]
-    extra = {"num_labels": num_labels} if task == "cls" else {}
+    if task not in ("lm", "classification", "regression"):
+        raise ValueError(f"task: expected 'lm', 'classification' or 'regression', got {task!r}")
+    auto = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
+    extra = {} if task == "lm" else {"num_labels": num_labels}
     if spec.startswith("config:"):
         name = spec.removeprefix("config:")
         if name in TINY_CONFIGS:

@@ -12,31 +12,31 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from finetune_ext.train import options as opts
-from finetune_ext.train.errors import UserError
-from finetune_ext.train.parts import Part
+from finetune_ext.errors import UserError
+from finetune_ext.parts import Part
+from finetune_ext.parts import options as opts
 
 PARTS: dict[str, dict[str, str | None]] = {
     "dropout": {
         "standard": None,
-        "guided": "finetune_ext.guided.method:GuidedDropout",
-        "gaussian": "finetune_ext.guided.method:GaussianDropoutTransform",
+        "guided": "finetune_ext.guided.parts:GuidedDropout",
+        "gaussian": "finetune_ext.guided.parts:GaussianDropoutTransform",
     },
     "adapter": {
         "none": None,
-        "lora": "finetune_ext.adapters.method:LoRA",
-        "linchain": "finetune_ext.adapters.method:LinChain",
+        "lora": "finetune_ext.adapters.parts:LoRA",
+        "linchain": "finetune_ext.adapters.parts:LinChain",
     },
     "perturbation": {
         "none": None,
-        "flat-lora": "finetune_ext.perturb.method:FlatLoRA",
-        "ggpo": "finetune_ext.perturb.method:GGPO",
-        "mgpo": "finetune_ext.perturb.method:MGPO",
+        "flat-lora": "finetune_ext.perturb.parts:FlatLoRA",
+        "ggpo": "finetune_ext.perturb.parts:GGPO",
+        "mgpo": "finetune_ext.perturb.parts:MGPO",
     },
     "optimizer": {
-        "adamw": "finetune_ext.train.adamw:AdamW",
-        "armijo": "finetune_ext.optim.method:Armijo",
-        "lift": "finetune_ext.lift.stepper:LiFT",
+        "adamw": "finetune_ext.optim.parts:AdamW",
+        "armijo": "finetune_ext.optim.parts:Armijo",
+        "lift": "finetune_ext.lift.parts:LiFT",
     },
 }
 TRANSFORM_KINDS = ("dropout", "adapter", "perturbation")

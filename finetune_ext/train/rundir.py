@@ -17,12 +17,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from finetune_ext.errors import RunWarning, UserError
 from finetune_ext.train import checkpoint
-from finetune_ext.train.errors import RunWarning, UserError
 
 LOCK_FILE = ".lock"
 # What a run writes into its folder besides checkpoints; --overwrite removes exactly these.
-RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png")
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "lift.png")
 
 
 def prepare(out: Path) -> None:

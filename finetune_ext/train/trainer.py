@@ -29,14 +29,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from finetune_ext.data.splits import Splits, Stream, detect_source, load_splits, micro_batches
+from finetune_ext.errors import RunWarning, UserError
+from finetune_ext.parts import Dist, OptimSettings, RunContext, StepContext, Stepper, Transform
+from finetune_ext.parts.options import option
 from finetune_ext.train import checkpoint, registry, rundir
-from finetune_ext.train.data import Splits, Stream, detect_task, load_splits, micro_batches
-from finetune_ext.train.distributed import Dist, Interrupt, process_group
-from finetune_ext.train.errors import RunWarning, UserError
-from finetune_ext.train.metrics import MetricsLog, evaluate, plot_curves
+from finetune_ext.train.distributed import Interrupt, process_group
+from finetune_ext.train.metrics import MetricsLog, evaluate, plot_curves, plot_lift
 from finetune_ext.train.models import check_model_spec, load_model, load_tokenizer, max_positions, param_count
-from finetune_ext.train.options import option
-from finetune_ext.train.parts import OptimSettings, RunContext, StepContext, Stepper, Transform
 
 # Fields a resumed run may change: they steer bookkeeping, not the computation. A change is applied and
 # reported; any other field (and the parts with their options) must match the checkpoint's run.
@@ -87,7 +87,7 @@ class TrainConfig:
         None, "labelled data: the text column(s) of train.tsv/dev.tsv, two for pairs (default: from the header)"
     )
     label_column: str | None = option(None, "labelled data: the label column (default: from the header)")
-    task_kind: Literal["auto", "classification", "regression"] = option(
+    task: Literal["auto", "classification", "regression"] = option(
         "auto", "labelled data: classes or real-valued scores (auto: real-valued labels make a regression)"
     )
     train_samples: int | float | None = option(
@@ -151,6 +151,8 @@ def build_parts(cfg: TrainConfig) -> Parts:
         for needed in [k for k in part.requires if k not in parts.by_kind]:
             choices = " or ".join(n for n, path in registry.PARTS[needed].items() if path)
             raise UserError(f"{kind}: {part.name} does not run with --{needed} none; add --{needed} {choices}")
+    for transform in parts.transforms:
+        transform.check_stepper(parts.stepper)
     return parts
 
 
@@ -159,7 +161,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> Parts:
     folder is touched or any data read; a ``UserError`` names the first bad one."""
     _check_numbers(cfg, world)
     check_model_spec(cfg.model)
-    detect_task(cfg.data)
+    detect_source(cfg.data)
     return build_parts(cfg)
 
 
@@ -211,7 +213,7 @@ class _Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16 else contextlib.nullcontext()
 
     def evaluate(self, model: nn.Module, split: dict[str, torch.Tensor]) -> dict[str, float]:
-        return evaluate(model, split, self.splits.kind, num_labels=self.splits.num_labels,
+        return evaluate(model, split, self.splits.task, num_labels=self.splits.num_labels,
                         batch_size=self.cfg.eval_batch_size,
                         max_batches=self.cfg.max_eval_batches, device=self.device, ddp=self.ddp,
                         autocast=self.autocast)  # fmt: skip
@@ -281,16 +283,16 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device, foun
     out = Path(cfg.output_dir)
     _seed_all(cfg.seed)
 
-    task = detect_task(cfg.data)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.removeprefix("config:"))
     splits = load_splits(cfg.data, tokenizer, block_size=cfg.block_size, max_length=cfg.max_length,
                          train_samples=cfg.train_samples, val_size=cfg.val_size, seed=cfg.seed,
                          text_columns=cfg.text_columns, label_column=cfg.label_column,
-                         task_kind=cfg.task_kind, progress=cfg.progress and ddp.main)  # fmt: skip
+                         task=cfg.task, progress=cfg.progress and ddp.main)  # fmt: skip
+    task = splits.task
     metric = cfg.select_metric or splits.main_metric
     if metric not in splits.metrics:
-        raise UserError(f"select_metric: {metric} is not reported for {splits.kind} (choose from {splits.metrics})")
-    labels = 1 if splits.kind == "regression" else max(splits.num_labels, 2)
+        raise UserError(f"select_metric: {metric} is not reported for {splits.task} (choose from {splits.metrics})")
+    labels = 1 if splits.task == "regression" else max(splits.num_labels, 2)
     model = load_model(cfg.model, task, tokenizer, num_labels=labels)
     _check_context(model, cfg, task)
     model.to(device).train()
@@ -309,6 +311,7 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device, foun
         OptimSettings(cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_grad_norm),
         cfg.output_dir,
         cfg.progress and ddp.main,
+        ddp,
     )
     for transform in parts.transforms:
         transform.apply(model, context)
@@ -430,4 +433,5 @@ def _report(run: _Run, seconds: float) -> dict[str, Any]:
     if run.ddp.main:
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(run.log.records, run.out / "curves.png")
+        plot_lift(run.log.records, run.out / "lift.png")
     return summary

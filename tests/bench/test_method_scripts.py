@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_ext.train import glue
+from finetune_ext.data import labelled
 from tests.conftest import shared_data
 
 METHODS = Path(__file__).resolve().parents[2] / "benchmarks" / "methods"
@@ -30,7 +30,7 @@ def test_method_script_imports(name: str, monkeypatch) -> None:
 
 def _rows(folder: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(sentence, label) rows of a folder's train.tsv and dev.tsv, read as the trainer reads them."""
-    split = glue.read(str(folder), None, None)
+    split = labelled.read(str(folder), None, None)
     return tuple([(e.texts[0], int(e.label)) for e in split[k]] for k in ("train", "test"))
 
 

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from finetune_ext import guided
+from finetune_ext.data.splits import load_splits
 from finetune_ext.guided import sites as site_mod
-from finetune_ext.guided.method import fisher_samples
+from finetune_ext.guided.parts import fisher_samples
 from finetune_ext.nn import FisherDropout, GaussianDropout
 from finetune_ext.testing import tolerance
 from finetune_ext.train import TrainConfig, train
-from finetune_ext.train.data import load_splits
 from finetune_ext.train.models import load_tokenizer
 
 # Fisher entries are ~1e-8: the table's float32 atol (1e-6) would accept anything, so the absolute part is
@@ -103,7 +103,7 @@ def test_official_schedule_on_a_bert_base_layout() -> None:
     sites = guided.find_sites(model)
     assert len(sites) == 37 and [s.kind for s in sites[:4]] == ["embeddings", "attn_probs", "attn_output", "ffn_output"]
     scores = torch.randperm(37).double()
-    p = guided.linear_schedule(scores, site_mod.P_MAX_OFFICIAL)
+    p = guided.rates_by_rank(scores, site_mod.P_MAX_OFFICIAL)
     rank = torch.argsort(torch.argsort(scores))
     torch.testing.assert_close(p, 0.099 - 0.00275 * rank.double())
     assert p[scores.argmin()] == pytest.approx(0.099) and p[scores.argmax()] == 0.0
@@ -168,7 +168,7 @@ def test_guided_dropout_method_on_gpt2_with_cache(tmp_path, wikitext_slice, gpt2
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
     calls = []
-    monkeypatch.setattr("finetune_ext.guided.method.empirical_fisher", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("finetune_ext.guided.parts.empirical_fisher", lambda *a, **k: calls.append(1))
     train(TrainConfig(**cfg, output_dir=str(tmp_path / "b"), method_options=options))
     assert calls == []  # the second run reused the cached Fisher
     state = torch.load(tmp_path / "b" / "checkpoint-0000003" / "state.pt", weights_only=False)

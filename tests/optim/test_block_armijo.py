@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 
 from finetune_ext.nn import keys
 from finetune_ext.optim import BlockArmijo, blocks_from_model
+from finetune_ext.parts.distributed import mean_across_ranks
 from finetune_ext.testing import tolerance
 from finetune_ext.train import TrainConfig, train
-from finetune_ext.train.distributed import mean_across_ranks
 
 
 def _quadratic(n=12, seed=0, coupled=True):

@@ -54,7 +54,7 @@ class Point:
     match: str = ""  # a substring the call's first path-like or text argument must contain
 
 
-FWD_BWD = "finetune_ext.train.parts:StepContext.forward_backward"
+FWD_BWD = "finetune_ext.parts.contracts:StepContext.forward_backward"
 METRICS_WRITE = "finetune_ext.train.metrics:MetricsLog._write"
 CKPT = "finetune_ext.train.checkpoint:"
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from finetune_ext.cli import build_parser, main
-from finetune_ext.train import TrainConfig, options, registry
+from finetune_ext.parts import options
+from finetune_ext.train import TrainConfig, registry
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_ext.train import StepContext, TrainConfig, Transform, registry, train
-from finetune_ext.train.adamw import AdamW
-from finetune_ext.train.options import option
+from finetune_ext.optim.parts import AdamW
+from finetune_ext.parts import StepContext, Transform
+from finetune_ext.parts.options import option
+from finetune_ext.train import TrainConfig, registry, train
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {  # options that keep each part quick on tiny models

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from finetune_ext.cli import main
+from finetune_ext.errors import RunWarning, UserError
 from finetune_ext.train import TrainConfig, checkpoint, rundir, train
-from finetune_ext.train.errors import RunWarning, UserError
 from tests.train.faults_driver import POINTS
 from tests.train.test_trainer import _assert_same_run, _records
 
@@ -205,9 +205,10 @@ def test_train_samples_must_be_a_count_or_a_fraction(tmp_path, wikitext_slice, g
 
 
 def test_one_and_one_point_zero_differ(wikitext_slice, gpt2_tokenizer) -> None:
-    from finetune_ext.train.data import _count
+    from finetune_ext.data.splits import count_examples
 
-    assert (_count(50, 1, "n"), _count(50, 1.0, "n"), _count(50, 0.5, "n"), _count(50, 7.0, "n")) == (1, 50, 25, 7)
+    counts = [count_examples(50, amount, "n") for amount in (1, 1.0, 0.5, 7.0)]
+    assert counts == [1, 50, 25, 7]
 
 
 def test_non_utf8_data_names_file_and_line(tmp_path, gpt2_tokenizer) -> None:

@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_ext.optim.method import Armijo
+from finetune_ext.optim.parts import AdamW, Armijo, warmup_linear_decay
 from finetune_ext.testing import tolerance
 from finetune_ext.train import TrainConfig, train
-from finetune_ext.train.adamw import AdamW, linear_schedule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -193,5 +192,5 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, wikitext_slice, g
 
 
 def test_linear_schedule() -> None:
-    f = linear_schedule(warmup_steps=4, total_steps=10)
+    f = warmup_linear_decay(warmup_steps=4, total_steps=10)
     assert [f(s) for s in range(10)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])

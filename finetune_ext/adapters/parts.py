@@ -8,7 +8,7 @@ from torch import nn
 
 from finetune_ext.adapters.config import LinChainConfig, LoRAConfig
 from finetune_ext.adapters.model import HEAD_NAMES, apply_linchain
-from finetune_ext.train.parts import RunContext, Transform
+from finetune_ext.parts import RunContext, Transform
 
 
 class LinChain(Transform):
@@ -23,7 +23,7 @@ class LinChain(Transform):
     def model_config(self, model: nn.Module, task: str) -> LinChainConfig:
         """The adapter config for ``model``: by default a classifier's head is saved (trained in full)."""
         config = self.adapter_config()
-        if not config.modules_to_save and task == "cls":
+        if not config.modules_to_save and task != "lm":
             heads = [n for n, _ in model.named_children() if n in HEAD_NAMES and n not in ("lm_head", "cls")]
             config = dataclasses.replace(config, modules_to_save=heads)
         return config

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finetune_ext.data.splits import load_splits, make_batch
+from finetune_ext.errors import UserError
+from finetune_ext.parts import Dist
 from finetune_ext.testing import tolerance
-from finetune_ext.train import UserError
-from finetune_ext.train.data import load_splits, make_batch
-from finetune_ext.train.distributed import Dist
 from finetune_ext.train.metrics import evaluate
 from finetune_ext.train.models import load_model, load_tokenizer
 
@@ -51,12 +51,12 @@ def test_labelled_batches_end_at_their_longest_example(sst2_slice, gpt2_tokenize
     padded = {k: v[idx] for k, v in splits.train.items()}
     longest = int(padded["attention_mask"].sum(1).max())
     assert longest < 64
-    batch = make_batch(splits.train, idx, "cls", torch.device("cpu"))
+    batch = make_batch(splits.train, idx, splits.task, torch.device("cpu"))
     kept = slice(0, longest) if side == "right" else slice(None)
     for key in ("input_ids", "attention_mask"):
         assert torch.equal(batch[key], padded[key][:, kept])
     assert torch.equal(batch["labels"], padded["labels"])
-    net = load_model(model, "cls", tok, splits.num_labels).eval()
+    net = load_model(model, splits.task, tok, splits.num_labels).eval()
     torch.testing.assert_close(net(**batch).logits, net(**padded).logits, **tolerance(torch.float32))
 
 

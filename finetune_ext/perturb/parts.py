@@ -24,12 +24,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from finetune_ext.adapters.layer import LinChainLinear, chain_factors
+from finetune_ext.errors import UserError
 from finetune_ext.nn import keys
+from finetune_ext.nn.perturbation import PerturbableLayer, WeightPerturbation
+from finetune_ext.parts import RunContext, Stepper, Transform, option
 from finetune_ext.perturb import stats
-from finetune_ext.train.errors import UserError
-from finetune_ext.train.options import option
-from finetune_ext.train.parts import RunContext, Stepper, Transform
 
 _NOISE_STREAM = 0x6E6F697365  # separates the noise keys from the dropout keys
 
@@ -84,14 +83,18 @@ class MGPOOptions:
 
 
 class _Perturbation(Transform):
-    """Finds the adapters and the ramp."""
+    """Finds the adapted layers, attaches a hook to each, groups them; the ramp."""
 
     requires = ("adapter",)
 
     def apply(self, model: nn.Module, run: RunContext) -> None:
-        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, LinChainLinear)}
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, PerturbableLayer)}
         if not self.layers:
             raise UserError(f"perturbation: {self.name} perturbs adapted layers; add --adapter lora or linchain")
+        self.hooks = {name: WeightPerturbation() for name in self.layers}
+        for name, layer in self.layers.items():
+            layer.attach_perturbation(self.hooks[name])
+        self.groups = _groups(self.layers, self.hooks)
         self.seed, self.total_steps = run.seed, run.total_steps
 
     def ramp(self, step: int) -> float:
@@ -108,7 +111,8 @@ class _Group:
     are written in place into ``std``, whose row views the layers were given once. Methods run under ``no_grad``."""
 
     names: list[str]
-    layers: list[LinChainLinear]
+    layers: list[PerturbableLayer]
+    hooks: list[WeightPerturbation]
     weights_t: list[torch.Tensor]  # each layer's frozen W^T, [in, out] (views: the base weights are never replaced)
     drawn: bool = False  # whether std holds a draw (not before the first step or load)
     grad_norms: torch.Tensor | None = None  # [L, out]: ||G_i|| of the last backward, float64 (ggpo)
@@ -138,11 +142,7 @@ class _Group:
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(A', M, B)`` stacked over the layers, ``A' = M A`` (``M`` is ``None`` for LoRA)."""
-        B = torch.stack([layer.lora_B for layer in self.layers])
-        if self.layers[0].mixer_weight is None:
-            return torch.stack([layer.lora_A for layer in self.layers]), None, B
-        M, _, A = chain_factors(self.layers)
-        return A, M, B
+        return self.layers[0].stacked_factors(self.layers)
 
     def merged_norms(self) -> torch.Tensor:
         """``||W'_i||`` of every row of ``W' = W + s B A'``, ``[L, out]``."""
@@ -170,17 +170,19 @@ class _Group:
 
 
 @torch.no_grad()
-def _groups(layers: dict[str, LinChainLinear]) -> list[_Group]:
+def _groups(layers: dict[str, PerturbableLayer], hooks: dict[str, WeightPerturbation]) -> list[_Group]:
     """The layers in groups of stackable ones, in model order."""
     by_key: dict[tuple, list[str]] = {}
     for name, layer in layers.items():
         W, A = layer.base_weight(), layer.lora_A
-        key = (W.shape, W.dtype, W.device, A.shape, A.dtype, layer.scale, layer.mixer_weight is None)
+        chained = getattr(layer, "mixer_weight", None) is not None
+        key = (W.shape, W.dtype, W.device, A.shape, A.dtype, layer.scale, type(layer), chained)
         by_key.setdefault(key, []).append(name)
     groups = []
     for names in by_key.values():
         members = [layers[n] for n in names]
-        groups.append(_Group(names, members, [layer.base_weight().detach().t() for layer in members]))
+        weights_t = [layer.base_weight().detach().t() for layer in members]
+        groups.append(_Group(names, members, [hooks[n] for n in names], weights_t))
     return groups
 
 
@@ -189,10 +191,6 @@ class FlatLoRA(_Perturbation):
 
     name = "flat-lora"
     Options = FlatLoRAOptions
-
-    def apply(self, model: nn.Module, run: RunContext) -> None:
-        super().apply(model, run)
-        self.groups = _groups(self.layers)
 
     def row_std(self, group: _Group, step: int) -> torch.Tensor:
         """The noise's row stds of every layer of ``group``, ``[L, out]``."""
@@ -207,12 +205,12 @@ class FlatLoRA(_Perturbation):
                 group.std.copy_(self.row_std(group, step))
                 group.drawn = True
             seeds = keys.mix_each((self.seed, _NOISE_STREAM, step // refresh), [ly.site for ly in group.layers])
-            for layer, std, seed in zip(group.layers, group.std_rows, seeds, strict=True):
-                layer.noise = (std, seed)
+            for hook, std, seed in zip(group.hooks, group.std_rows, seeds, strict=True):
+                hook.noise = (std, seed)
 
     def after_step(self, step: int, stepper: Stepper) -> None:
-        for layer in self.layers.values():
-            layer.noise = None
+        for hook in self.hooks.values():
+            hook.clear()
 
     def state_dict(self) -> dict[str, Any]:
         return {"std": _rows(self.groups, lambda g: g.std if g.drawn else None)}
@@ -287,23 +285,15 @@ class MGPO(_Perturbation):
     name = "mgpo"
     Options = MGPOOptions
 
-    def apply(self, model: nn.Module, run: RunContext) -> None:
-        super().apply(model, run)
-        self.groups = _groups(self.layers)
-
-    @staticmethod
-    def momentum(stepper: Stepper, p: torch.Tensor) -> torch.Tensor | None:
-        optimizer = getattr(stepper, "optimizer", None)
-        if optimizer is None or not hasattr(optimizer, "state"):
-            raise UserError(f"perturbation: mgpo reads Adam's momentum; optimizer {stepper.name!r} keeps none")
-        state = optimizer.state.get(p, {})
-        return state.get("exp_avg", state.get("momentum_buffer"))
+    def check_stepper(self, stepper: Stepper) -> None:
+        if not stepper.keeps_momentum:
+            raise UserError(f"perturbation: mgpo reads the optimizer's momentum; optimizer {stepper.name!r} keeps none")
 
     @torch.no_grad()
     def before_step(self, step: int, stepper: Stepper) -> None:
         o = self.options
         for group in self.groups:
-            momenta = [[self.momentum(stepper, p) for p in (ly.lora_A, ly.lora_B)] for ly in group.layers]
+            momenta = [[stepper.momentum(p) for p in (ly.lora_A, ly.lora_B)] for ly in group.layers]
             P_Q = group.pair([m for m, _ in momenta], [m for _, m in momenta])
             shifts = [None] * len(group.layers)  # a group shifts once every layer has a momentum
             if P_Q:
@@ -314,14 +304,14 @@ class MGPO(_Perturbation):
                 coef = torch.where(norm > 1e-12, -o.rho * self.ramp(step) * adaptive / (norm + 1e-12), 0.0)
                 scaled = (P.double() * coef[:, None, None]).to(P.dtype)
                 shifts = list(zip(scaled.unbind(), Q.unbind(), strict=True))
-            for layer, shift in zip(group.layers, shifts, strict=True):
-                layer.shift = shift
+            for hook, shift in zip(group.hooks, shifts, strict=True):
+                hook.shift = shift
 
     @torch.no_grad()
     def after_step(self, step: int, stepper: Stepper) -> None:
         beta = self.options.beta
-        for layer in self.layers.values():
-            layer.shift = None
+        for hook in self.hooks.values():
+            hook.clear()
         for group in self.groups:
             P_Q = group.gradient_pair()
             if not P_Q:

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from finetune_ext.cli import main
-from finetune_ext.lift import LPResult, LPSolver, stepper
+from finetune_ext.lift import LPResult, LPSolver
+from finetune_ext.lift import parts as stepper
 from finetune_ext.testing import tolerance
 from finetune_ext.train import TrainConfig, train
 
@@ -57,8 +58,8 @@ def test_an_unusable_lp_leaves_weights_and_lambda_unchanged(tmp_path, wikitext_s
     monkeypatch.setattr(
         LPSolver, "solve", lambda self, *a, **k: LPResult(None, float("nan"), "Time limit reached", 1.0)
     )
-    original = __import__("finetune_ext.lift.stepper", fromlist=["LiFT"]).LiFT._move
-    monkeypatch.setattr("finetune_ext.lift.stepper.LiFT._move", lambda self, *a: moved.append(1) or original(self, *a))
+    original = __import__("finetune_ext.lift.parts", fromlist=["LiFT"]).LiFT._move
+    monkeypatch.setattr("finetune_ext.lift.parts.LiFT._move", lambda self, *a: moved.append(1) or original(self, *a))
     train(_config(tmp_path / "run", wikitext_slice, gpt2_tokenizer, gpt2_no_dropout, warmup_steps=6))
     (entry,) = _rounds(tmp_path / "run")
     assert entry["lift_lp_status"] == "Time limit reached" and "lift_t" not in entry and moved == []

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -27,14 +26,13 @@ from finetune_ext.guided.sites import (
     P_MAX_OFFICIAL,
     apply_rates,
     find_sites,
-    linear_schedule,
+    rates_by_rank,
     row_fisher,
     site_scores,
     unit_rates,
 )
 from finetune_ext.nn import GaussianDropout, keys, replace_module
-from finetune_ext.train.options import option
-from finetune_ext.train.parts import RunContext, Transform
+from finetune_ext.parts import RunContext, Transform, option
 
 DEFAULT_CACHE = "~/.cache/finetune_ext/fisher"
 
@@ -129,17 +127,16 @@ class GuidedDropout(Transform):
         # Per-sample gradients dominate the memory of a chunk: one fp32 copy of the parameters per sample.
         grad_bytes = 4 * sum(p.numel() for p in twin.parameters() if p.requires_grad)
         chunk = max(1, int(o.fisher_memory_mb * 2**20 // grad_bytes))
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        pairs = [(x.to(device), y.to(device)) for x, y in samples[rank::world]]  # sums are all-reduced
-        fisher = empirical_fisher(twin, pairs, causal=causal, chunk_size=chunk, progress=run.progress)
-        if cache and rank == 0:
+        pairs = [(x.to(device), y.to(device)) for x, y in samples[run.dist.rank :: run.dist.world]]
+        fisher = empirical_fisher(twin, pairs, causal=causal, chunk_size=chunk, progress=run.progress, dist=run.dist)
+        if cache and run.dist.main:
             cache.save(key, fisher)
         return fisher
 
     def apply(self, model: nn.Module, run: RunContext) -> None:
         sites = find_sites(model)
         fisher = self.fisher(model, run)
-        site_p = linear_schedule(site_scores(sites, fisher), self.options.p_max)
+        site_p = rates_by_rank(site_scores(sites, fisher), self.options.p_max)
         conv1d = model.config.model_type == "gpt2"
         rates: list[float | torch.Tensor] = []
         for site, p in zip(sites, site_p.tolist(), strict=True):

@@ -11,9 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from finetune_ext.train import TrainConfig, data, glue, train
-from finetune_ext.train.data import load_splits
-from finetune_ext.train.errors import UserError
+from finetune_ext.data import labelled
+from finetune_ext.data import splits as data
+from finetune_ext.data.splits import load_splits
+from finetune_ext.errors import UserError
+from finetune_ext.train import TrainConfig, train
 from finetune_ext.train.metrics import _class_metrics, _correlations
 from tests.conftest import shared_data
 
@@ -57,12 +59,12 @@ def _splits(folder: Path, tokenizer, **kw):
     ],
 )
 def test_real_glue_files_are_read_by_their_layout(glue_slices, gpt2_tok, task, pairs, kind, labels, metric) -> None:
-    examples = glue.read(str(glue_slices[task]), None, None)
+    examples = labelled.read(str(glue_slices[task]), None, None)
     n_train, n_dev, _ = SLICES[task]
     assert len(examples["train"]) == n_train and len(examples["test"]) == n_dev
     assert all(len(e.texts) == pairs and all(e.texts) for e in examples["train"])
     splits = _splits(glue_slices[task], gpt2_tok)
-    assert (splits.kind, splits.label_names, splits.main_metric) == (kind, labels, metric)
+    assert (splits.task, splits.label_names, splits.main_metric) == (kind, labels, metric)
     assert len(splits.val["labels"]) == 20 and len(splits.train["labels"]) == n_train - 20
     first_dev = examples["test"][0]
     if kind == "regression":
@@ -73,10 +75,10 @@ def test_real_glue_files_are_read_by_their_layout(glue_slices, gpt2_tok, task, p
 
 
 def test_cola_and_mrpc_first_rows(glue_slices) -> None:
-    cola = glue.read(str(glue_slices["CoLA"]), None, None)["train"][0]
+    cola = labelled.read(str(glue_slices["CoLA"]), None, None)["train"][0]
     assert cola.texts == ("Our friends won't buy this analysis, let alone the next one we propose.",)
     assert cola.label == "1" and cola.where.endswith("train.tsv:1 column 2")
-    mrpc = glue.read(str(glue_slices["MRPC"]), None, None)["train"][0]  # after the byte-order mark
+    mrpc = labelled.read(str(glue_slices["MRPC"]), None, None)["train"][0]  # after the byte-order mark
     assert mrpc.label == "1" and mrpc.texts[0].startswith("Amrozi accused his brother")
     assert mrpc.where.endswith("train.tsv:2 column 'Quality'")
 
@@ -84,7 +86,7 @@ def test_cola_and_mrpc_first_rows(glue_slices) -> None:
 def test_pairs_are_tokenized_as_pairs(glue_slices, bert_tokenizer) -> None:
     tok = AutoTokenizer.from_pretrained(bert_tokenizer)
     splits = _splits(glue_slices["RTE"], tok)
-    example = glue.read(str(glue_slices["RTE"]), None, None)["test"][0]
+    example = labelled.read(str(glue_slices["RTE"]), None, None)["test"][0]
     expected = tok(*example.texts, padding="max_length", truncation=True, max_length=48)
     assert splits.test["input_ids"][0].tolist() == expected["input_ids"]
     assert splits.test["token_type_ids"][0].tolist() == expected["token_type_ids"]
@@ -98,16 +100,16 @@ def test_columns_and_kind_can_be_given(tmp_path, gpt2_tok) -> None:
     with pytest.raises(UserError, match=r"train.tsv:1: cannot tell the text and label columns .*--text-columns"):
         _splits(tmp_path, gpt2_tok)
     given = dict(text_columns=["left", "right"], label_column="score")
-    assert _splits(tmp_path, gpt2_tok, **given).kind == "classification"  # integer labels: classes 0..2
-    reg = _splits(tmp_path, gpt2_tok, **given, task_kind="regression")
-    assert reg.kind == "regression" and reg.main_metric == "pearson" and reg.train["labels"].dtype == torch.float32
+    assert _splits(tmp_path, gpt2_tok, **given).task == "classification"  # integer labels: classes 0..2
+    reg = _splits(tmp_path, gpt2_tok, **given, task="regression")
+    assert reg.task == "regression" and reg.main_metric == "pearson" and reg.train["labels"].dtype == torch.float32
     with pytest.raises(UserError, match=r"train.tsv:1 has no column 'middle'; its header is"):
         _splits(tmp_path, gpt2_tok, text_columns=["middle"], label_column="score")
     with pytest.raises(UserError, match="text_columns, label_column: give both"):
         _splits(tmp_path, gpt2_tok, label_column="score")
     (tmp_path / "dev.tsv").write_text("id\tleft\tright\tscore\n0\ta\tb\tfive\n")
     with pytest.raises(UserError, match=r"dev.tsv:2 column 'score' has label 'five', expected a number"):
-        _splits(tmp_path, gpt2_tok, **given, task_kind="regression")
+        _splits(tmp_path, gpt2_tok, **given, task="regression")
 
 
 def test_metrics_match_their_formulas() -> None:
@@ -150,8 +152,8 @@ def test_trains_and_selects_by_the_task_metric(tmp_path, glue_slices, gpt2_token
 def test_hub_names_read_glue_through_datasets(monkeypatch, gpt2_tok) -> None:
     rows = {"sentence1": ["a cat sits", "a dog runs", "birds fly"], "sentence2": ["a cat", "dogs", "a bird"]}
     fake = {split: {**rows, "label": [4.2, 1.0, 2.5]} for split in ("train", "validation")}
-    monkeypatch.setattr(data, "load_hub", lambda name, spec: fake if spec == ("glue", "stsb") else None)
+    monkeypatch.setattr(labelled, "load_hub", lambda name, spec: fake if spec == ("glue", "stsb") else None)
     splits = load_splits("glue/stsb", gpt2_tok, block_size=8, max_length=16, train_samples=None, val_size=1, seed=0)
-    assert (splits.kind, splits.main_metric, len(splits.train["labels"])) == ("regression", "pearson", 2)
+    assert (splits.task, splits.main_metric, len(splits.train["labels"])) == ("regression", "pearson", 2)
     assert sorted(splits.test["labels"].tolist()) == pytest.approx([1.0, 2.5, 4.2])
-    assert data.detect_task("glue/rte") == "cls" and "glue/cola" in glue.HUB
+    assert data.detect_source("glue/rte") == "labelled" and "glue/cola" in labelled.HUB

@@ -17,25 +17,24 @@ batch of ``hvp_batch`` examples, in eval mode.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from finetune_ext import curvature
+from finetune_ext.data.splits import make_batch
+from finetune_ext.errors import UserError
 from finetune_ext.lift.lp import LPSolver
 from finetune_ext.lift.rows import CompactSR1, FlatParams, h_wlambda, hvp_rows, successive_differences
 from finetune_ext.lift.search import golden_section
 from finetune_ext.nn import keys
 from finetune_ext.optim.blocks import check_layer_spec, train_only
-from finetune_ext.train.adamw import linear_schedule
-from finetune_ext.train.data import make_batch
-from finetune_ext.train.errors import UserError
-from finetune_ext.train.options import option
-from finetune_ext.train.parts import RunContext, StepContext, Stepper
+from finetune_ext.optim.parts import AdamW
+from finetune_ext.parts import RunContext, StepContext, Stepper, option
 
 
 @dataclass
@@ -102,36 +101,36 @@ class LiFT(Stepper):
             )
         if o.rows > candidates:
             raise UserError(f"optimizer-option (lift): rows: expected <= {candidates} (regularized), got {o.rows}")
-        self.model, self.run, self.settings = model, run, run.optim
+        self.model, self.run = model, run
         self.lam = torch.full((len(layers),), o.lambda_init, dtype=torch.float64)
-        self.optimizer = torch.optim.AdamW(self.flat.params, lr=run.optim.lr, weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_schedule(run.optim.warmup_steps, run.total_steps)
-        )
+        # The warm-up is the AdamW stepper over the selected blocks; the L2 penalty is in f, not decoupled decay.
+        self.adamw = AdamW()
+        self.adamw.setup(model, dataclasses.replace(run, optim=dataclasses.replace(run.optim, weight_decay=0.0)))
         self.solver = LPSolver(formulation=o.lp_formulation)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # (w, ∇f) of this round
         self.history: list[dict[str, Any]] = []  # one entry per round
 
     # ---- the warm-up step --------------------------------------------------------------------------------
+    keeps_momentum = True
+
     def step(self, ctx: StepContext) -> dict[str, float]:
         o = self.options
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = ctx.forward_backward()
+        out: dict[str, Any] = self.adamw.backward(ctx)
         penalty = self._add_penalty_grad()
-        out: dict[str, Any] = {"loss": loss + penalty, "penalty": penalty, "lr": self.scheduler.get_last_lr()[0]}
+        out |= {"loss": out["loss"] + penalty, "penalty": penalty}
         every = max(1, o.warmup_steps // (o.pairs + 1))
         if (ctx.step % o.warmup_steps) % every == 0:
             # float32 like the parameters and their gradients (no information lost): 2·(pairs+1)·n·4 bytes
             record = (self.flat.values().float(), self.flat.grads().float())
             self.records = [*self.records, record][-(o.pairs + 1) :]
-        if self.settings.max_grad_norm > 0:
-            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.flat.params, self.settings.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
+        out = self.adamw.update(out)
         if (ctx.step + 1) % o.warmup_steps == 0:
             out |= self._round()
             self.records = []
         return out
+
+    def momentum(self, param: torch.Tensor) -> torch.Tensor | None:
+        return self.adamw.momentum(param)
 
     @torch.no_grad()
     def _add_penalty_grad(self) -> float:
@@ -172,7 +171,6 @@ class LiFT(Stepper):
         entry["lift_round_seconds"] = time.perf_counter() - start
         self.model.train(was_training)
         self.history.append(entry)
-        self._plot()
         return entry
 
     def _val_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -185,16 +183,12 @@ class LiFT(Stepper):
 
     def _val_gradient(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """``∇_w F`` (unregularized, eval mode) over ``batches``, averaged over ranks."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.adamw.optimizer.zero_grad(set_to_none=True)
         for batch in batches:
             (self.model(**batch).loss / len(batches)).backward()
         g = self.flat.grads()
-        self.optimizer.zero_grad(set_to_none=True)
-        if dist.is_available() and dist.is_initialized():
-            g = g.to(self.flat.params[0].device)
-            dist.all_reduce(g)
-            g = (g / dist.get_world_size()).cpu()
-        return g
+        self.adamw.optimizer.zero_grad(set_to_none=True)
+        return self.run.dist.mean(g.to(self.flat.params[0].device)).cpu()
 
     @torch.no_grad()
     def _val_loss(self, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -224,12 +218,8 @@ class LiFT(Stepper):
     def _solve(self, c: torch.Tensor, A: torch.Tensor):
         """The LP on rank 0; every rank gets its direction (or none)."""
         o = self.options
-        result = self.solver.solve(c, A, o.delta, o.box, o.lp_time_limit) if _rank() == 0 else None
-        if dist.is_available() and dist.is_initialized():
-            box = [result]
-            dist.broadcast_object_list(box, src=0)
-            result = box[0]
-        return result
+        result = self.solver.solve(c, A, o.delta, o.box, o.lp_time_limit) if self.run.dist.main else None
+        return self.run.dist.broadcast(result)
 
     def _move(self, d: torch.Tensor, J: torch.Tensor, w0: torch.Tensor, batches: list[dict]) -> dict[str, Any]:
         """Normalise ``d``, search the step on F, apply it to w and λ."""
@@ -248,43 +238,13 @@ class LiFT(Stepper):
         return {"lift_t": search.t, "lift_val_before": search.start, "lift_val_after": search.value,
                 "lift_evals": search.evaluations}  # fmt: skip
 
-    def _plot(self) -> None:
-        if _rank() != 0:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rounds = [e["lift_round"] for e in self.history]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-        for b in range(len(self.lam)):
-            ax1.plot(rounds, [e[f"lift_lambda_{b}"] for e in self.history], "o-", ms=3, label=f"block {b}")
-        ax1.set_xlabel("round")
-        ax1.set_ylabel("λ")
-        ax1.legend()
-        moved = [(e["lift_round"], e["lift_val_after"]) for e in self.history if "lift_val_after" in e]
-        if moved:
-            ax2.plot(*zip(*moved, strict=True), "o-", ms=3)
-        ax2.set_xlabel("round")
-        ax2.set_ylabel("validation loss after the LP step")
-        fig.tight_layout()
-        fig.savefig(f"{self.run.output_dir}/lift.png", dpi=110)
-        plt.close(fig)
-
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "lambda": self.lam.clone(), "records": list(self.records), "history": list(self.history),
-                "lp": self.solver.state_dict()}  # fmt: skip
+        return {"adamw": self.adamw.state_dict(), "lambda": self.lam.clone(), "records": list(self.records),
+                "history": list(self.history), "lp": self.solver.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.adamw.load_state_dict(state["adamw"])
         self.lam = state["lambda"].clone()
         self.records, self.history = list(state["records"]), list(state["history"])
         self.solver.load_state_dict(state["lp"])
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

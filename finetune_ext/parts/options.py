@@ -1,6 +1,6 @@
 """Typed options: dataclass fields with help text, parsed from ``KEY=VALUE`` strings by their declared type.
 
-Every training part (``finetune_ext.train.parts``) and ``TrainConfig`` declare their options as dataclass
+Every training part (``finetune_ext.parts.contracts``) and ``TrainConfig`` declare their options as dataclass
 fields made with ``option(default, help)``; the CLI, ``finetune-ext methods`` and the error messages are
 generated from them. A value given as a string (from the command line) is converted by the field's type:
 ``bool`` takes true/false/1/0/yes/no, ``X | None`` takes ``null``, ``list[X]`` a JSON list or a
@@ -18,7 +18,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union
 
-from finetune_ext.train.errors import UserError
+from finetune_ext.errors import UserError
 
 T = TypeVar("T")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")

@@ -3,8 +3,8 @@
 A folder holds ``train.tsv`` and ``dev.tsv``; GLUE's test labels are hidden, so ``dev`` is the reported test split.
 Text and label columns are found from the header (``LAYOUTS``: SST-2, RTE, MRPC, STS-B, QNLI, QQP, WNLI, MNLI) or
 given (``text_columns``, ``label_column``); CoLA's files have no header (source, label, original label, sentence).
-The kind follows from the training labels: integers are classes 0..K-1, other words are class names (sorted, so
-RTE's ``entailment`` is 0 as on the hub), real numbers make a regression (one output, MSE); ``task_kind``
+The task follows from the training labels: integers are classes 0..K-1, other words are class names (sorted, so
+RTE's ``entailment`` is 0 as on the hub), real numbers make a regression (one output, MSE); ``task``
 overrides it. Hub names (``glue/rte``, ...) load through ``datasets``. Every format error names file, line and
 column. ``main_metric`` is the task's GLUE metric: Matthews correlation for CoLA, F1 for MRPC and QQP, Pearson for
 STS-B, accuracy otherwise.
@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from finetune_ext.train.errors import UserError
-from finetune_ext.train.token_cache import cached
+from finetune_ext.data.sources import load_hub, read_text
+from finetune_ext.data.token_cache import cached
+from finetune_ext.errors import UserError
 
 # (text columns, label column) as GLUE's files name them, tried in order against a header.
 LAYOUTS = [
@@ -44,31 +45,31 @@ HUB = {
     ]},
 }  # fmt: skip
 MAIN_METRIC = {"cola": "mcc", "mrpc": "f1", "qqp": "f1", "stsb": "pearson", "sts-b": "pearson"}
-KINDS = ("auto", "classification", "regression")
+TASKS = ("auto", "classification", "regression")
 METRICS = {"classification": ("loss", "acc", "mcc", "f1"), "regression": ("loss", "pearson", "spearman")}
 
 
 @dataclass
 class Example:
     texts: tuple[str, ...]
-    label: str  # as written; converted once the kind is known
+    label: str  # as written; converted once the task is known
     where: str  # "<file>:<line> column <label column>" for error messages
 
 
 @dataclass
 class Table:
-    """Encoded splits of a labelled task: tensors per split, the kind, the label names, the main metric."""
+    """Encoded splits of a labelled task: tensors per split, the task, the label names, the main metric."""
 
     train: dict[str, torch.Tensor]
     val: dict[str, torch.Tensor]
     test: dict[str, torch.Tensor]
-    kind: str
+    task: str
     labels: list[str]  # class names by id (empty for regression)
     main_metric: str
 
     @property
     def num_labels(self) -> int:
-        return 1 if self.kind == "regression" else len(self.labels)
+        return 1 if self.task == "regression" else len(self.labels)
 
 
 def is_labelled(data: str) -> bool:
@@ -89,7 +90,6 @@ def task_name(data: str) -> str:
 
 
 def _hub_examples(name: str) -> dict[str, list[Example]]:
-    from finetune_ext.train.data import load_hub
 
     dataset, config, columns, label = HUB[name]
     ds = load_hub(name, (dataset, config))
@@ -102,7 +102,6 @@ def _hub_examples(name: str) -> dict[str, list[Example]]:
 
 
 def _read_tsv(file: Path, text_columns: list[str] | None, label_column: str | None) -> list[Example]:
-    from finetune_ext.train.data import read_text
 
     if not file.exists():
         raise UserError(f"data: missing {file} (a labelled-data folder needs train.tsv and dev.tsv)")
@@ -149,17 +148,17 @@ def encode(
     every: list[Example],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
-    kind: str,
+    task: str,
     data: str,
 ) -> Table:
-    """Tokenize ``splits`` (train, val, test; pairs as pairs) and convert their labels by the kind and class
-    names that ``every`` training example gives (``kind="auto"``: detected)."""
-    if kind == "auto":
+    """Tokenize ``splits`` (train, val, test; pairs as pairs) and convert their labels by the task and class
+    names that ``every`` training example gives (``task="auto"``: detected)."""
+    if task == "auto":
         integers, reals = (all(_parses(e.label, t) for e in every) for t in (int, float))
-        kind = "regression" if reals and not integers else "classification"
-    names = _class_names(every) if kind == "classification" else []
-    convert = (lambda e: _class_id(e, names)) if kind == "classification" else _real
-    metric = MAIN_METRIC.get(task_name(data), "acc" if kind == "classification" else "pearson")
+        task = "regression" if reals and not integers else "classification"
+    names = _class_names(every) if task == "classification" else []
+    convert = (lambda e: _class_id(e, names)) if task == "classification" else _real
+    metric = MAIN_METRIC.get(task_name(data), "acc" if task == "classification" else "pearson")
     if metric == "f1" and len(names) != 2:
         metric = "acc"
 
@@ -170,11 +169,11 @@ def encode(
         enc = cached(tokenizer, texts, f"columns={len(columns)} max_length={max_length} {sides}",
                      lambda: dict(tokenizer(*columns, padding="max_length", truncation=True, max_length=max_length,
                                             return_tensors="pt")))  # fmt: skip
-        dtype = torch.float32 if kind == "regression" else torch.long
+        dtype = torch.float32 if task == "regression" else torch.long
         out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
         return out | {"labels": torch.tensor([convert(e) for e in rows], dtype=dtype)}
 
-    return Table(split(splits["train"]), split(splits["val"]), split(splits["test"]), kind, names, metric)
+    return Table(split(splits["train"]), split(splits["val"]), split(splits["test"]), task, names, metric)
 
 
 def _parses(text: str, convert: type) -> bool:

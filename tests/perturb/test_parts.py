@@ -16,19 +16,20 @@ from torch import nn
 
 from finetune_ext import ops
 from finetune_ext.adapters import LinChainConfig, apply_linchain
+from finetune_ext.errors import UserError
+from finetune_ext.optim.parts import AdamW
+from finetune_ext.parts import OptimSettings, RunContext
 from finetune_ext.perturb import GGPO, MGPO, FlatLoRA
-from finetune_ext.perturb.method import FlatLoRAOptions, GGPOOptions, MGPOOptions
+from finetune_ext.perturb.parts import FlatLoRAOptions, GGPOOptions, MGPOOptions
 from finetune_ext.testing import tolerance
-from finetune_ext.train import TrainConfig, UserError, train
-from finetune_ext.train.adamw import AdamW
-from finetune_ext.train.parts import OptimSettings, RunContext
+from finetune_ext.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_context(total_steps: int = 100) -> RunContext:
     optim = OptimSettings(lr=1e-2, weight_decay=0.0, warmup_steps=0, max_grad_norm=0.0)
-    return RunContext("cls", None, {}, {}, lambda m: {}, 0, total_steps, optim, "")
+    return RunContext("classification", None, {}, {}, lambda m: {}, 0, total_steps, optim, "")
 
 
 def _adapted(dtype: torch.dtype = torch.float32, chain: int = 0) -> tuple[nn.Module, dict]:
@@ -94,12 +95,12 @@ def test_flat_lora_std_and_key(chain) -> None:
     layer = layers["0"]
     merged = layer.base_weight().double() + layer.delta()[0]  # W + s B M A
     expected = 0.5 * 0.1 / 4.0 * torch.linalg.vector_norm(merged, dim=1)
-    torch.testing.assert_close(layer.noise[0].double(), expected, **tolerance(torch.float32))
-    seed_5 = layer.noise[1]
+    torch.testing.assert_close(layer.perturbation.noise[0].double(), expected, **tolerance(torch.float32))
+    seed_5 = layer.perturbation.noise[1]
     t.before_step(4, None)
-    assert layer.noise[1] == seed_5  # steps 4 and 5 share a draw with refresh=2
+    assert layer.perturbation.noise[1] == seed_5  # steps 4 and 5 share a draw with refresh=2
     t.before_step(6, None)
-    assert layer.noise[1] != seed_5 and layers["2"].noise[1] != layer.noise[1]
+    assert layer.perturbation.noise[1] != seed_5 and layers["2"].perturbation.noise[1] != layer.perturbation.noise[1]
 
 
 def test_state_carries_a_draw_between_refreshes() -> None:
@@ -108,7 +109,7 @@ def test_state_carries_a_draw_between_refreshes() -> None:
     saved = GGPO(GGPOOptions(refresh=3))
     _train(model, saved, 2)  # step 0 drew; steps 1 and 2 reuse it
     saved.before_step(2, None)
-    expected = {name: layer.noise for name, layer in layers.items()}
+    expected = {name: layer.perturbation.noise for name, layer in layers.items()}
     state = saved.state_dict()
     for layer in layers.values():
         nn.init.normal_(layer.lora_B, std=1.0)  # the weights moved on: a new draw would differ
@@ -117,12 +118,13 @@ def test_state_carries_a_draw_between_refreshes() -> None:
     resumed.load_state_dict(state)
     resumed.before_step(2, None)
     for name, layer in layers.items():
-        assert torch.equal(layer.noise[0], expected[name][0]) and layer.noise[1] == expected[name][1]
+        std, seed = layer.perturbation.noise
+        assert torch.equal(std, expected[name][0]) and seed == expected[name][1]
     assert state["grad_norms"].keys() == layers.keys()
     for name, row in resumed.state_dict()["grad_norms"].items():
         assert torch.equal(row, state["grad_norms"][name])
     resumed.before_step(3, None)  # the next period draws from the current weights
-    assert not torch.equal(layers["0"].noise[0], expected["0"][0])
+    assert not torch.equal(layers["0"].perturbation.noise[0], expected["0"][0])
 
 
 def test_state_loaded_in_inference_mode_still_trains() -> None:
@@ -147,9 +149,9 @@ def test_ggpo_default_keeps_flat_lora_mean_and_follows_the_gradient() -> None:
         t.apply(model, _run_context())
     _train(model, ggpo, 1)
     flat.before_step(0, None)
-    std_flat = layers["0"].noise[0].double()
+    std_flat = flat.hooks["0"].noise[0].double()  # each transform has its own hooks; the last applied is attached
     ggpo.before_step(0, None)
-    std_ggpo = layers["0"].noise[0].double()
+    std_ggpo = layers["0"].perturbation.noise[0].double()
     torch.testing.assert_close(std_ggpo.mean(), std_flat.mean(), **tolerance(torch.float32))
     g = ggpo.state_dict()["grad_norms"]["0"]
     assert torch.corrcoef(torch.stack([std_ggpo - std_flat, g - g.mean()]))[0, 1] > 0.5
@@ -165,7 +167,7 @@ def test_ggpo_kohya_formula() -> None:
     G = layer.scale * (layer.lora_B.grad.double() @ A + B @ layer.lora_A.grad.double())
     wn = (torch.linalg.vector_norm(W, dim=1).mean() ** 2 + torch.linalg.vector_norm(B @ A, dim=1) ** 2).sqrt()
     expected = (0.03 * wn + 0.01 * torch.linalg.vector_norm(G, dim=1) ** 2) / W.shape[0] ** 0.5
-    torch.testing.assert_close(layer.noise[0].double(), expected, **tolerance(torch.float32))
+    torch.testing.assert_close(layer.perturbation.noise[0].double(), expected, **tolerance(torch.float32))
 
 
 @pytest.mark.parametrize("chain", [0, 2])
@@ -176,7 +178,7 @@ def test_mgpo_shifts_against_the_momentum(chain) -> None:
     stepper = _train(model, t, 3)
     t.before_step(3, stepper)
     layer = layers["0"]
-    P, Q = layer.shift
+    P, Q = layer.perturbation.shift
     eps = P @ Q
     A = layer.factors()[0].detach()  # A' = M A
     M = ops.linchain_compose(layer.mixer_weight.detach()[None])[0][0] if chain else None
@@ -202,11 +204,11 @@ def test_mgpo_vanishing_momentum_shifts_by_zero() -> None:
             stepper.optimizer.state[p]["exp_avg"].zero_()
     t.before_step(2, stepper)
     for layer in layers.values():
-        P, _ = layer.shift
+        P, _ = layer.perturbation.shift
         assert not P.any()
         x = torch.randn(5, layer.base_weight().shape[1], dtype=torch.float64)
         shifted = layer(x)
-        layer.shift = None
+        layer.perturbation.shift = None
         assert torch.equal(layer(x), shifted)
 
 
@@ -217,7 +219,7 @@ def test_mgpo_first_step_has_no_shift() -> None:
     stepper.setup(model, _run_context())
     t.apply(model, _run_context())
     t.before_step(0, stepper)
-    assert all(layer.shift is None for layer in layers.values())
+    assert all(layer.perturbation.shift is None for layer in layers.values())
 
 
 def _config(tmp_path: Path, data, tokenizer, **extra) -> TrainConfig:

@@ -6,7 +6,7 @@
   it as often as it needs (line searches) or evaluate the validation split (``RunContext.evaluate_val``); the
   test split is never handed to a part.
 
-Each part declares ``Options``, a dataclass of ``finetune_ext.train.options.option`` fields, and is listed in
+Each part declares ``Options``, a dataclass of ``finetune_ext.parts.options.option`` fields, and is listed in
 ``finetune_ext.train.registry``. Parts that draw random numbers take their Philox keys from
 ``finetune_ext.nn.keys``, which the ``StepContext`` sets from ``(run seed, step, micro-batch, rank)`` for
 every evaluation of the batch, so re-evaluations draw the same masks and resume is exact.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from finetune_ext.nn import keys
-from finetune_ext.train.distributed import mean_across_ranks
+from finetune_ext.parts.distributed import Dist, mean_across_ranks
 
 
 @dataclass
@@ -47,7 +47,7 @@ class OptimSettings:
 class RunContext:
     """What a part may know about the run besides the model. The test split is deliberately absent."""
 
-    task: str  # "lm" or "cls"
+    task: str  # "lm", "classification" or "regression"
     tokenizer: Any
     train: dict[str, torch.Tensor]
     val: dict[str, torch.Tensor]
@@ -57,6 +57,7 @@ class RunContext:
     optim: OptimSettings
     output_dir: str
     progress: bool = True
+    dist: Dist = dataclasses.field(default_factory=Dist)  # rank, world size and the collectives parts use
 
 
 @dataclass
@@ -118,6 +119,8 @@ class Part(ABC):
 class Stepper(Part):
     """Owns the optimizer step."""
 
+    keeps_momentum: ClassVar[bool] = False  # whether ``momentum`` answers (MGPO needs it)
+
     @abstractmethod
     def setup(self, model: nn.Module, run: RunContext) -> None:
         """Build the optimizer over the model's trainable parameters (after every transform applied)."""
@@ -126,6 +129,11 @@ class Stepper(Part):
     def step(self, ctx: StepContext) -> dict[str, float]:
         """Do one optimizer step; return at least ``{"loss": ...}`` (host floats) for logging."""
 
+    def momentum(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The first moment the stepper keeps for ``param`` (Adam's ``exp_avg``), ``None`` before its first
+        update. Raises ``NotImplementedError`` unless ``keeps_momentum``."""
+        raise NotImplementedError(f"optimizer {self.name!r} keeps no momentum")
+
 
 class Transform(Part):
     """Changes the model before training; may hook each optimizer step."""
@@ -133,6 +141,9 @@ class Transform(Part):
     @abstractmethod
     def apply(self, model: nn.Module, run: RunContext) -> None:
         """Change ``model`` in place, before the stepper is set up."""
+
+    def check_stepper(self, stepper: Stepper) -> None:
+        """Raise ``UserError`` if this transform cannot run beside ``stepper`` (called before any work)."""
 
     def before_step(self, step: int, stepper: Stepper) -> None:
         """Called before each optimizer step (``step`` is 0-based)."""

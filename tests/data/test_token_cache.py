@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_ext.train import data, token_cache
+from finetune_ext.data import splits as data
+from finetune_ext.data import token_cache
 from finetune_ext.train.models import load_tokenizer
 
 

@@ -3,68 +3,59 @@
 Language modelling: ``train/valid/test`` text (a folder of ``train.txt``, ``valid.txt``, ``test.txt`` or the
 hub's WikiText-2) is tokenized line by line, concatenated and cut into ``block_size`` blocks; the validation
 split selects models, the test split is reported. Labelled data (classification and regression, single sentences
-and pairs, GLUE's layout: ``train/glue.py``): ``dev`` is the reported test split and a seeded held-out slice of
+and pairs, GLUE's layout: ``train/labelled.py``): ``dev`` is the reported test split and a seeded held-out slice of
 train is the validation split. Token ids are cached on disk (``train/token_cache.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from finetune_ext.train import glue
-from finetune_ext.train.errors import UserError
-from finetune_ext.train.token_cache import cached
-
-HUB_LM = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1"), "wikitext-103": ("wikitext", "wikitext-103-raw-v1")}
+from finetune_ext.data import labelled
+from finetune_ext.data.sources import HUB_LM, lm_texts, tokenize_lines
+from finetune_ext.data.token_cache import cached
+from finetune_ext.errors import UserError
 
 
 @dataclass
 class Splits:
     """Tensors per split: ``input_ids`` (and ``attention_mask``, ``labels``, maybe ``token_type_ids`` for labelled
-    data). ``kind``: ``lm``, ``classification`` or ``regression``; ``metrics``: what evaluation reports."""
+    data). ``task``: ``lm``, ``classification`` or ``regression``; ``metrics``: what evaluation reports."""
 
-    task: str  # "lm" or "cls" (labelled: classification or regression)
+    task: str
     train: dict[str, torch.Tensor]
     val: dict[str, torch.Tensor]
     test: dict[str, torch.Tensor]
     num_labels: int = 0  # 1 for regression
-    kind: str = "lm"
     main_metric: str = "loss"
     label_names: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        if self.kind == "lm":
+        if self.task == "lm":
             return ("loss", "acc", "ppl")
-        return glue.METRICS[self.kind] if self.num_labels <= 2 else ("loss", "acc", "mcc")
+        return labelled.METRICS[self.task] if self.num_labels <= 2 else ("loss", "acc", "mcc")
 
 
-def shared_data_dir() -> Path:
-    """``$FINETUNE_EXT_DATA``, else ``../shared/data`` beside the repository."""
-    env = os.environ.get("FINETUNE_EXT_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-def detect_task(data: str) -> str:
-    """``lm`` or ``cls`` (labelled) from a hub name or a folder's files."""
+def detect_source(data: str) -> str:
+    """``text`` (language modelling) or ``labelled`` (classification or regression), from a hub name or a
+    folder's files; a ``UserError`` for anything else."""
     if data in HUB_LM:
-        return "lm"
-    if data in glue.HUB:
-        return "cls"
+        return "text"
+    if data in labelled.HUB:
+        return "labelled"
     path = Path(data).expanduser()
     if not path.exists():
-        raise UserError(f"data: no such file or folder {data!r} (hub names: {sorted(HUB_LM) + sorted(glue.HUB)})")
-    if glue.is_labelled(data):
-        return "cls"
+        raise UserError(f"data: no such file or folder {data!r} (hub names: {sorted(HUB_LM) + sorted(labelled.HUB)})")
+    if labelled.is_labelled(data):
+        return "labelled"
     if path.is_dir() and (path / "train.txt").exists():
-        return "lm"
+        return "text"
     raise UserError(f"data: {data!r} has neither train.txt (language modelling) nor train.tsv (labelled examples)")
 
 
@@ -79,47 +70,24 @@ def load_splits(
     seed: int,
     text_columns: list[str] | None = None,
     label_column: str | None = None,
-    task_kind: str = "auto",
+    task: str = "auto",
     progress: bool = False,
 ) -> Splits:
     """Tokenized splits. ``train_samples``: an integer count (>= 1) or a fraction in (0, 1] of the training
-    set, seeded. Labelled data: ``text_columns``/``label_column`` override the header's, ``task_kind`` the kind.
+    set, seeded. Labelled data: ``text_columns``/``label_column`` override the header's,
+    ``task`` (``auto``, ``classification``, ``regression``) the task.
     ``progress``: a progress bar while language-modelling text is tokenized (not when the cache has it)."""
-    task = detect_task(data)
-    if task == "lm":
-        texts = _lm_texts(data)
+    if detect_source(data) == "text":
+        texts = lm_texts(data)
         splits = {name: _blocks(tokenizer, lines, block_size, name, progress) for name, lines in texts.items()}
         train = _subset(splits["train"], train_samples, seed)
         return Splits("lm", train, splits["valid"], splits["test"])
-    examples = glue.read(data, text_columns, label_column)
-    train_rows, val_rows = _hold_out(examples["train"], val_size, seed)
+    examples = labelled.read(data, text_columns, label_column)
+    train_rows, val_rows = hold_out(examples["train"], val_size, seed)
     train_rows = _subset_rows(train_rows, train_samples, seed)
     splits = {"train": train_rows, "val": val_rows, "test": examples["test"]}
-    t = glue.encode(splits, examples["train"], tokenizer, max_length, task_kind, data)
-    return Splits("cls", t.train, t.val, t.test, t.num_labels, t.kind, t.main_metric, t.labels)
-
-
-def _lm_texts(data: str) -> dict[str, list[str]]:
-    if data in HUB_LM:
-        ds = load_hub(data, HUB_LM[data])
-        return {"train": ds["train"]["text"], "valid": ds["validation"]["text"], "test": ds["test"]["text"]}
-    path = Path(data).expanduser()
-    out = {}
-    for split in ("train", "valid", "test"):
-        file = path / f"{split}.txt"
-        if not file.exists():
-            raise UserError(f"data: missing {file} (a language-modelling folder needs train.txt, valid.txt, test.txt)")
-        out[split] = read_text(file).splitlines(keepends=True)
-    return out
-
-
-def load_hub(name: str, spec: tuple[str, str]):
-    import datasets
-
-    try:
-        return datasets.load_dataset(*spec)
-    except Exception as err:  # network, cache and hub errors have no common type
-        raise UserError(f"data: cannot load {name!r} from the hub ({str(err).strip().splitlines()[0]})") from None
+    t = labelled.encode(splits, examples["train"], tokenizer, max_length, task, data)
+    return Splits(t.task, t.train, t.val, t.test, t.num_labels, t.main_metric, t.labels)
 
 
 def _blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: int, split: str, progress: bool) -> dict:
@@ -132,28 +100,7 @@ def _blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: in
     return {"input_ids": ids[: n * block_size].view(n, block_size)}
 
 
-def tokenize_lines(tokenizer: PreTrainedTokenizerBase, lines: list[str], desc: str | None = None) -> list[int]:
-    """The lines' token ids, concatenated (no special tokens); a progress bar labelled ``desc`` if given."""
-    ids: list[int] = []
-    with tqdm(total=len(lines), desc=desc, unit="line", disable=desc is None) as bar:
-        for chunk in _batched(lines, 1000):
-            for row in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-                ids.extend(row)
-            bar.update(len(chunk))
-    return ids
-
-
-def read_text(file: Path) -> str:
-    """The file as UTF-8 text; an error naming the line of the first byte that is not UTF-8."""
-    raw = file.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise UserError(f"data: {file}:{line} is not UTF-8 (byte {raw[err.start]:#04x}); convert it to UTF-8") from None
-
-
-def _count(n: int, amount: int | float | None, what: str) -> int:
+def count_examples(n: int, amount: int | float | None, what: str) -> int:
     """Examples meant by ``amount``: an integer count >= 1, or a fraction in (0, 1] (``1`` is one, ``1.0`` all)."""
     if amount is None:
         return n
@@ -169,7 +116,7 @@ def _count(n: int, amount: int | float | None, what: str) -> int:
 
 def _subset(split: dict[str, torch.Tensor], amount: int | float | None, seed: int) -> dict[str, torch.Tensor]:
     n = len(split["input_ids"])
-    k = _count(n, amount, "train_samples")
+    k = count_examples(n, amount, "train_samples")
     if k == n:
         return split
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
@@ -177,21 +124,16 @@ def _subset(split: dict[str, torch.Tensor], amount: int | float | None, seed: in
 
 
 def _subset_rows(rows: list, amount: int | float | None, seed: int) -> list:
-    k = _count(len(rows), amount, "train_samples")
+    k = count_examples(len(rows), amount, "train_samples")
     idx = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:k]
     return [rows[i] for i in idx.tolist()]
 
 
-def _hold_out(rows: list, val_size: int | float, seed: int) -> tuple[list, list]:
-    """Split off a seeded validation slice (a count or a fraction, as ``_count``) before any subsetting."""
-    k = _count(len(rows), val_size, "val_size")
+def hold_out(rows: list, val_size: int | float, seed: int) -> tuple[list, list]:
+    """Split off a seeded validation slice (a count or a fraction, as ``count_examples``) before any subsetting."""
+    k = count_examples(len(rows), val_size, "val_size")
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 1)).tolist()
     return [rows[i] for i in perm[k:]], [rows[i] for i in perm[:k]]
-
-
-def _batched(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 class Stream:
