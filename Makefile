@@ -40,8 +40,8 @@ test: build docs  ## the docs build, then the test suite with the import contrac
 test-cuda: build  ## run only the GPU tests
 	$(PY) -m pytest -m cuda $(PYTEST_ARGS)
 
-bench: build  ## op microbenchmarks on the default device: table, CSV and PNG in bench-out/
-	$(PY) -m finetune_ext.cli bench --out bench-out $(BENCH_ARGS)
+bench: build  ## op and step benchmarks on the default device: table, CSV and PNG in bench-out/
+	$(PY) benchmarks/bench.py --out bench-out $(BENCH_ARGS)
 
 gpu-wheels: env  ## wheels the lent GPU's image lacks (highspy, Python 3.12) into .whl/, which benchmarks/gpu_run.sh installs
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -17,9 +17,9 @@ import argparse
 from pathlib import Path
 
 import torch
+from cases.curvature import HVP_VECTORS, flop_bound, hvp_cases, setup
 
 from finetune_ext.bench import append_csv, run
-from finetune_ext.bench.curvature import HVP_VECTORS, flop_bound, hvp_cases, setup
 
 
 def write_table(rows, bounds: dict[str, float], path: Path, device_name: str) -> None:

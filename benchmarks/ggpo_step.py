@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
+from cases.ggpo_step import adapted_gpt2, cases
 from transformers import GPT2Config
 
-from finetune_ext.bench.ggpo_step import adapted_gpt2, cases
 from finetune_ext.bench.harness import device_name, run_rounds
 
 

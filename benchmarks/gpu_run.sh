@@ -88,12 +88,12 @@ stop_unless_loaded() {
     exit 1
   fi
 }
-bench_args=(bench --device cuda --out "$OUT/bench" --device-csv "$OUT")
+bench_args=(--device cuda --out "$OUT/bench" --device-csv "$OUT")
 if [ "$DRY_RUN" = 1 ]; then
   stop_unless_loaded cpu
   phase "C++ errors raise (dry run: CPU only)" 60 "$PY" -c "$probe" cpu
   phase "cuda tests (dry run: collected)" 300 "$PY" -m pytest -m cuda --collect-only -q -p no:cacheprovider
-  phase "benchmarks (dry run: options checked)" 120 "$PY" -m finetune_ext.cli "${bench_args[@]}" --ops "${ops[@]}" --dry-run
+  phase "benchmarks (dry run: options checked)" 120 "$PY" benchmarks/bench.py "${bench_args[@]}" --ops "${ops[@]}" --dry-run
   phase "profile ggpo_step (dry run: CPU)" 120 "$PY" benchmarks/profile_ggpo_step.py --device cpu --steps 1 --top 3
   exit $failed
 fi
@@ -121,7 +121,7 @@ if [ -n "$crashed" ] && command -v cuda-gdb >/dev/null; then
     -p no:cacheprovider "$crashed"
 fi
 for op in "${ops[@]}"; do
-  phase "benchmark $op" "${op_limit[$op]}" "$PY" -m finetune_ext.cli "${bench_args[@]}" --ops "$op"
+  phase "benchmark $op" "${op_limit[$op]}" "$PY" benchmarks/bench.py "${bench_args[@]}" --ops "$op"
   # where ggpo's step time goes (1.15x lora's in run 3, unexplained by our kernels): before the lower-priority ops
   if [ "$op" = ggpo_step ]; then phase "profile ggpo_step" 45 "$PY" benchmarks/profile_ggpo_step.py --device cuda; fi
 done

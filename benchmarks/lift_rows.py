@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
+from cases.lift_rows import cases
 from transformers import GPT2Config
 
 from finetune_ext.bench.harness import run_full_size
-from finetune_ext.bench.lift_rows import cases
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

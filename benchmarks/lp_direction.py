@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cases.lp_direction import cases
 
 from finetune_ext.bench.harness import run_full_size
-from finetune_ext.bench.lp_direction import cases
 from finetune_ext.errors import UserError
 
 

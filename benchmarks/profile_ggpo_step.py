@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable
 
 import torch
+from cases.ggpo_step import PROVIDERS, cases
 from torch.profiler import ProfilerActivity, profile
-
-from finetune_ext.bench.ggpo_step import PROVIDERS, cases
 
 
 def _sync(device: torch.device) -> None:

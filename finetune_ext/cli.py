@@ -39,23 +39,26 @@ def _bench(args: argparse.Namespace) -> int:
 
     from finetune_ext import bench
 
-    device = torch.device(
-        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    )
+    cases = args.cases if args.cases is not None else bench.OPS
+    device = _bench_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:
-        raise SystemExit("finetune-ext bench: --device cuda but no CUDA device is available")
+        raise ValueError("device: cuda requested but no CUDA device is available")
+    for name, low in (("sizes", 1), ("reps", 1), ("warmup", 0)):
+        values = getattr(args, name) if name == "sizes" else [getattr(args, name)]
+        if values and min(values) < low:
+            raise ValueError(f"{name}: expected integers >= {low}, got {min(values)}")
     dtype = getattr(torch, DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32"))
     sizes = args.sizes or bench.DEFAULT_SIZES[device.type]
-    ops = args.ops or sorted(bench.OPS)
-    unknown = set(ops) - set(bench.OPS)
+    ops = args.ops or sorted(cases)
+    unknown = set(ops) - set(cases)
     if unknown:
-        raise SystemExit(f"finetune-ext bench: unknown op(s) {sorted(unknown)}; available: {sorted(bench.OPS)}")
+        raise ValueError(f"ops: unknown op(s) {sorted(unknown)}; available: {sorted(cases)}")
     if args.dry_run:
         print(f"would time {', '.join(ops)} on {device} in {dtype} at sizes {sizes} into {args.out}")
         return 0
     out, rows = Path(args.out), []
     for op in ops:  # each op's CSV is written as soon as it is timed: a run cut short keeps what it measured
-        op_rows = bench.run(bench.OPS[op](device, dtype, sizes, args.providers), warmup=args.warmup, reps=args.reps)
+        op_rows = bench.run(cases[op](device, dtype, sizes, args.providers), warmup=args.warmup, reps=args.reps)
         print(bench.format_table(op_rows), flush=True)
         bench.append_csv(op_rows, out / f"{op}_{device.type}.csv")
         if args.device_csv and op_rows:
@@ -65,6 +68,21 @@ def _bench(args: argparse.Namespace) -> int:
     plots = bench.plot_speedup(rows, out)
     print(f"\nCSV rows appended to {out}/<op>_{device.type}.csv; plots: {', '.join(map(str, plots))}")
     return 0
+
+
+def _bench_device(spec: str):
+    """``auto`` (cuda if available), ``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {spec!r}")
+    return device
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -195,7 +213,7 @@ def build_parser(train_options: bool = True) -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-out", help="folder for the CSV and PNG files")
     b.add_argument("--device-csv", metavar="DIR", help="also append every row to DIR/<device name>.csv")
     b.add_argument("--dry-run", action="store_true", help="check the options and print the plan; time nothing")
-    b.set_defaults(func=_bench)
+    b.set_defaults(func=_bench, cases=None)
 
     t = sub.add_parser(
         "train",
@@ -250,10 +268,14 @@ def _one_line_warnings(command: str) -> None:
     warnings.showwarning = show
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, bench_cases: dict | None = None) -> int:
+    """Run the command ``argv`` (default: the process's arguments); ``bench_cases`` replaces ``bench``'s cases
+    (``benchmarks/bench.py`` adds the step-level ones). Returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(train_options=command == "train").parse_args(argv)
+    if bench_cases is not None:
+        args.cases = bench_cases
     _one_line_warnings(args.command)
     try:
         return args.func(args)

@@ -6,10 +6,6 @@ Modes: ``trial`` (``w += eta P g``: reads w, g, v, writes w), ``step`` (adds mom
 ``moments`` (reads g, m, v, writes m, v, reduces per block). Providers ``reference`` (a Python loop over
 tensors), ``foreach`` (``torch._foreach_*``), ``ext`` (the kernel). Useful bytes count each of those tensors
 once. ``sizes`` is unused.
-
-``armijo_step``: a whole training step on that model (batch 4 x 64 on CPU, 8 x 512 on GPU): forward,
-backward and the optimizer, for ``AdamW(fused=True)`` and ``BlockArmijo`` (cycle) with the kernels (``ext``)
-or the reference loops; the line search adds one forward per trial, so this is the overhead a user pays.
 """
 
 from __future__ import annotations
@@ -21,10 +17,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from finetune_ext import ops, reference
 from finetune_ext.bench.harness import Case, select_providers
-from finetune_ext.optim import BlockArmijo, blocks_from_model
 
 
-def _model(device: torch.device) -> tuple[GPT2LMHeadModel, tuple[int, int]]:
+def gpt2_model(device: torch.device) -> tuple[GPT2LMHeadModel, tuple[int, int]]:
     torch.manual_seed(0)
     if device.type == "cuda":
         return GPT2LMHeadModel(GPT2Config()).to(device), (8, 512)
@@ -37,7 +32,7 @@ def update_cases(
     device: torch.device, dtype: torch.dtype, sizes: list[int], providers: list[str] | None
 ) -> Iterator[Case]:
     """Trial step, momentum step and moments over every parameter tensor of a GPT-2, in one call."""
-    model, _ = _model(device)
+    model, _ = gpt2_model(device)
     w = [p.detach().to(torch.float32) for p in model.parameters()]
     g, m = [torch.randn_like(t) for t in w], [torch.randn_like(t) for t in w]
     v = [torch.rand_like(t) for t in w]
@@ -67,30 +62,3 @@ def update_cases(
         wanted = [p for p in providers if p in fns] if providers else None
         for name, fn in select_providers(fns, wanted).items():
             yield Case("armijo_update", mode, name, shape, torch.float32, device, moved, fn)
-
-
-def step_cases(
-    device: torch.device, dtype: torch.dtype, sizes: list[int], providers: list[str] | None
-) -> Iterator[Case]:
-    """One whole training step: AdamW(fused=True) against BlockArmijo with kernels and with loops."""
-    model, shape = _model(device)
-    batch = torch.randint(0, model.config.vocab_size, shape, device=device)
-
-    def closure():
-        return model(batch, labels=batch).loss
-
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-
-    def adamw_step():
-        adamw.zero_grad(set_to_none=True)
-        closure().backward()
-        adamw.step()
-
-    armijo = {b: BlockArmijo(blocks_from_model(model), init_step_size=1e-5, backend=b) for b in ("ext", "reference")}
-    fns = {
-        "adamw-fused": adamw_step,
-        "reference": lambda: armijo["reference"].step(closure),
-        "ext": lambda: armijo["ext"].step(closure),
-    }
-    for name, fn in select_providers(fns, providers).items():
-        yield Case("armijo_step", "fwdbwd", name, shape, torch.float32, device, 0, fn)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.cases import ggpo_step, lift_rows, lp_direction
 from finetune_ext import bench
 from finetune_ext.bench.harness import CSV_FIELDS, Case, run_rounds, time_ms
 from finetune_ext.cli import main
@@ -59,8 +60,15 @@ def test_cli_bench_and_errors(tmp_path, capsys) -> None:
     assert device_csv.read_text() == (tmp_path / "fisher_dropout_cpu.csv").read_text()
     assert main(["bench", "--device", "cpu", "--sizes", "2048", "--providers", "nope", "--out", str(tmp_path)]) == 2
     assert "providers: unknown ['nope']" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown op"):
-        main(["bench", "--ops", "nope"])
+    bad_options = [
+        (["--ops", "nope"], "ops: unknown op(s) ['nope']"),
+        (["--sizes", "0"], "sizes: expected"),
+        (["--device", "tpu"], "device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--reps", "0"], "reps: expected integers >= 1"),
+    ]
+    for bad, message in bad_options:
+        assert main(["bench", *bad, "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_lora_linear_cases_include_peft_when_installed() -> None:
@@ -76,7 +84,7 @@ def test_lora_linear_cases_include_peft_when_installed() -> None:
 
 
 def test_lift_rows_cases_give_rows_of_the_right_shape_and_no_speedup_plot(tmp_path) -> None:
-    cases = {c.provider: c for c in bench.OPS["lift_rows"](torch.device("cpu"), torch.float32, [], None)}
+    cases = {c.provider: c for c in lift_rows.cases(torch.device("cpu"), torch.float32, [], None)}
     assert set(cases) == {"gradient", "hvp", "sr1-build", "sr1"}
     assert tuple(cases["hvp"].fn().shape) == cases["hvp"].shape  # 16 rows over the block's parameters
     assert tuple(cases["sr1"].fn().shape) == (16, 20000)  # 16 rows on the LP's columns
@@ -85,7 +93,7 @@ def test_lift_rows_cases_give_rows_of_the_right_shape_and_no_speedup_plot(tmp_pa
 
 
 def test_ggpo_step_cases_run_every_provider() -> None:
-    cases = list(bench.OPS["ggpo_step"](torch.device("cpu"), torch.float32, [], None))
+    cases = list(ggpo_step.cases(torch.device("cpu"), torch.float32, [], None))
     assert [c.provider for c in cases] == ["lora", "ggpo", "flat-lora", "naive"]
     losses = {c.provider: [c.fn() for _ in range(2)] for c in cases}
     assert all(math.isfinite(v) for values in losses.values() for v in values)
@@ -93,7 +101,7 @@ def test_ggpo_step_cases_run_every_provider() -> None:
 
 
 def test_lp_direction_cases_solve_one_lp_with_every_provider_silently(capfd) -> None:
-    cases = list(bench.OPS["lp_direction"](torch.device("cpu"), torch.float64, [], None, shape=(16, 400)))
+    cases = list(lp_direction.cases(torch.device("cpu"), torch.float64, [], None, shape=(16, 400)))
     assert [c.provider for c in cases] == ["reference", "ipm", "ipm-nocrossover", "simplex", "scipy", "ours",
                                            "ours-sifted"]  # fmt: skip
     assert all(c.fn() == "Optimal" and c.shape == (16, 402) for c in cases)
@@ -130,9 +138,9 @@ def test_gaussian_perturb_cases_ext_is_the_reference() -> None:
 
 def test_bench_prints_only_our_output(tmp_path) -> None:
     """No transformers configuration notes, torch import notices or autograd warnings reach the user."""
-    args = ["bench", "--ops", "armijo_step", "--device", "cpu", "--providers", "adamw-fused", "--warmup", "0"]
+    args = ["--ops", "armijo_step", "--device", "cpu", "--providers", "adamw-fused", "--warmup", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "finetune_ext.cli", *args, "--out", str(tmp_path)], env=env,
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench.py"), *args, "--out", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     chatter = [line for line in re.split(r"[\r\n]", done.stderr) if line.strip() and not line.startswith("bench: ")]

@@ -194,7 +194,7 @@ def test_curvlinops_operators_of_the_benchmark_agree_with_ours(kind) -> None:
     The Hessian on one weight matrix: on several, curvlinops 3.0.1 differs from the dense Hessian in some mixed
     blocks (c_proj.bias x ln_2.weight here, by 0.027 of 10.8), where ours equals it (test_model_loss_has_the_...)."""
     curvlinops = pytest.importorskip("curvlinops")
-    from finetune_ext.bench.curvature import _curvlinops
+    from benchmarks.cases.curvature import _curvlinops
 
     model, batch, prefixes = gpt2_block_case()
     prefixes = ["transformer.h.0.mlp.c_fc.weight"] if kind == "hessian" else prefixes

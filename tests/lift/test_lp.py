@@ -39,7 +39,7 @@ def test_matches_an_independent_solve(k, n, delta, box) -> None:
 
 @pytest.mark.parametrize(("k", "n"), [(8, 300), (32, 2000)])
 def test_sifted_formulation_certifies_the_same_optimum(k, n) -> None:
-    from finetune_ext.bench.lp_direction import lift_lp
+    from benchmarks.cases.lp_direction import lift_lp
 
     rng = np.random.default_rng(k)
     low_rank = rng.standard_normal((k, 4)) @ rng.standard_normal((4, n))  # LiFT's SR1 rows after a short warm-up
