@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import struct
 import sys
 import warnings
@@ -17,8 +18,22 @@ from finetune_ext.ops._library import has_kernel
 _STATE: dict[str, Any] = {"loaded": False, "error": None}
 
 
+SIMD_LEVELS = ("avx512", "avx2", "scalar")
+
+
+def check_simd_cap() -> None:
+    """``FINETUNE_EXT_SIMD`` caps the CPU kernels' Philox path; a value they would reject at their first call is
+    dropped here with one warning, so the widest path the CPU has is used."""
+    cap = os.environ.get("FINETUNE_EXT_SIMD")
+    if cap is not None and cap not in SIMD_LEVELS:
+        del os.environ["FINETUNE_EXT_SIMD"]
+        warnings.warn(f"FINETUNE_EXT_SIMD: expected {', '.join(SIMD_LEVELS)}, got {cap!r}; ignored",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
+
+
 def load_extension() -> None:
     """Import ``finetune_ext._C`` (its static initialisers register the kernels); warn once on failure."""
+    check_simd_cap()
     try:
         importlib.import_module("finetune_ext._C")
         _STATE["loaded"] = True

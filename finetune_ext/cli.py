@@ -87,11 +87,11 @@ def _bench_device(spec: str):
 
 def _train(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from finetune_ext.train import check_config, train
+    from finetune_ext.train import preflight, train
 
     cfg = train_config(args)
     if args.dry_run:
-        print(json.dumps(check_config(cfg).chosen, indent=2))
+        print(json.dumps(preflight(cfg).parts.chosen, indent=2))
         return 0
     try:
         summary = train(cfg)
@@ -187,19 +187,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
         elif tp is bool:
             parser.add_argument(flag, action="store_true", help=text)
         else:
-            convert = functools.partial(parse_value, tp=tp, name=f.name)
-            convert.__name__ = type_name(tp)  # argparse names the type in its error message
-            required = f.default is dataclasses.MISSING
             literal = next((a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is typing.Literal), None)
             values = choices() if choices else typing.get_args(literal) if literal else None
+            # A named choice (a part: `--adapter none`, or `--device`) stays a string that argparse checks, so an
+            # explicit `none` is not the default and a wrong one lists the choices.
+            allowed = list(values) if literal is tp else None
+            convert = str if choices or allowed else functools.partial(parse_value, tp=tp, name=f.name)
+            if convert is not str:
+                convert.__name__ = type_name(tp)  # argparse names the type in its error message
+            required = f.default is dataclasses.MISSING
             parser.add_argument(flag, type=convert, required=required, default=None if required else f.default,
-                                metavar="{" + ",".join(values) + "}" if values else None, help=text)  # fmt: skip
+                                choices=allowed, metavar="{" + ",".join(values) + "}" if values else None,
+                                help=text)  # fmt: skip
 
 
 def build_parser(train_options: bool = True) -> argparse.ArgumentParser:
     """The CLI's parser; ``train_options=False`` leaves out ``train``'s options, whose import (the trainer,
     transformers) takes seconds that ``--help``, ``info`` and ``bench`` do not need."""
-    parser = argparse.ArgumentParser(prog="finetune-ext", description=__doc__)
+    parser = _Parser(prog="finetune-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="op microbenchmarks: providers over a size sweep -> table, CSV, PNG")
@@ -230,8 +235,9 @@ def build_parser(train_options: bool = True) -> argparse.ArgumentParser:
         t.epilog = "parts and their options:\n" + _catalogue_text(registry)
         add_config_arguments(t, TrainConfig)
     t.add_argument("--dry-run", action="store_true",
-                   help="check every option and part, print the parts with their options resolved, and exit: "
-                   "nothing is loaded, trained or written")  # fmt: skip
+                   help="every check the run makes before it starts (options, parts, the output folder, then the "
+                   "data and model loaded and the parts applied to it), print the parts with their options "
+                   "resolved, and exit: nothing is trained or written to --output-dir")  # fmt: skip
     t.set_defaults(func=_train)
 
     e = sub.add_parser("export", help="a run's model as a PEFT adapter folder or a merged Hugging Face model")
@@ -253,19 +259,24 @@ def build_parser(train_options: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings(command: str) -> None:
-    """Our run warnings (a repair or a change the run goes on with) print as one line, like our errors."""
+def _one_line_warnings(command: str, previous):
+    """Warnings print as one line, like our errors: our run warnings (a repair or a change the run goes on with)
+    as ``finetune-ext <command>: warning: ...``, any other library's with its category."""
     from finetune_ext.errors import RunWarning
 
-    default = warnings.showwarning
-
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if issubclass(category, RunWarning):
-            print(f"finetune-ext {command}: warning: {message}", file=sys.stderr)
-        else:
-            default(message, category, filename, lineno, file, line)
+        kind = "" if issubclass(category, RunWarning) else f" ({category.__name__})"
+        text = " ".join(str(message).split())
+        print(f"finetune-ext {command}: warning{kind}: {text}", file=sys.stderr)
 
-    warnings.showwarning = show
+    return show
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``finetune-ext train: argument --device: invalid choice ...``), exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None, bench_cases: dict | None = None) -> int:
@@ -276,12 +287,15 @@ def main(argv: list[str] | None = None, bench_cases: dict | None = None) -> int:
     args = build_parser(train_options=command == "train").parse_args(argv)
     if bench_cases is not None:
         args.cases = bench_cases
-    _one_line_warnings(args.command)
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(args.command, previous)
     try:
         return args.func(args)
     except ValueError as err:  # UserError and the ops' argument errors: one line, no traceback
         print(f"finetune-ext {args.command}: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

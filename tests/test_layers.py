@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune_ext"
 
 # Lowest first. A module may import its own top-level package and anything in a lower layer, nothing else.
 LAYERS: list[tuple[str, ...]] = [
-    ("_build_meta", "errors", "testing"),
+    ("_build_meta", "errors", "testing", "safefiles"),
     ("_devices", "reference"),
     ("ops",),
     ("_loader",),

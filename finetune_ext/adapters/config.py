@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +42,11 @@ class LoRAConfig:
             raise ValueError(
                 f"target_modules: expected 'all-linear', a regex or a non-empty list of names, got {targets!r}"
             )
+        if isinstance(targets, str) and targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise ValueError(f"target_modules: {targets!r} is not a regular expression ({err})") from None
         self.modules_to_save = list(self.modules_to_save)
 
     @property

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -92,8 +93,15 @@ def load_peft(model: nn.Module, path: str | Path) -> dict[str, nn.Module]:
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / f).is_file():
             raise FileNotFoundError(f"path: {path / f} not found (expected a PEFT adapter folder)")
-    config = lora_config_from_peft(json.loads((path / CONFIG_FILE).read_text()))
-    tensors = {_ours(k): v for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"path: {path / CONFIG_FILE} is not valid JSON ({err})") from None
+    config = lora_config_from_peft(data)
+    try:
+        tensors = {_ours(k): v for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"path: {path / WEIGHTS_FILE} is not a readable safetensors file ({err})") from None
     config.modules_to_save = [t for t in config.modules_to_save if _has_module(model, t)]  # PEFT lists "score" too
     trainable = {p: p.requires_grad for p in model.parameters()}
     try:

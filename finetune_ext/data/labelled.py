@@ -106,7 +106,11 @@ def _read_tsv(file: Path, text_columns: list[str] | None, label_column: str | No
     if not file.exists():
         raise UserError(f"data: missing {file} (a labelled-data folder needs train.tsv and dev.tsv)")
     text = read_text(file).removeprefix("\ufeff")  # MRPC's files start with a byte-order mark
-    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        rows = list(reader)
+    except csv.Error as err:
+        raise UserError(f"data: {file}:{reader.line_num}: {err}") from None
     if not rows:
         raise UserError(f"data: {file} is empty")
     (texts, label), first = _columns(file, rows[0], text_columns, label_column)
@@ -154,8 +158,7 @@ def encode(
     """Tokenize ``splits`` (train, val, test; pairs as pairs) and convert their labels by the task and class
     names that ``every`` training example gives (``task="auto"``: detected)."""
     if task == "auto":
-        integers, reals = (all(_parses(e.label, t) for e in every) for t in (int, float))
-        task = "regression" if reals and not integers else "classification"
+        task = _detect_task(every)
     names = _class_names(every) if task == "classification" else []
     convert = (lambda e: _class_id(e, names)) if task == "classification" else _real
     metric = MAIN_METRIC.get(task_name(data), "acc" if task == "classification" else "pearson")
@@ -174,6 +177,19 @@ def encode(
         return out | {"labels": torch.tensor([convert(e) for e in rows], dtype=dtype)}
 
     return Table(split(splits["train"]), split(splits["val"]), split(splits["test"]), task, names, metric)
+
+
+def _detect_task(every: list[Example]) -> str:
+    """``regression`` when the labels are real numbers, ``classification`` when they are integers or words; a
+    column of real numbers with a word among them is an error naming that cell, not hundreds of classes."""
+    words = [e for e in every if not _parses(e.label, float)]
+    fractional = any(not _parses(e.label, int) for e in every if _parses(e.label, float))
+    if fractional and words:
+        raise UserError(
+            f"data: {words[0].where} has label {words[0].label!r} among real-valued labels; fix it, or pass "
+            "--task classification to treat every label as a class name"
+        )
+    return "regression" if fractional else "classification"
 
 
 def _parses(text: str, convert: type) -> bool:

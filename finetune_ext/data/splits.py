@@ -100,14 +100,22 @@ def _blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: in
     return {"input_ids": ids[: n * block_size].view(n, block_size)}
 
 
-def count_examples(n: int, amount: int | float | None, what: str) -> int:
-    """Examples meant by ``amount``: an integer count >= 1, or a fraction in (0, 1] (``1`` is one, ``1.0`` all)."""
+def check_amount(amount: int | float | None, what: str) -> None:
+    """``amount`` is ``None``, an integer count >= 1 or a fraction in (0, 1]; a ``UserError`` names ``what``."""
     if amount is None:
-        return n
+        return
     fraction = isinstance(amount, float) and 0 < amount <= 1
     count = (isinstance(amount, int) or (isinstance(amount, float) and amount.is_integer())) and amount >= 1
     if isinstance(amount, bool) or not (fraction or count):
         raise UserError(f"{what}: expected an integer count >= 1 or a fraction in (0, 1], got {amount}")
+
+
+def count_examples(n: int, amount: int | float | None, what: str) -> int:
+    """Examples meant by ``amount``: an integer count >= 1, or a fraction in (0, 1] (``1`` is one, ``1.0`` all)."""
+    if amount is None:
+        return n
+    check_amount(amount, what)
+    fraction = isinstance(amount, float) and 0 < amount <= 1
     k = round(amount * n) if fraction else int(amount)
     if k > n:
         raise UserError(f"{what}: asked for {k} examples, the training set has {n}")

@@ -6,7 +6,9 @@ Tokenizing WikiText-2 took 4.4 s on the 2-core dev machine, on every run, resume
 the call's settings, so any change to one of them misses. Integer tensors are stored as int32 and read back as
 int64. ``$FINETUNE_EXT_CACHE`` sets the folder (default ``$XDG_CACHE_HOME/finetune_ext``, else
 ``~/.cache/finetune_ext``); ``FINETUNE_EXT_CACHE=off`` turns it off. Tokenizers without a serialisable
-definition (the slow, pure-Python ones) are never cached."""
+definition (the slow, pure-Python ones) are never cached. Each file carries a SHA-256 digest of its tensors,
+checked on every read with the token ids' range: a damaged entry is reported with its path, removed and computed
+again."""
 
 from __future__ import annotations
 
@@ -18,11 +20,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-VERSION = "1"  # part of every key: bump when the ids a tokenization gives change meaning
+from finetune_ext import safefiles
+from finetune_ext.errors import RunWarning
+
+ID_KEYS = ("ids", "input_ids")  # token ids, checked against the vocabulary on every read
+
+VERSION = "2"  # part of every key: bump when the ids a tokenization gives, or the file format, change
 
 
 def cache_dir() -> Path | None:
@@ -47,10 +52,12 @@ def cached(
         return compute()
     file = folder / "tokens" / f"{key}.safetensors"
     if file.exists():
-        try:
-            return {k: v.long() if v.dtype == torch.int32 else v for k, v in load_file(file).items()}
-        except (SafetensorError, OSError) as err:
-            warnings.warn(f"token cache: {file} is unreadable ({err}); tokenizing again", stacklevel=2)
+        hit, problem = _read(file, len(tokenizer))
+        if hit is not None:
+            return hit
+        warnings.warn(f"token cache: {file} {problem}; removed it, tokenizing again", RunWarning, stacklevel=2)
+        with contextlib.suppress(OSError):
+            file.unlink()
     out = compute()
     _save(out, file)
     return out
@@ -73,14 +80,22 @@ def _key(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], settings: str
     return h.hexdigest()
 
 
+def _read(file: Path, vocab_size: int) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The cached tensors (int64 ids) if ``file`` is intact and its ids lie in the vocabulary; else ``None`` and
+    what is wrong with it."""
+    stored, problem = safefiles.load(file)
+    if stored is None:
+        return None, problem
+    for key in ID_KEYS:
+        ids = stored.get(key)
+        if ids is not None and ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < vocab_size):
+            return None, f"holds token ids outside the vocabulary [0, {vocab_size})"
+    return {k: v.long() if v.dtype == torch.int32 else v for k, v in stored.items()}, ""
+
+
 def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
     """Written under a temporary name and renamed, so a killed run or a second rank never leaves half a file."""
-    tmp = file.with_suffix(f".{os.getpid()}.tmp")
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.int() if v.dtype == torch.int64 else v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, file)
+        safefiles.save({k: v.int() if v.dtype == torch.int64 else v for k, v in tensors.items()}, file)
     except OSError as err:  # a full or read-only disk costs the next run a tokenization, nothing more
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        warnings.warn(f"token cache: cannot write {file} ({err.strerror or err})", stacklevel=3)
+        warnings.warn(f"token cache: cannot write {file} ({err.strerror or err})", RunWarning, stacklevel=3)

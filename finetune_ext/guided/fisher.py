@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from finetune_ext import safefiles
 from finetune_ext.curvature.models import eager_attention
+from finetune_ext.errors import RunWarning
 from finetune_ext.parts import Dist
 
 
@@ -147,13 +149,27 @@ class FisherCache:
         return h.hexdigest()[:24]
 
     def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The cached estimate, or ``None`` (absent; or damaged: reported with its path and removed)."""
         path = self.directory / f"{key}.safetensors"
-        return load_file(str(path)) if path.exists() else None
+        if not path.exists():
+            return None
+        fisher, problem = safefiles.load(path)
+        bad = problem or next((f"holds a non-finite score in {k}" for k, v in (fisher or {}).items()
+                               if not torch.isfinite(v).all()), "")  # fmt: skip
+        if bad:
+            warnings.warn(f"fisher_cache: {path} {bad}; removed it, estimating again", RunWarning, stacklevel=2)
+            path.unlink(missing_ok=True)
+            return None
+        return fisher
 
-    def save(self, key: str, fisher: dict[str, torch.Tensor]) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def save(self, key: str, fisher: dict[str, torch.Tensor]) -> Path | None:
+        """Write the estimate with its digest; a folder that cannot be written warns and returns ``None`` (the
+        cache is optional: the run goes on with the estimate it has)."""
         path = self.directory / f"{key}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, str(tmp))
-        tmp.replace(path)
+        try:
+            safefiles.save(fisher, path)
+        except OSError as err:
+            warnings.warn(f"fisher_cache: cannot write {path} ({err.strerror or err}); going on without caching",
+                          RunWarning, stacklevel=2)  # fmt: skip
+            return None
         return path

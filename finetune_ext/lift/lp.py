@@ -23,6 +23,7 @@ scale: it grows 100x.)
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -262,12 +263,16 @@ def _check(c, rows, delta: float, box: float) -> tuple[np.ndarray, np.ndarray]:
     c, rows = (x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in (c, rows))
     if c.ndim != 1:
         raise ValueError(f"c: expected a vector [n], got shape {list(c.shape)}")
-    if rows.ndim != 2 or rows.shape[1] != c.shape[0]:
-        raise ValueError(f"rows: expected shape [k, {c.shape[0]}] (c has {c.shape[0]} entries), got {list(rows.shape)}")
+    if c.shape[0] < 1:
+        raise ValueError("c: expected at least one column (n >= 1), got an empty vector")
+    if rows.ndim != 2 or rows.shape[1] != c.shape[0] or rows.shape[0] < 1:
+        raise ValueError(
+            f"rows: expected shape [k, {c.shape[0]}] with k >= 1 (c has {c.shape[0]} entries), got {list(rows.shape)}"
+        )
     if not (np.isfinite(c).all() and np.isfinite(rows).all()):
         raise ValueError("c, rows: expected finite values, got NaN or inf")
-    if not delta > 0:
-        raise ValueError(f"delta: expected > 0, got {delta}")
-    if not box > 0:
-        raise ValueError(f"box: expected > 0, got {box}")
+    if not (delta > 0 and math.isfinite(delta)):
+        raise ValueError(f"delta: expected a finite number > 0, got {delta}")
+    if not (box > 0 and math.isfinite(box)):
+        raise ValueError(f"box: expected a finite number > 0, got {box}")
     return c.astype(np.float64, copy=False), rows.astype(np.float64, copy=False)

@@ -72,6 +72,10 @@ class LiFTOptions:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
         if self.lambda_init < 0:
             raise ValueError(f"lambda_init: expected >= 0, got {self.lambda_init}")
+        if self.val_batches is not None and self.val_batches < 1:
+            raise ValueError(f"val_batches: expected an integer >= 1 or null (all), got {self.val_batches}")
+        if self.lp_time_limit is not None and not self.lp_time_limit > 0:
+            raise ValueError(f"lp_time_limit: expected seconds > 0 or null (none), got {self.lp_time_limit}")
         if self.val_skip < 0:
             raise ValueError(f"val_skip: expected >= 0, got {self.val_skip}")
         if self.line_evals < 3:

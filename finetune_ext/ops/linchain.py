@@ -35,6 +35,8 @@ def linchain_compose(
     check_backend(backend)
     if W.dim() != 4 or W.shape[2] != W.shape[3] or W.shape[1] < 1:
         raise ValueError(f"W: expected shape [N, k, r, r] with k >= 1, got {list(W.shape)}")
+    if not W.is_floating_point():
+        raise ValueError(f"W: expected dtype float16, bfloat16, float32 or float64, got {W.dtype}")
     if b is not None and (b.shape != W.shape[:3] or b.dtype != W.dtype or b.device != W.device):
         raise ValueError(
             f"b: expected shape {list(W.shape[:3])}, dtype {W.dtype} on {W.device}, "
@@ -177,6 +179,8 @@ def _check_mixer_args(x, A, mixer_weight, mixer_bias) -> None:
 
 
 def _check_lora_args(x, weight, bias, A, B, c) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: expected last dimension {weight.shape[1]} (weight [out, in]), got {list(x.shape)}")
     out, inp = weight.shape

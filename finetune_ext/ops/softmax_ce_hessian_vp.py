@@ -49,6 +49,10 @@ def softmax_ce_hessian_vp(
     if (logits.dtype == torch.float64) != (V.dtype == torch.float64):
         raise ValueError(f"V: float64 logits need float64 V and vice versa, got {logits.dtype} and {V.dtype}")
     c = logits.shape[-1]
+    if c == 0:
+        raise ValueError("logits: expected at least one class (last dimension >= 1), got 0")
+    if V.numel() == 0:  # no vectors or no rows: the empty product
+        return torch.zeros_like(V)
     z = logits.reshape(-1, c)
     v = V.reshape(V.shape[0], -1, c)
     lab = None

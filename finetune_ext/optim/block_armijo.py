@@ -92,12 +92,7 @@ class BlockArmijo(torch.optim.Optimizer):
         groups = [_as_group(b, i) for i, b in enumerate(blocks)]
         if not groups:
             raise ValueError("blocks: expected at least one block of parameters, got none")
-        seen: set[int] = set()
-        for g in groups:
-            for p in g["params"]:
-                if id(p) in seen:
-                    raise ValueError(f"blocks: a parameter appears in more than one block ({g['name']})")
-                seen.add(id(p))
+        _check_params(groups)
         # "step": the global step count, kept in every block; the search options are the same in every block.
         defaults = dict(
             step_size=init_step_size, step=0, direction=direction, c=c, beta_b=beta_b, gamma=gamma, reset=reset,
@@ -186,7 +181,10 @@ class BlockArmijo(torch.optim.Optimizer):
                 plan = [[t % n_blocks]]
             else:
                 plan = [[b] for b in range(n_blocks)]
-            for blocks in plan:
+            live = set(block_of)  # a block without gradients this step is not searched (its size is kept)
+            for blocks in [[b for b in blocks if b in live] for blocks in plan]:
+                if not blocks:
+                    continue
                 eta, k = search(blocks, self.param_groups[blocks[0]]["step_size"])
                 for b in blocks:
                     self.param_groups[b]["step_size"] = eta
@@ -238,6 +236,28 @@ def _pick(lists, idx: list[int]):
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def _check_params(groups: list[dict[str, Any]]) -> None:
+    """Each parameter in one block only; all contiguous, of one dtype and on one device (the kernels update
+    them in place, one list per launch)."""
+    seen: set[int] = set()
+    first = groups[0]["params"][0]
+    for g in groups:
+        for i, p in enumerate(g["params"]):
+            where = f"parameter {i} of block {g['name']!r}"
+            if id(p) in seen:
+                raise ValueError(f"blocks: {where} appears in more than one block")
+            seen.add(id(p))
+            if not p.is_contiguous():
+                layout = f"shape {list(p.shape)}, strides {p.stride()}"
+                raise ValueError(f"blocks: {where} is not contiguous ({layout}); BlockArmijo updates parameters in "
+                                 "place: make the module's weight contiguous")  # fmt: skip
+            if (p.dtype, p.device) != (first.dtype, first.device):
+                expected = f"{first.dtype} on {first.device}"
+                raise ValueError(
+                    f"blocks: expected every parameter in {expected}, got {where} in {p.dtype} on {p.device}"
+                )
 
 
 def _as_group(block, i: int) -> dict[str, Any]:

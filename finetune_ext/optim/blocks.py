@@ -47,6 +47,8 @@ def check_layer_spec(spec: str, what: str = "layers") -> None:
     """``spec`` is ``"last:K"`` or comma-separated layer indices (``"10,11"``)."""
     if not re.fullmatch(r"last:\d+|\d+(,\d+)*", spec):
         raise UserError(f"{what}: expected 'last:K' or comma-separated layer indices, got {spec!r}")
+    if spec.startswith("last:") and int(spec.removeprefix("last:")) < 1:
+        raise UserError(f"{what}: expected last:K with K >= 1, got {spec!r}")
 
 
 def select_layers(model: nn.Module, spec: str, what: str = "layers") -> dict[int, list[tuple[str, nn.Parameter]]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -120,9 +121,17 @@ def build(cls: type[T], values: Mapping[str, Any], what: str) -> T:
         raise UserError(f"{what}: unknown option(s) {', '.join(unknown)}; valid: {valid}")
     try:
         kwargs = {k: parse_value(v, types_[k], k) if isinstance(v, str) else v for k, v in values.items()}
+        check_finite(kwargs)
         return cls(**kwargs)
     except (ValueError, TypeError) as err:  # UserError is a ValueError
         raise UserError(f"{what}: {err}") from None
+
+
+def check_finite(values: Mapping[str, Any]) -> None:
+    """Every number among ``values`` is finite: NaN and infinity are never a meaningful option value."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{name}: expected a finite number, got {value}")
 
 
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:

@@ -165,8 +165,13 @@ def point_latest(out: Path, folder: Path) -> None:
     os.replace(out / (LATEST + ".tmp"), out / LATEST)
 
 
-def load(folder: Path, model: nn.Module, rank: int) -> dict[str, Any]:
-    """Load weights into ``model``, restore this rank's RNG states, return the saved state."""
+def read_state(folder: Path) -> dict[str, Any]:
+    """The saved run state of checkpoint ``folder`` (config, step, part states), without touching a model."""
+    return torch.load(folder / "state.pt", weights_only=False)
+
+
+def load(folder: Path, model: nn.Module, rank: int) -> None:
+    """Load the weights of checkpoint ``folder`` into ``model`` and restore this rank's RNG states."""
     missing, unexpected = load_model(model, str(folder / "model.safetensors"))
     if missing or unexpected:
         raise UserError(
@@ -176,4 +181,3 @@ def load(folder: Path, model: nn.Module, rank: int) -> dict[str, Any]:
     if not rng_file.exists():
         raise UserError(f"resume: checkpoint {folder} has no RNG state for rank {rank} (saved with fewer processes?)")
     set_rng_state(torch.load(rng_file, weights_only=False))
-    return torch.load(folder / "state.pt", weights_only=False)

@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from safetensors.torch import load_model
 from torch import nn
 
@@ -29,7 +28,7 @@ def export(run_dir: str | Path, fmt: Literal["peft", "merged"], output: str | Pa
         raise UserError(f"format: expected peft or merged, got {fmt!r}")
     if weights not in ("best", "final"):
         raise UserError(f"weights: expected best or final, got {weights!r}")
-    folder, state = _newest_checkpoint(Path(run_dir))
+    folder, state = _newest_checkpoint(Path(run_dir), weights)
     cfg = state["config"]
     adapter = cfg["parts"].get("adapter", {}).get("name", "none")
     if fmt == "peft" and adapter not in ("lora", "linchain"):
@@ -59,16 +58,25 @@ def export(run_dir: str | Path, fmt: Literal["peft", "merged"], output: str | Pa
     return out
 
 
-def _newest_checkpoint(run: Path) -> tuple[Path, dict[str, Any]]:
-    """The run's newest intact checkpoint and its saved state; a one-line error for anything else."""
+def _newest_checkpoint(run: Path, weights: str) -> tuple[Path, dict[str, Any]]:
+    """The run's newest intact checkpoint and its saved state, verified as ``--resume`` verifies them. A damaged
+    newer checkpoint is named: with ``weights="final"`` it is an error (the intact one holds older weights), with
+    ``best`` a warning (its best-validation weights are the best up to its own step)."""
     if not run.is_dir() or not checkpoint.folders(run):
         raise UserError(f"run_dir: {run} is not a finetune-ext run (no checkpoint-* folder)")
     folder, damaged = checkpoint.newest_intact(run)
+    reasons = "; ".join(f"{p.name}: {why}" for p, why in damaged.items())
     if folder is None:
+        raise UserError(f"run_dir: no intact checkpoint in {run} ({reasons})")
+    if damaged and weights == "final":
         raise UserError(
-            f"run_dir: no intact checkpoint in {run} ({'; '.join(f'{p.name}: {w}' for p, w in damaged.items())})"
+            f"run_dir: the newest checkpoint is damaged ({reasons}); the newest intact one, {folder.name}, holds "
+            f"older weights than the run's final ones: export --weights best, or resume the run to finish it"
         )
-    state = torch.load(folder / "state.pt", weights_only=False)
+    if damaged:
+        warnings.warn(f"run_dir: damaged checkpoint(s) skipped ({reasons}); exporting the best weights up to "
+                      f"{folder.name}", RunWarning, stacklevel=3)  # fmt: skip
+    state = checkpoint.read_state(folder)
     if "model" not in state:
         raise UserError(f"run_dir: {folder} was written by an older finetune-ext without the model's task; re-run it")
     return folder, state

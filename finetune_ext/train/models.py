@@ -28,11 +28,11 @@ TINY_CONFIGS = {
 }
 
 
-def check_model_spec(spec: str) -> None:
-    """Fail early, naming the model, when ``spec`` is meant as a local path that does not exist."""
+def check_model_spec(spec: str, what: str = "model") -> None:
+    """Fail early, naming the option ``what``, when ``spec`` is meant as a local path that does not exist."""
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if not spec.startswith("config:") and looks_like_path and not Path(spec).expanduser().exists():
-        raise UserError(f"model: no such folder {spec!r}")
+        raise UserError(f"{what}: no such folder {spec!r}")
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

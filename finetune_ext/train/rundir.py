@@ -25,6 +25,21 @@ LOCK_FILE = ".lock"
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "lift.png")
 
 
+def check(out: Path, resume: bool, overwrite: bool) -> None:
+    """What ``prepare`` and the run's claim would refuse, found without writing: ``out`` is a folder (or can
+    become one) and holds checkpoints exactly when ``resume`` or ``overwrite`` says it may."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir: {out} exists and is not a folder")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir: {existing} is not writable")
+    has_checkpoints = out.is_dir() and bool(checkpoint.folders(out))
+    if resume and not has_checkpoints:
+        raise UserError(f"resume: no checkpoint in {out}")
+    if not resume and not overwrite and has_checkpoints:
+        raise UserError(f"output_dir: {out} already holds checkpoints; pass --resume to continue or --overwrite")
+
+
 def prepare(out: Path) -> None:
     """Create ``out`` if needed; a one-line error if it is not a usable folder."""
     if out.exists() and not out.is_dir():

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from finetune_ext.data.splits import Splits, Stream, detect_source, load_splits, micro_batches
+from finetune_ext.data.splits import Splits, Stream, check_amount, detect_source, load_splits, micro_batches
 from finetune_ext.errors import RunWarning, UserError
 from finetune_ext.parts import Dist, OptimSettings, RunContext, StepContext, Stepper, Transform
-from finetune_ext.parts.options import option
+from finetune_ext.parts.options import check_finite, option
 from finetune_ext.train import checkpoint, registry, rundir
 from finetune_ext.train.distributed import Interrupt, process_group
 from finetune_ext.train.metrics import MetricsLog, evaluate, plot_curves, plot_lift
@@ -161,8 +161,12 @@ def check_config(cfg: TrainConfig, world: int = 1) -> Parts:
     folder is touched or any data read; a ``UserError`` names the first bad one."""
     _check_numbers(cfg, world)
     check_model_spec(cfg.model)
+    if cfg.tokenizer is not None:
+        check_model_spec(cfg.tokenizer, "tokenizer")
     detect_source(cfg.data)
-    return build_parts(cfg)
+    parts = build_parts(cfg)
+    rundir.check(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
+    return parts
 
 
 def _check_numbers(cfg: TrainConfig, world: int) -> None:
@@ -170,8 +174,18 @@ def _check_numbers(cfg: TrainConfig, world: int) -> None:
                  "max_length"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}: expected an integer >= 1, got {getattr(cfg, name)}")
+    check_finite({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
     if cfg.lr <= 0:
         raise UserError(f"lr: expected > 0, got {cfg.lr}")
+    for name in ("weight_decay", "warmup_steps", "max_grad_norm"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name}: expected >= 0, got {getattr(cfg, name)}")
+    if cfg.keep_checkpoints < 1:
+        raise UserError(f"keep_checkpoints: expected an integer >= 1, got {cfg.keep_checkpoints}")
+    if cfg.max_eval_batches is not None and cfg.max_eval_batches < 1:
+        raise UserError(f"max_eval_batches: expected an integer >= 1 or none, got {cfg.max_eval_batches}")
+    check_amount(cfg.train_samples, "train_samples")
+    check_amount(cfg.val_size, "val_size")
     if cfg.batch_size % (cfg.grad_accum * world):
         raise UserError(
             f"batch_size: {cfg.batch_size} must be divisible by grad_accum x processes = {cfg.grad_accum} x {world}"
@@ -229,11 +243,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, ddp: Dist, device: torch.device) -> dict[str, Any]:
-    parts = check_config(cfg, ddp.world)
-    out = Path(cfg.output_dir)
+    run = preflight(cfg, ddp, device)
+    out = run.out
     rundir.prepare(out)
     with rundir.RunLock(out) if ddp.main else contextlib.nullcontext():
-        run = _setup(cfg, parts, ddp, device, _claim(cfg, out, ddp))
+        found = _claim(cfg, out, ddp)
+        if found is not None:
+            _restore(run, found)
+        run.log = MetricsLog(out / "metrics.jsonl", ddp.main, run.step if cfg.resume else None)
         bar = tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step",
                    disable=not (cfg.progress and ddp.main))  # fmt: skip
         start = time.perf_counter()
@@ -278,8 +295,18 @@ def _claim(cfg: TrainConfig, out: Path, ddp: Dist) -> Path | None:
     return out / (out / checkpoint.LATEST).read_text().strip() if cfg.resume else None
 
 
-def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device, found: Path | None) -> _Run:
-    """Load data and model, apply the transforms, set up the stepper, restore the checkpoint ``found``."""
+def preflight(cfg: TrainConfig, ddp: Dist | None = None, device: torch.device | None = None) -> _Run:
+    """Every check a run makes, before its output folder or lock exists: the options and parts
+    (``check_config``), then the data, the model, the transforms applied and the stepper set up, each checking
+    what it is given. Writes nothing into ``output_dir`` (``--dry-run`` stops here). Returns the run, ready to
+    claim its folder."""
+    if ddp is None or device is None:
+        ddp, device = Dist(), torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    return _setup(cfg, check_config(cfg, ddp.world), ddp, device)
+
+
+def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device) -> _Run:
+    """Load data and model, apply the transforms, set up the stepper."""
     out = Path(cfg.output_dir)
     _seed_all(cfg.seed)
 
@@ -318,9 +345,6 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device, foun
     parts.stepper.setup(model, context)
     # Wrapped after the transforms: they may replace modules (dropout layers, adapters).
     run.trained = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
-    if found is not None:
-        _restore(run, found)
-    run.log = MetricsLog(out / "metrics.jsonl", ddp.main, run.step if cfg.resume else None)
     return run
 
 
@@ -385,17 +409,20 @@ def _save(run: _Run) -> None:
 
 
 def _restore(run: _Run, folder: Path) -> None:
-    """Load a checkpoint into the run. Options outside ``CHANGEABLE_ON_RESUME`` must match the checkpoint's run
-    (an error lists every one that differs); changed bookkeeping options are applied, reported and recorded."""
-    state = checkpoint.load(folder, run.model, run.ddp.rank)
-    saved, given = state["config"], _config_record(run)
-    differ = [k for k in given if k not in PART_FIELDS and saved.get(k) != given[k]]
-    rejected = {k: (saved.get(k), given[k]) for k in differ if k not in CHANGEABLE_ON_RESUME}
+    """Load a checkpoint into the run. Its options are compared first: any outside ``CHANGEABLE_ON_RESUME``
+    that differs (parts and their options included) is an error naming each one (``optimizer.beta1: 0.9 ->
+    0.5``), before a weight is read; changed bookkeeping options are applied, reported and recorded."""
+    state = checkpoint.read_state(folder)
+    saved, given = _flat_config(state["config"]), _flat_config(_config_record(run))
+    differ = [k for k in {**saved, **given} if saved.get(k, "(unset)") != given.get(k, "(unset)")]
+    rejected = [k for k in differ if k not in CHANGEABLE_ON_RESUME]
     if rejected:
+        text = ", ".join(f"{k}: {saved.get(k, '(unset)')!r} -> {given.get(k, '(unset)')!r}" for k in rejected)
         raise UserError(
-            f"resume: options differ from the checkpoint's run (saved, given): {rejected}; "
+            f"resume: changed since the checkpoint's run: {text}; "
             f"a resumed run may change only {', '.join(CHANGEABLE_ON_RESUME)}"
         )
+    checkpoint.load(folder, run.model, run.ddp.rank)
     changed = {k: (saved[k], given[k]) for k in differ if k not in ("resume", "overwrite")}
     if changed and run.ddp.main:
         text = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -405,6 +432,16 @@ def _restore(run: _Run, folder: Path) -> None:
     run.step, run.best, run.best_state = state["step"], state["best"], state.get("best_state")
     run.run_id = state.get("run_id", run.run_id)  # checkpoints written before run ids: adopt them
     run.resumes = [*state.get("resumes", []), {"step": run.step, "changed": changed}]
+
+
+def _flat_config(record: dict[str, Any]) -> dict[str, Any]:
+    """A config record as ``{field: value}`` with the parts resolved to ``kind`` (its name) and ``kind.option``;
+    the spellings of the parts (a preset or one kind at a time) are left out: the resolved parts compare."""
+    flat = {k: v for k, v in record.items() if k not in (*PART_FIELDS, "parts")}
+    for kind, chosen in record.get("parts", {}).items():
+        flat[kind] = chosen["name"]
+        flat |= {f"{kind}.{name}": value for name, value in chosen["options"].items()}
+    return flat
 
 
 def _report(run: _Run, seconds: float) -> dict[str, Any]:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from finetune_ext import safefiles
 from finetune_ext.data import splits as data
-from finetune_ext.data import token_cache
+from finetune_ext.errors import RunWarning
 from finetune_ext.train.models import load_tokenizer
 
 
@@ -78,17 +80,42 @@ def test_unreadable_file_is_tokenized_again(cache, tokenizer, wikitext_slice) ->
 
 
 def test_a_failed_write_warns_and_leaves_no_file(cache, tokenizer, wikitext_slice, monkeypatch) -> None:
-    def disk_full(tensors, filename):
+    def disk_full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(token_cache, "save_file", disk_full)
+        m.setattr(safefiles, "save_file", disk_full)
         with pytest.warns(UserWarning, match=r"token cache: cannot write .* \(No space left on device\)"):
             first = _load(wikitext_slice, tokenizer)
     assert list((cache / "tokens").iterdir()) == []
     assert all(torch.equal(first[k], v) for k, v in _load(wikitext_slice, tokenizer).items())
     assert len(list((cache / "tokens").iterdir())) == 3
+
+
+def test_changed_id_bytes_are_reported_removed_and_tokenized_again(cache, tokenizer, wikitext_slice) -> None:
+    first = _load(wikitext_slice, tokenizer)
+    file = max((cache / "tokens").iterdir(), key=lambda f: f.stat().st_size)  # the training split's ids
+    raw = bytearray(file.read_bytes())
+    raw[-5] ^= 0x01  # a bit of the last id flipped; the header (and its offsets) intact
+    file.write_bytes(bytes(raw))
+    with pytest.warns(RunWarning, match=rf"token cache: {file} does not match its digest .*tokenizing again"):
+        again = _load(wikitext_slice, tokenizer)
+    assert all(torch.equal(first[k], v) for k, v in again.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _load(wikitext_slice, tokenizer)  # written anew, intact
+
+
+def test_cached_ids_beyond_the_vocabulary_are_recomputed(cache, tokenizer, wikitext_slice) -> None:
+    first = _load(wikitext_slice, tokenizer)
+    file = max((cache / "tokens").iterdir(), key=lambda f: f.stat().st_size)
+    ids = load_file(file)["ids"]
+    ids[0] = len(tokenizer) + 7
+    save_file({"ids": ids}, file, metadata={"sha256": safefiles.digest({"ids": ids})})  # a consistent digest
+    with pytest.warns(RunWarning, match=rf"{file} holds token ids outside the vocabulary \[0, {len(tokenizer)}\)"):
+        again = _load(wikitext_slice, tokenizer)
+    assert all(torch.equal(first[k], v) for k, v in again.items())
 
 
 def test_off_writes_nothing(tmp_path, tokenizer, wikitext_slice, monkeypatch) -> None:

@@ -17,6 +17,7 @@ from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassificat
 
 from finetune_ext import guided
 from finetune_ext.data.splits import load_splits
+from finetune_ext.errors import RunWarning
 from finetune_ext.guided import sites as site_mod
 from finetune_ext.guided.parts import fisher_samples
 from finetune_ext.nn import FisherDropout, GaussianDropout
@@ -175,6 +176,29 @@ def test_guided_dropout_method_on_gpt2_with_cache(tmp_path, wikitext_slice, gpt2
     rates = state["parts"]["dropout"]["rates"]
     assert len(rates) == 7 and max(v for v in rates.values() if isinstance(v, float)) == pytest.approx(0.099)
     assert isinstance(rates["transformer.h.0.mlp.dropout"], list)  # per-unit
+
+
+def test_fisher_cache_damaged_or_unwritable_warns_and_the_run_goes_on(tmp_path, wikitext_slice, gpt2_tokenizer):
+    cfg = dict(
+        model="config:gpt2-tiny", tokenizer=gpt2_tokenizer, data=str(wikitext_slice), method="guided-dropout",
+        steps=1, batch_size=4, block_size=32, eval_every=1, max_eval_batches=1, progress=False,
+    )  # fmt: skip
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would go")
+    options = {"fisher_samples": 4, "fisher_cache": str(blocked / "cache")}
+    with pytest.warns(RunWarning, match=rf"fisher_cache: cannot write {blocked / 'cache'}/.*going on without caching"):
+        assert train(TrainConfig(**cfg, output_dir=str(tmp_path / "a"), method_options=options))["steps"] == 1
+
+    options["fisher_cache"] = str(tmp_path / "cache")
+    first = train(TrainConfig(**cfg, output_dir=str(tmp_path / "b"), method_options=options))
+    (file,) = (tmp_path / "cache").glob("*.safetensors")
+    raw = bytearray(file.read_bytes())
+    raw[-3] ^= 0x40
+    file.write_bytes(bytes(raw))
+    with pytest.warns(RunWarning, match=rf"fisher_cache: {file} does not match its digest .*estimating again"):
+        again = train(TrainConfig(**cfg, output_dir=str(tmp_path / "c"), method_options=options))
+    assert again["test"] == first["test"]  # the same estimate, recomputed
+    assert file.exists()  # and cached again
 
 
 def test_guided_and_gaussian_on_bert_classifier(tmp_path, sst2_slice, bert_tokenizer) -> None:

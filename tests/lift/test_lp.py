@@ -92,9 +92,11 @@ def test_time_limit_is_reported_never_raised() -> None:
 
 
 def test_bad_input() -> None:
-    with pytest.raises(ValueError, match=r"rows: expected shape \[k, 3\] \(c has 3 entries\), got \[2, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"rows: expected shape \[k, 3\] with k >= 1 \(c has 3 entries\), got \[2, 4\]"
+    ):
         lp_direction(np.ones(3), np.ones((2, 4)), 1e-3)
-    with pytest.raises(ValueError, match="delta: expected > 0, got 0"):
+    with pytest.raises(ValueError, match="delta: expected a finite number > 0, got 0"):
         lp_direction(np.ones(3), np.ones((2, 3)), 0)
     with pytest.raises(ValueError, match="formulation: expected 'direct' or 'sifted', got 'dual'"):
         LPSolver(formulation="dual")
