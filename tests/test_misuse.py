@@ -5,9 +5,6 @@ command's in tests/bench/test_harness.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,11 +175,3 @@ def test_a_word_among_real_valued_labels_is_named_not_made_a_class(tmp_path, gpt
     with pytest.raises(ValueError, match=rf"{tmp_path}/train.tsv:8 column 'score' has label 'n/a' among real-valued"):
         load_splits(str(tmp_path), tok, **kw)
     assert load_splits(str(tmp_path), tok, **kw, task="classification").task == "classification"
-
-
-def test_a_bad_simd_cap_warns_once_and_is_ignored() -> None:
-    code = "import torch, finetune_ext; print(finetune_ext.ops.fisher_dropout(torch.ones(64), 0.5).shape)"
-    env = {**os.environ, "FINETUNE_EXT_SIMD": "avx9"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-    assert done.returncode == 0 and "torch.Size([64])" in done.stdout
-    assert "FINETUNE_EXT_SIMD: expected avx512, avx2, scalar, got 'avx9'; ignored" in done.stderr

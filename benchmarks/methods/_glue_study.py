@@ -12,19 +12,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from _stats import paired
 from _sweep import load_rows, majority_sentence, mean_std, minilm_path, record
 
 from finetune_ext.data import shared_data_dir
 from finetune_ext.train import TrainConfig, train
 
 TASKS = {"RTE": ("acc", 128, 2490), "MRPC": ("f1", 128, 3668), "CoLA": ("mcc", 64, 8551)}  # metric, length, size
-FIELDS = ["task", "fraction", "variant", "seed", "lr", "steps", "metric", "test", "test_final", "best_step", "seconds"]
+FIELDS = ["task", "fraction", "variant", "seed", "lr", "steps", "metric", "test", "test_final", "best_step", "seconds",
+          "top_class_frac"]  # fmt: skip
+ONE_CLASS = 0.99  # a selected checkpoint that gives one class to this share of dev is flagged
 
 
 @dataclass
@@ -74,6 +76,7 @@ def main(study: Study) -> None:
                         "test_final": round(summary["test_final"][metric], 5),
                         "best_step": summary["best_val"]["step"],
                         "seconds": round(summary["train_seconds_this_session"], 1),
+                        "top_class_frac": round(summary["test"]["top_class_frac"], 4),
                     }  # fmt: skip
                     record(csv_path, row, FIELDS, done)
                     write_table(study, done, md_path, args)
@@ -90,7 +93,7 @@ def _parser(study: Study) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=study.description)
     parser.add_argument("--tasks", nargs="+", default=study.tasks, choices=list(TASKS))
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.3, 1.0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", default=study.variants, choices=study.variants)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max-steps", type=int, default=study.max_steps)
@@ -135,7 +138,12 @@ def write_table(study: Study, rows: list[dict], path: Path, args: argparse.Names
         row = [mean_std(cells.get((*k, variant), []), lambda v: f"{v:.1f}") for k in keys]
         paper = "; ".join(f"{t} {v}" for (t, var), v in study.paper.items() if var == variant) or "-"
         lines.append(f"| {variant} | " + " | ".join(row) + f" | {paper} |")
-    lines += ["", majority_sentence({t: TASKS[t][0] for t in tasks}), "", *_verdicts(study, cells, keys)]
+    flagged = [r for r in table if float(r.get("top_class_frac") or 0) >= ONE_CLASS]
+    lines += ["", majority_sentence({t: TASKS[t][0] for t in tasks}),
+              f"Selected checkpoints predicting one class on >= {100 * ONE_CLASS:.0f} % of dev: {len(flagged)}"
+              + (" (" + ", ".join(f"{r['task']} {float(r['fraction']):.0%} {r['variant']} seed {r['seed']}"
+                                  for r in flagged) + ")" if flagged else "") + ".",
+              "", *_verdicts(study, table, keys)]  # fmt: skip
     if other:
         lines += ["", "Runs at other learning rates, not in the table (x100):", *_other_runs(other)]
     path.write_text("\n".join(lines) + "\n")
@@ -157,21 +165,20 @@ def _other_runs(rows: list[dict]) -> list[str]:
             for (t, f, lr, v), vals in sorted(groups.items())]  # fmt: skip
 
 
-def _verdicts(study: Study, cells: dict[tuple[str, float, str], list[float]], keys: list) -> list[str]:
-    """Per cell with 2+ seeds on both sides, each method against the first variant (the baseline): it wins or loses
-    when the means differ by more than the two standard deviations together, else it ties."""
+def _verdicts(study: Study, rows: list[dict], keys: list) -> list[str]:
+    """Per cell, each variant against the first (the baseline), paired by seed: the mean difference with its 95 %
+    t interval (x100); better or worse when the interval excludes 0, else a tie."""
     base, out = study.variants[0], []
     for task, fraction in keys:
-        ref = cells.get((task, fraction, base), [])
+
+        def by_seed(variant: str, task=task, fraction=fraction) -> dict[int, float]:
+            return {int(r["seed"]): float(r["test"]) for r in rows
+                    if (r["task"], float(r["fraction"]), r["variant"]) == (task, fraction, variant)}  # fmt: skip
+
         for variant in study.variants[1:]:
-            got = cells.get((task, fraction, variant), [])
-            if len(ref) < 2 or len(got) < 2:
-                continue
-            diff = statistics.mean(got) - statistics.mean(ref)
-            spread = statistics.stdev(got) + statistics.stdev(ref)
-            verdict = "wins" if diff > spread else "loses" if diff < -spread else "ties"
-            out.append(f"- {task} {fraction:.0%}: {variant} {verdict} against {base} ({diff:+.1f}, sd {spread:.1f} "
-                       f"together; {len(got)} and {len(ref)} seeds).")  # fmt: skip
+            d = paired(by_seed(variant), by_seed(base))
+            if d.n >= 2:
+                out.append(f"- {task} {fraction:.0%}: {variant} - {base} = {d.text()}: {d.verdict()}.")
     return out
 
 

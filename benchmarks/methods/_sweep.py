@@ -18,11 +18,15 @@ def load_rows(path: Path) -> list[dict[str, str]]:
 
 
 def append_row(path: Path, row: dict, fields: list[str]) -> None:
-    """Append one run's row (header on first write), so an interrupted sweep loses no finished run."""
+    """Append one run's row (header on first write), so an interrupted sweep loses no finished run. A CSV begun
+    with fewer columns keeps its header: the new columns are left out of its rows."""
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not new:
+        with path.open() as f:
+            fields = next(csv.reader(f), fields)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)

@@ -57,7 +57,9 @@ def _sample_loss(model: nn.Module, names: tuple[str, ...], causal: bool):
         ).logits[0]
         if causal:
             logits, labels = logits[:-1], labels[1:]
-        return F.cross_entropy(logits, labels, ignore_index=-100)
+        # Mean over the targets, 0 (not 0/0) for a sample without one; such samples are skipped before this.
+        total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        return total / (labels != -100).sum().clamp_min(1)
 
     return loss
 
@@ -113,6 +115,8 @@ def empirical_fisher(
     try:
         with eager_attention(model):  # SDPA has no vmap batching rule on CPU; eager batches
             for ids, labels in tqdm(samples, desc="fisher", disable=not progress, unit="sample"):
+                if not bool(((labels[1:] if causal else labels) != -100).any()):
+                    continue  # no token to predict (MLM masked none, or one token for a causal LM): no information
                 batch = waiting[len(ids)]
                 batch.append((ids, labels))
                 count += 1
@@ -128,8 +132,12 @@ def empirical_fisher(
     for s in [*sums, total] if dist is not None else ():
         dist.sum_(s)
     if total.item() == 0:
-        raise ValueError("samples: expected at least one sample for the Fisher estimate, got none")
-    return {n: s / total for n, s in zip(names, sums, strict=True)}
+        raise ValueError("samples: expected at least one sample with a token to predict, got none")
+    fisher = {n: s / total for n, s in zip(names, sums, strict=True)}
+    bad = next((n for n, f in fisher.items() if not torch.isfinite(f).all()), None)
+    if bad is not None:
+        raise FloatingPointError(f"fisher: the estimate of {bad} is not finite (a sample's loss overflowed)")
+    return fisher
 
 
 class FisherCache:

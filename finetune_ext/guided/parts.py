@@ -15,7 +15,7 @@ transforms apply before adapters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -87,6 +87,10 @@ class GuidedOptions:
     per_unit: bool = option(False, "per-unit rates from the row-wise Fisher (beyond the paper)")
     fisher_cache: str | None = option(DEFAULT_CACHE, "folder caching Fisher estimates as safetensors (null: off)")
     fisher_memory_mb: float = option(1024.0, "memory for per-sample gradients per chunk")
+    ranking: Literal["fisher", "reversed", "uniform"] = option(
+        "fisher",
+        "controls: 'reversed' drops high-Fisher sites most; 'uniform' is p_max/2 (the schedule's mean) everywhere",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_max < 1.0:
@@ -95,6 +99,8 @@ class GuidedOptions:
             raise ValueError(f"fisher_samples: expected >= 1, got {self.fisher_samples}")
         if self.fisher_memory_mb <= 0:
             raise ValueError(f"fisher_memory_mb: expected > 0, got {self.fisher_memory_mb}")
+        if self.ranking not in ("fisher", "reversed", "uniform"):
+            raise ValueError(f"ranking: expected 'fisher', 'reversed' or 'uniform', got {self.ranking!r}")
 
 
 class GuidedDropout(Transform):
@@ -134,9 +140,14 @@ class GuidedDropout(Transform):
         return fisher
 
     def apply(self, model: nn.Module, run: RunContext) -> None:
-        sites = find_sites(model)
+        o, sites = self.options, find_sites(model)
+        if o.ranking == "uniform":  # the mean of the rank schedule, with no Fisher pass: is the gain less dropout?
+            apply_rates(model, sites, [o.p_max / 2] * len(sites))
+            self.rates = {s.name: o.p_max / 2 for s in sites}
+            return
         fisher = self.fisher(model, run)
-        site_p = rates_by_rank(site_scores(sites, fisher), self.options.p_max)
+        scores = site_scores(sites, fisher)
+        site_p = rates_by_rank(scores if o.ranking == "fisher" else -scores, o.p_max)
         conv1d = model.config.model_type == "gpt2"
         rates: list[float | torch.Tensor] = []
         for site, p in zip(sites, site_p.tolist(), strict=True):

@@ -31,8 +31,10 @@ def check(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} exists and is not a folder")
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"output_dir: cannot create {out} ({existing} is a file)")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"output_dir: {existing} is not writable")
+        raise UserError(f"output_dir: cannot create {out} ({existing} is not writable)")
     has_checkpoints = out.is_dir() and bool(checkpoint.folders(out))
     if resume and not has_checkpoints:
         raise UserError(f"resume: no checkpoint in {out}")

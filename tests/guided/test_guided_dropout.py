@@ -59,6 +59,33 @@ def test_fisher_equals_float64_loop_over_per_sample_gradients() -> None:
         _close(loop[name].double(), value)
 
 
+def test_samples_without_a_target_are_skipped_and_the_fisher_is_finite() -> None:
+    """An MLM sample whose masking picked no token (all labels -100, common for short sentences) has a 0/0 loss:
+    it carries no information and is left out of the mean, so the estimate equals the one without it."""
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=23, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=16, max_position_embeddings=16))  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    with_targets = []
+    for n in (5, 3, 5):
+        ids = torch.randint(0, 23, (n,), generator=g)
+        labels = torch.full((n,), -100)
+        labels[1] = ids[1]
+        with_targets.append((ids, labels))
+    without = [(torch.randint(0, 23, (n,), generator=g), torch.full((n,), -100)) for n in (5, 2)]
+    mixed = guided.empirical_fisher(model, with_targets + without, causal=False, chunk_size=2, progress=False)
+    clean = guided.empirical_fisher(model, with_targets, causal=False, chunk_size=2, progress=False)
+    assert all(torch.isfinite(f).all() for f in mixed.values())
+    for name, value in clean.items():
+        _close(mixed[name], value, name)
+    one_token = [(torch.tensor([3]), torch.tensor([3]))]  # a causal LM predicts nothing from one token
+    with pytest.raises(ValueError, match="samples: expected at least one sample with a token to predict"):
+        guided.empirical_fisher(_tiny_gpt2(), one_token, causal=True, progress=False)
+    with pytest.raises(ValueError, match="samples: expected at least one sample with a token to predict"):
+        guided.empirical_fisher(model, without, causal=False, progress=False)
+
+
 def test_masked_lm_fisher_samples_are_the_examples_tokens(sst2_slice, bert_tokenizer) -> None:
     """Training examples stored padded: each Fisher sample is its example's tokens (MLM-masked, special tokens
     not targets), and its Fisher is that of the padded example under its attention mask (the official
@@ -199,6 +226,25 @@ def test_fisher_cache_damaged_or_unwritable_warns_and_the_run_goes_on(tmp_path, 
         again = train(TrainConfig(**cfg, output_dir=str(tmp_path / "c"), method_options=options))
     assert again["test"] == first["test"]  # the same estimate, recomputed
     assert file.exists()  # and cached again
+
+
+def test_control_rankings_reverse_or_flatten_the_schedule(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
+    cfg = dict(
+        model="config:gpt2-tiny", tokenizer=gpt2_tokenizer, data=str(wikitext_slice), dropout="guided",
+        steps=1, batch_size=4, block_size=32, eval_every=1, max_eval_batches=1, progress=False,
+    )  # fmt: skip
+    rates = {}
+    for ranking in ("fisher", "reversed", "uniform"):
+        options = {"fisher_samples": 4, "fisher_cache": None, "ranking": ranking}
+        train(TrainConfig(**cfg, output_dir=str(tmp_path / ranking), dropout_options=options))
+        state = torch.load(tmp_path / ranking / "checkpoint-0000001" / "state.pt", weights_only=False)
+        rates[ranking] = state["parts"]["dropout"]["rates"]
+    names = list(rates["fisher"])
+    fisher, reversed_ = (torch.tensor([rates[k][n] for n in names]) for k in ("fisher", "reversed"))
+    p_max = site_mod.P_MAX_OFFICIAL
+    torch.testing.assert_close(reversed_, p_max - fisher, **tolerance(torch.float32))  # ranks reversed: p -> p_max - p
+    assert set(rates["uniform"].values()) == {p_max / 2} and rates["uniform"].keys() == rates["fisher"].keys()
+    assert fisher.mean().item() == pytest.approx(p_max / 2)  # the uniform control has the schedule's mean rate
 
 
 def test_guided_and_gaussian_on_bert_classifier(tmp_path, sst2_slice, bert_tokenizer) -> None:

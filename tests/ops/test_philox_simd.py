@@ -42,16 +42,18 @@ def test_every_vector_path_gives_the_reference_bits() -> None:
         assert proc.returncode == 0 and out.strip() == "ok", f"{level}: {err[-2000:]}"
 
 
-def test_an_unknown_simd_level_is_an_error_that_names_it() -> None:
+def test_an_unknown_simd_level_warns_names_it_and_is_ignored() -> None:
+    """A cap the kernels would reject at their first call is dropped at import with one warning (it used to fail
+    every op with a traceback); the kernels then take the widest path the CPU has."""
     code = (
         "import torch; from finetune_ext import ops\n"
-        "ops.fisher_dropout(torch.ones(4, 4), torch.full((4,), 0.5), backend='ext')"
+        "print(ops.fisher_dropout(torch.ones(4, 4), torch.full((4,), 0.5), backend='ext').shape)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, "FINETUNE_EXT_SIMD": "avx3"}, capture_output=True, text=True
     )
-    assert proc.returncode != 0
-    assert "FINETUNE_EXT_SIMD: expected avx512, avx2 or scalar, got 'avx3'" in proc.stderr
+    assert proc.returncode == 0 and "torch.Size([4, 4])" in proc.stdout, proc.stderr[-2000:]
+    assert proc.stderr.count("FINETUNE_EXT_SIMD: expected avx512, avx2, scalar, got 'avx3'; ignored") == 1
 
 
 def test_philox_key_draws_from_the_generator_and_survives_its_buffer() -> None:

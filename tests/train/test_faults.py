@@ -99,7 +99,9 @@ def test_resume_rejects_changed_computation_and_records_applied_changes(
 ) -> None:
     out = tmp_path / "run"
     _run(wikitext_slice, gpt2_tokenizer, out, steps=2)
-    with pytest.raises(UserError, match=r"resume: options differ .*'lr': \(0.001, 0.01\), 'weight_decay'"):
+    with pytest.raises(
+        UserError, match=r"resume: changed since the checkpoint's run: lr: 0.001 -> 0.01, weight_decay: 0.01 -> 0.5;"
+    ):
         _run(wikitext_slice, gpt2_tokenizer, out, steps=2, resume=True, lr=1e-2, weight_decay=0.5)
     with pytest.warns(RunWarning, match=r"resume: applying changed option\(s\) eval_every 2 -> 1"):
         summary = _run(wikitext_slice, gpt2_tokenizer, out, steps=2, resume=True, eval_every=1)
