@@ -63,6 +63,28 @@ def h_wlambda(flat: FlatParams, w: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     return out
 
 
+def log_lambda_columns(
+    flat: FlatParams, w: torch.Tensor, idx: torch.Tensor, lam: torch.Tensor, scale_to: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LP's λ columns on rows ``idx``, for ``log λ`` and balanced against the weight columns.
+
+    ``∂(∇_w f)/∂ log λ_b = λ_b H_wλ[:, b]`` is scaled so that its largest entry equals ``scale_to`` (the largest
+    entry of the weight columns): one unit of a λ variable then moves the constraints as far as one unit of a
+    weight. Without this, ``2 w / N_b`` (about 1e-7 for a transformer block) beside rows of order 1 let the LP
+    set ``d_λ`` freely, and λ never moved. Returns ``(columns [len(idx), B], unit [B])``: one unit of the LP's
+    variable ``b`` changes ``log λ_b`` by ``unit[b]`` (0 for a block with no regularized row in ``idx``)."""
+    raw = h_wlambda(flat, w, idx) * lam[None, :]
+    peak = raw.abs().amax(0)
+    unit = torch.where(peak > 0, scale_to / peak.clamp_min(1e-300), torch.zeros_like(peak))
+    return raw * unit[None, :], unit
+
+
+def step_log_lambda(lam: torch.Tensor, du: torch.Tensor, unit: torch.Tensor, cap: float) -> torch.Tensor:
+    """``λ · exp(clamp(unit · du, ±cap))``: the λ update of a step ``du`` in the LP's λ variables, at most ``cap``
+    in ``log λ`` per round (λ stays > 0)."""
+    return lam * torch.exp((unit * du).clamp(-cap, cap))
+
+
 def successive_differences(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[x₁ - x₀, x₂ - x₁, ...]`` as one ``[len(xs) - 1, n]`` tensor, written in place (no stacked copy of xs)."""
     out = torch.empty(len(xs) - 1, xs[0].numel(), dtype=xs[0].dtype, device=xs[0].device)
