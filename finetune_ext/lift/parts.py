@@ -64,6 +64,9 @@ class LiFTOptions:
     box: float = option(1.0, "box |d_i| <= box of the LP")
     curvature: Literal["sr1", "hvp"] = option("sr1", "H_ww rows: compact SR1 from the warm-up, or exact HVPs")
     pairs: int = option(50, "SR1 pairs recorded per round (at most 50)")
+    pair_gradients: Literal["step", "mean"] = option(
+        "step", "an SR1 record's (w, ∇f): one step's, or the mean over the steps since the last record"
+    )
     hvp_batch: int = option(8, "training examples of the exact Hessian rows (curvature=hvp)")
     val_batches: int | None = option(None, "validation batches for F and its gradient (null: all)")
     val_batch_size: int = option(8, "examples per validation batch")
@@ -130,6 +133,7 @@ class LiFT(Stepper):
         self.adamw.setup(model, dataclasses.replace(run, optim=dataclasses.replace(run.optim, weight_decay=0.0)))
         self.solver = LPSolver(formulation=o.lp_formulation)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # (w, ∇f) of this round
+        self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # pair_gradients=mean: sums since a record
         self.history: list[dict[str, Any]] = []  # one entry per round
 
     # ---- the warm-up step --------------------------------------------------------------------------------
@@ -140,19 +144,32 @@ class LiFT(Stepper):
         out: dict[str, Any] = self.adamw.backward(ctx)
         penalty = self._add_penalty_grad()
         out |= {"loss": out["loss"] + penalty, "penalty": penalty}
-        every = max(1, o.warmup_steps // (o.pairs + 1))
-        if (ctx.step % o.warmup_steps) % every == 0:
-            # float32 like the parameters and their gradients (no information lost): 2·(pairs+1)·n·4 bytes
-            record = (self.flat.values().float(), self.flat.grads().float())
-            self.records = [*self.records, record][-(o.pairs + 1) :]
+        self._record(ctx.step % o.warmup_steps)
         out = self.adamw.update(out)
         if (ctx.step + 1) % o.warmup_steps == 0:
             out |= self._round()
-            self.records = []
+            self.records, self.pending = [], None
         return out
 
     def momentum(self, param: torch.Tensor) -> torch.Tensor | None:
         return self.adamw.momentum(param)
+
+    def _record(self, offset: int) -> None:
+        """Keep this step's ``(w, ∇f)`` as an SR1 record on the round's fixed schedule (``step``), or add it to the
+        mean that becomes the next record (``mean``: each pair's y is then a difference of averaged gradients,
+        not of two mini-batches' noise). float32 like the parameters: 2·(pairs+1)·n·4 bytes."""
+        every = max(1, self.options.warmup_steps // (self.options.pairs + 1))
+        w, g = self.flat.values().float(), self.flat.grads().float()
+        if self.options.pair_gradients == "step":
+            record = (w, g) if offset % every == 0 else None
+        else:
+            sw, sg, n = self.pending if self.pending is not None else (torch.zeros_like(w), torch.zeros_like(g), 0)
+            self.pending = (sw.add_(w), sg.add_(g), n + 1)
+            record = None
+            if (offset + 1) % every == 0:
+                record, self.pending = (sw / (n + 1), sg / (n + 1)), None
+        if record is not None:
+            self.records = [*self.records, record][-(self.options.pairs + 1) :]
 
     @torch.no_grad()
     def _add_penalty_grad(self) -> float:
@@ -265,10 +282,11 @@ class LiFT(Stepper):
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"adamw": self.adamw.state_dict(), "lambda": self.lam.clone(), "records": list(self.records),
-                "history": list(self.history), "lp": self.solver.state_dict()}  # fmt: skip
+                "pending": self.pending, "history": list(self.history), "lp": self.solver.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.adamw.load_state_dict(state["adamw"])
         self.lam = state["lambda"].clone()
         self.records, self.history = list(state["records"]), list(state["history"])
+        self.pending = state.get("pending")
         self.solver.load_state_dict(state["lp"])
