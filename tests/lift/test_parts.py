@@ -101,6 +101,23 @@ def test_lambda_moves_to_the_validation_optimum_of_a_ridge_regression(start: flo
     assert F(w_star(float(lam[0]))) == pytest.approx(F(w_star(lam_opt)), rel=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["step", "mean"])
+def test_sr1_records_are_single_steps_or_means_since_the_last_record(mode: str) -> None:
+    from finetune_ext.lift.rows import FlatParams
+
+    lift = stepper.LiFT(stepper.LiFTOptions(warmup_steps=6, pairs=2, pair_gradients=mode))  # a record every 2 steps
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    lift.flat, lift.records, lift.pending = FlatParams([[param]]), [], None
+    for offset in range(6):
+        with torch.no_grad():
+            param.fill_(float(offset))
+        param.grad = torch.full((2, 2), 10.0 * offset)
+        lift._record(offset)
+    got = [(float(w[0]), float(g[0])) for w, g in lift.records]
+    expected = [(0.0, 0.0), (2.0, 20.0), (4.0, 40.0)] if mode == "step" else [(0.5, 5.0), (2.5, 25.0), (4.5, 45.0)]
+    assert got == expected
+
+
 def test_an_unusable_lp_leaves_weights_and_lambda_unchanged(tmp_path, wikitext_slice, gpt2_tokenizer,
                                                             gpt2_no_dropout, monkeypatch) -> None:  # fmt: skip
     moved: list[dict] = []
