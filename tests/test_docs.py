@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 
-PACKAGES = ["ops", "nn", "curvature", "data", "parts", "adapters", "guided", "perturb", "optim", "lift", "train"]
+PACKAGES = ["ops", "nn", "curvature", "data", "parts", "adapters", "guided", "perturb", "optim", "lift", "train", "integrations"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

@@ -22,8 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("nn", "curvature", "data"),
     ("parts",),
     ("adapters", "guided", "perturb", "optim", "lift"),
-    ("train", "bench", "selfcheck", "integrations"),
-    ("cli",),
+    ("train", "bench", "selfcheck"),
+    ("cli", "integrations"),
 ]
 # Imports between the method packages, each declared: LiFT's warm-up is the AdamW stepper and its blocks are
 # optim's layer selection.

@@ -1,0 +1,1 @@
+"""The same training parts where users already train: Hugging Face ``Trainer`` (``integrations.transformers``)."""

@@ -1,0 +1,170 @@
+"""Our training parts inside Hugging Face ``Trainer``: ``PartsTrainer(..., parts={...}, part_options={...})``.
+
+The parts are the ones ``finetune-ext train`` runs, built from the same registry and option dataclasses (so the
+same names, defaults and one-line ``ValueError``s). At construction the transforms are applied to the model in
+the CLI's order (dropout, adapter, perturbation) and the stepper is set up over what is then trainable. Each
+optimizer step of ``Trainer`` is one step of our stepper: ``training_step`` collects the step's micro-batches
+(``gradient_accumulation_steps`` of them) and, at the last one, runs the transforms' hooks around
+``stepper.step`` with a ``StepContext`` keyed by ``(args.seed, global step, micro-batch, process)``, exactly as
+our trainer does, so a line search (``armijo``) re-evaluates the batch with the same masks. Trainer's own
+optimizer and scheduler are a no-op stand-in whose ``state_dict`` carries every part's state, so Trainer's
+checkpoints and ``resume_from_checkpoint`` restore them. Trainer's gradient clipping is left to the stepper
+(``max_grad_norm`` goes into its settings).
+
+What it needs from the datasets: the transforms that read data (guided dropout's Fisher pass, LiFT's
+validation batches) get ``train_dataset`` and ``eval_dataset`` collated into tensors by the trainer's data
+collator. Not yet supported: LiFT's checkpoints through Trainer (its LP state is not a tensor state), FSDP and
+DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from finetune_ext.parts import Dist, OptimSettings, RunContext, StepContext, Stepper, Transform
+from finetune_ext.train import registry
+
+
+class _PartsState(torch.optim.Optimizer):
+    """Trainer's optimizer, standing in for the stepper: ``step`` does nothing (the stepper stepped inside
+    ``training_step``); ``state_dict`` / ``load_state_dict`` carry the parts' states through Trainer's checkpoints."""
+
+    def __init__(self, parts: dict[str, Transform | Stepper], lr: float) -> None:
+        super().__init__([torch.zeros(1, requires_grad=True)], {"lr": lr})
+        self.parts = parts
+
+    def step(self, closure=None) -> None:
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # the stepper clears its own gradients
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": {kind: part.state_dict() for kind, part in self.parts.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for kind, part in self.parts.items():
+            part.load_state_dict(state_dict["parts"][kind])
+
+
+def build_parts(parts: Mapping[str, str] | None, part_options: Mapping[str, Mapping[str, Any]] | None):
+    """``{kind: part}`` for the choices in ``parts`` (unnamed kinds take their default; no-op choices are left
+    out), each built from ``part_options[kind]`` through the registry; the stepper is always present."""
+    parts, part_options = dict(parts or {}), dict(part_options or {})
+    unknown = sorted((set(parts) | set(part_options)) - set(registry.PARTS))
+    if unknown:
+        raise ValueError(f"parts: unknown kind(s) {unknown}; expected some of {list(registry.PARTS)}")
+    built = {}
+    for kind, default in registry.DEFAULTS.items():
+        part = registry.build(kind, parts.get(kind, default), dict(part_options.get(kind, {})))
+        if part is not None:
+            built[kind] = part
+    for kind, part in built.items():
+        for needed in [k for k in part.requires if k not in built]:
+            raise ValueError(f"parts: {kind} {part.name!r} does not run without a {needed}")
+    for kind in registry.TRANSFORM_KINDS:
+        if kind in built:
+            built[kind].check_stepper(built[registry.STEPPER_KIND])
+    return built
+
+
+class PartsTrainer(transformers.Trainer):
+    """``transformers.Trainer`` whose optimizer step is our stepper and whose model carries our transforms.
+
+    Args:
+        parts: ``{kind: name}``, e.g. ``{"adapter": "linchain", "dropout": "guided", "perturbation": "ggpo",
+            "optimizer": "armijo"}`` (kinds: those of ``finetune-ext methods``; unnamed kinds take their
+            defaults: standard dropout, no adapter, no perturbation, ``adamw``).
+        part_options: ``{kind: {option: value}}`` (strings are parsed by the option's declared type).
+        *args, **kwargs: ``transformers.Trainer``'s.
+
+    Raises:
+        ValueError: an unknown kind, part or option, an option out of range, or parts that cannot run together.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        parts: Mapping[str, str] | None = None,
+        part_options: Mapping[str, Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        built = build_parts(parts, part_options)
+        rng = torch.get_rng_state()  # the parts initialise from the state the model left, as in our trainer
+        super().__init__(*args, **kwargs)
+        torch.set_rng_state(rng)
+        self.parts = built
+        self.stepper: Stepper = built[registry.STEPPER_KIND]
+        self.transforms: list[Transform] = [built[k] for k in registry.TRANSFORM_KINDS if k in built]
+        run = self._run_context()
+        for transform in self.transforms:
+            transform.apply(self.model, run)
+        self.stepper.setup(self.model, run)
+        self._micro: list[dict[str, torch.Tensor]] = []
+        self.last_step_metrics: dict[str, float] = {}
+
+    # ---- what the parts are told ------------------------------------------------------------------------
+    def _run_context(self) -> RunContext:
+        args = self.args
+        total = args.max_steps if args.max_steps > 0 else self._epoch_steps()
+        optim = OptimSettings(args.learning_rate, args.weight_decay, args.get_warmup_steps(total), args.max_grad_norm)
+        labels = getattr(self.model.config, "num_labels", 2)
+        task = "lm" if self.model.can_generate() else "regression" if labels == 1 else "classification"
+        return RunContext(
+            task=task, tokenizer=self.processing_class, train=self._tensors(self.train_dataset),
+            val=self._tensors(self.eval_dataset), evaluate_val=self._evaluate_val, seed=args.seed,
+            total_steps=total, optim=optim, output_dir=args.output_dir, progress=not args.disable_tqdm,
+            dist=Dist(args.process_index, args.world_size, args.local_process_index),
+        )  # fmt: skip
+
+    def _epoch_steps(self) -> int:
+        per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return math.ceil(len(self.train_dataset) / per_step) * math.ceil(self.args.num_train_epochs)
+
+    def _tensors(self, dataset) -> dict[str, torch.Tensor]:
+        """A dataset collated into one batch of tensors (what guided dropout and LiFT read); empty without one."""
+        if dataset is None or len(dataset) == 0:
+            return {}
+        batch = self.data_collator([dataset[i] for i in range(len(dataset))])
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def _evaluate_val(self, model: nn.Module) -> dict[str, float]:
+        metrics = self.evaluate()
+        return {k.removeprefix("eval_"): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    # ---- the optimizer step -----------------------------------------------------------------------------
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            self.optimizer = _PartsState(self.parts, self.args.learning_rate)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:  # the stepper keeps its own schedule; Trainer's is constant
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, lambda _: 1.0)
+        return self.lr_scheduler
+
+    def _clip_grad_norm(self, model: nn.Module) -> float:
+        return self.last_step_metrics.get("grad_norm", 0.0)  # the stepper clipped before its update
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        self._micro.append(self._prepare_inputs(inputs))
+        if len(self._micro) < self.current_gradient_accumulation_steps:
+            return torch.zeros((), device=self.args.device)  # the step's loss is reported at its last micro-batch
+        batches, self._micro = self._micro, []
+        step = self.state.global_step
+        ctx = StepContext(model, batches, self.autocast_smart_context_manager, step, self.args.seed,
+                          self.args.process_index)  # fmt: skip
+        for transform in self.transforms:
+            transform.before_step(step, self.stepper)
+        metrics = self.stepper.step(ctx)
+        for transform in self.transforms:
+            transform.after_step(step, self.stepper)
+        self.last_step_metrics = metrics
+        return torch.tensor(metrics["loss"], device=self.args.device)

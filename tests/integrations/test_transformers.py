@@ -1,0 +1,114 @@
+"""``PartsTrainer``: our parts inside ``transformers.Trainer`` give the CLI's losses step for step when the data
+order is the same, restore every part's state through Trainer's checkpoints, and refuse bad parts in one line."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import TrainingArguments, default_data_collator
+
+from finetune_ext.data import Stream, load_splits
+from finetune_ext.integrations.transformers import PartsTrainer
+from finetune_ext.train import TrainConfig, train
+from finetune_ext.train.models import load_model, load_tokenizer
+
+STEPS, BATCH, SEED = 6, 4, 0
+COMPOSED = {"adapter": "linchain", "dropout": "guided", "perturbation": "ggpo", "optimizer": "armijo"}
+OPTIONS = {"adapter": {"r": 4}, "dropout": {"fisher_samples": 4, "fisher_cache": None},
+           "optimizer": {"init_step_size": 0.01}}  # fmt: skip
+
+
+class _InOrder(PartsTrainer):
+    """Reads the training set in the order given (the test lays it out as our trainer's stream reads it) and
+    records each step's metrics."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset or self.train_dataset)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.last_step_metrics and len(self.losses) < self.state.global_step + 1:
+            self.losses.append(self.last_step_metrics["loss"])
+        return loss
+
+
+def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict) -> list[float]:
+    kinds = {kind: name for kind, name in parts.items()}
+    cfg = TrainConfig(model="config:gpt2-tiny", tokenizer=tokenizer, data=str(data), output_dir=str(tmp_path / "cli"),
+                      seed=SEED, steps=STEPS, batch_size=BATCH, block_size=32, lr=1e-3, warmup_steps=2,
+                      eval_every=STEPS, save_every=STEPS, max_eval_batches=1, progress=False, **kinds,
+                      **{f"{k}_options": v for k, v in options.items()})  # fmt: skip
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in log if e["split"] == "train"]
+
+
+def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, **args) -> _InOrder:
+    tok = load_tokenizer(tokenizer)
+    splits = load_splits(str(data), tok, block_size=32, max_length=32, train_samples=None, val_size=0, seed=SEED)
+    stream = Stream(len(splits.train["input_ids"]), BATCH, SEED)
+    order = torch.cat([stream.indices(step) for step in range(STEPS)])
+    blocks = splits.train["input_ids"][order]
+    dataset = [{"input_ids": b, "labels": b} for b in blocks]
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)  # as our trainer seeds before it builds the model
+    model = load_model("config:gpt2-tiny", "lm", tok)
+    settings = dict(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, max_steps=STEPS,
+                    learning_rate=1e-3, warmup_steps=2, weight_decay=0.01, lr_scheduler_type="constant", seed=SEED,
+                    report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True)  # fmt: skip
+    training = TrainingArguments(**{**settings, **args})
+    trainer = _InOrder(model=model, args=training, train_dataset=dataset, data_collator=default_data_collator,
+                       processing_class=tok, parts=parts, part_options=options)  # fmt: skip
+    trainer.losses = []
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("parts", "options"),
+    [({"adapter": "lora"}, {"adapter": {"r": 4}}), (COMPOSED, OPTIONS)],
+    ids=["lora", "linchain+guided+ggpo+armijo"],
+)
+def test_the_trainer_door_gives_the_cli_losses(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options) -> None:
+    cli = _cli_losses(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options)
+    trainer = _trainer(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options)
+    trainer.train()
+    assert len(trainer.losses) == STEPS
+    assert trainer.losses == cli  # bit for bit: the same parts, keys, data order and initialisation
+
+
+def test_trainer_checkpoints_carry_the_parts_state(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
+    parts, options = {"adapter": "lora", "perturbation": "ggpo"}, {"adapter": {"r": 4}}
+    whole = _trainer(tmp_path / "whole", wikitext_slice, gpt2_tokenizer, parts, options)
+    whole.train()
+    first = _trainer(tmp_path / "cut", wikitext_slice, gpt2_tokenizer, parts, options, save_strategy="steps",
+                     save_steps=3)  # fmt: skip
+    first.args.max_steps = 3
+    first.train()
+    resumed = _trainer(tmp_path / "cut", wikitext_slice, gpt2_tokenizer, parts, options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "hf" / "checkpoint-3"))
+    assert first.losses + resumed.losses == whole.losses
+    ggpo = resumed.parts["perturbation"].state_dict()["grad_norms"]
+    assert ggpo and all(
+        torch.equal(v, whole.parts["perturbation"].state_dict()["grad_norms"][k]) for k, v in ggpo.items()
+    )
+
+
+@pytest.mark.parametrize(
+    ("parts", "options", "message"),
+    [
+        ({"adapter": "lorax"}, {}, "adapter: unknown 'lorax'; available: none, lora, linchain"),
+        ({"adapter": "lora"}, {"adapter": {"r": 0}}, "adapter-option (lora): r: expected a positive integer, got 0"),
+        ({"perturbation": "ggpo"}, {}, "parts: perturbation 'ggpo' does not run without a adapter"),
+        ({"optimizr": "adamw"}, {}, "parts: unknown kind(s) ['optimizr']"),
+    ],
+)
+def test_bad_parts_are_one_line_errors(parts, options, message) -> None:
+    with pytest.raises(ValueError) as err:
+        PartsTrainer(model=torch.nn.Linear(2, 2), parts=parts, part_options=options)
+    assert message in str(err.value) and "\n" not in str(err.value)
