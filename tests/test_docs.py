@@ -7,7 +7,20 @@ import inspect
 
 import pytest
 
-PACKAGES = ["ops", "nn", "curvature", "data", "parts", "adapters", "guided", "perturb", "optim", "lift", "train", "integrations"]
+PACKAGES = [
+    "ops",
+    "nn",
+    "curvature",
+    "data",
+    "parts",
+    "adapters",
+    "guided",
+    "perturb",
+    "optim",
+    "lift",
+    "train",
+    "integrations",
+]
 
 
 @pytest.mark.parametrize("package", PACKAGES)
