@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import TrainingArguments, default_data_collator
+from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 from finetune_ext.data import Stream, load_splits
 from finetune_ext.integrations.transformers import PartsTrainer
@@ -24,23 +24,27 @@ OPTIONS = {"adapter": {"r": 4}, "dropout": {"fisher_samples": 4, "fisher_cache":
 
 
 class _InOrder(PartsTrainer):
-    """Reads the training set in the order given (the test lays it out as our trainer's stream reads it) and
-    records each step's metrics."""
+    """Reads the training set in the order given (the test lays it out as our trainer's stream reads it)."""
 
     def _get_train_sampler(self, train_dataset=None):
         return SequentialSampler(train_dataset or self.train_dataset)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.last_step_metrics and len(self.losses) < self.state.global_step + 1:
-            self.losses.append(self.last_step_metrics["loss"])
-        return loss
+
+class _Losses(TrainerCallback):
+    """Each optimizer step's loss as the stepper reported it."""
+
+    def __init__(self) -> None:
+        self.trainer: PartsTrainer | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.losses.append(self.trainer.last_step_metrics["loss"])
 
 
-def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict) -> list[float]:
+def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: int = 1) -> list[float]:
     kinds = {kind: name for kind, name in parts.items()}
     cfg = TrainConfig(model="config:gpt2-tiny", tokenizer=tokenizer, data=str(data), output_dir=str(tmp_path / "cli"),
-                      seed=SEED, steps=STEPS, batch_size=BATCH, block_size=32, lr=1e-3, warmup_steps=2,
+                      seed=SEED, steps=STEPS, batch_size=BATCH, grad_accum=grad_accum, block_size=32, lr=1e-3,
+                      warmup_steps=2,
                       eval_every=STEPS, save_every=STEPS, max_eval_batches=1, progress=False, **kinds,
                       **{f"{k}_options": v for k, v in options.items()})  # fmt: skip
     train(cfg)
@@ -48,7 +52,7 @@ def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict) -> list[f
     return [e["loss"] for e in log if e["split"] == "train"]
 
 
-def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, **args) -> _InOrder:
+def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: int = 1, **args) -> _InOrder:
     tok = load_tokenizer(tokenizer)
     splits = load_splits(str(data), tok, block_size=32, max_length=32, train_samples=None, val_size=0, seed=SEED)
     stream = Stream(len(splits.train["input_ids"]), BATCH, SEED)
@@ -59,24 +63,28 @@ def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, **args) -> _
     np.random.seed(SEED)
     torch.manual_seed(SEED)  # as our trainer seeds before it builds the model
     model = load_model("config:gpt2-tiny", "lm", tok)
-    settings = dict(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, max_steps=STEPS,
+    settings = dict(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH // grad_accum,
+                    gradient_accumulation_steps=grad_accum, max_steps=STEPS,
                     learning_rate=1e-3, warmup_steps=2, weight_decay=0.01, lr_scheduler_type="constant", seed=SEED,
                     report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True)  # fmt: skip
     training = TrainingArguments(**{**settings, **args})
+    losses = _Losses()
     trainer = _InOrder(model=model, args=training, train_dataset=dataset, data_collator=default_data_collator,
-                       processing_class=tok, parts=parts, part_options=options)  # fmt: skip
-    trainer.losses = []
+                       processing_class=tok, parts=parts, part_options=options, callbacks=[losses])  # fmt: skip
+    trainer.losses, losses.trainer = [], trainer
     return trainer
 
 
 @pytest.mark.parametrize(
-    ("parts", "options"),
-    [({"adapter": "lora"}, {"adapter": {"r": 4}}), (COMPOSED, OPTIONS)],
-    ids=["lora", "linchain+guided+ggpo+armijo"],
+    ("parts", "options", "grad_accum"),
+    [({"adapter": "lora"}, {"adapter": {"r": 4}}, 1), (COMPOSED, OPTIONS, 1), (COMPOSED, OPTIONS, 2)],
+    ids=["lora", "linchain+guided+ggpo+armijo", "the same, 2 micro-batches a step"],
 )
-def test_the_trainer_door_gives_the_cli_losses(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options) -> None:
-    cli = _cli_losses(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options)
-    trainer = _trainer(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options)
+def test_the_trainer_door_gives_the_cli_losses(
+    tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum
+) -> None:
+    cli = _cli_losses(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum)
+    trainer = _trainer(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum)
     trainer.train()
     assert len(trainer.losses) == STEPS
     assert trainer.losses == cli  # bit for bit: the same parts, keys, data order and initialisation
