@@ -91,9 +91,9 @@ def main() -> None:
     parser.add_argument("--config", default="gpt2-tiny", help="a config: name (tiny GPT-2 family)")
     parser.add_argument("--warmup", type=int, default=60)
     parser.add_argument("--pairs", type=int, default=10)
-    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--columns", type=int, default=2000)
-    parser.add_argument("--hvp-batch", type=int, default=32)
+    parser.add_argument("--hvp-batch", type=int, default=8)
     parser.add_argument("--out", default="benchmarks/results/lift_sr1_pairs")
     args = parser.parse_args()
     for name in ("warmup", "pairs", "rows", "columns", "hvp_batch"):
