@@ -43,11 +43,11 @@ class _Losses(TrainerCallback):
         self.trainer.losses.append(self.trainer.last_step_metrics["loss"])
 
 
-def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: int = 1) -> list[float]:
+def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: int = 1, bf16=False) -> list[float]:
     kinds = {kind: name for kind, name in parts.items()}
     cfg = TrainConfig(model="config:gpt2-tiny", tokenizer=tokenizer, data=str(data), output_dir=str(tmp_path / "cli"),
                       seed=SEED, steps=STEPS, batch_size=BATCH, grad_accum=grad_accum, block_size=32, lr=1e-3,
-                      warmup_steps=2,
+                      warmup_steps=2, bf16=bf16,
                       eval_every=STEPS, save_every=STEPS, max_eval_batches=1, progress=False, **kinds,
                       **{f"{k}_options": v for k, v in options.items()})  # fmt: skip
     train(cfg)
@@ -91,6 +91,14 @@ def test_the_trainer_door_gives_the_cli_losses(
     trainer.train()
     assert len(trainer.losses) == STEPS
     assert trainer.losses == cli  # bit for bit: the same parts, keys, data order and initialisation
+
+
+def test_trainer_bf16_is_our_bf16(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
+    parts, options = {"adapter": "lora"}, {"adapter": {"r": 4}}
+    cli = _cli_losses(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, bf16=True)
+    trainer = _trainer(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, bf16=True)
+    trainer.train()
+    assert trainer.losses == cli  # Trainer's autocast context is handed to the stepper's StepContext
 
 
 def test_trainer_checkpoints_carry_the_parts_state(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
