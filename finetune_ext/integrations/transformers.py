@@ -13,8 +13,8 @@ checkpoints and ``resume_from_checkpoint`` restore them. Trainer's gradient clip
 
 What it needs from the datasets: the transforms that read data (guided dropout's Fisher pass, LiFT's
 validation batches) get ``train_dataset`` and ``eval_dataset`` collated into tensors by the trainer's data
-collator. Not yet supported: LiFT's checkpoints through Trainer (its LP state is not a tensor state), FSDP and
-DeepSpeed.
+collator; a stepper that needs the validation split (``lift``) needs ``eval_dataset``. Not yet supported: FSDP and
+DeepSpeed, PEFT models (our adapters are applied to the plain model).
 """
 
 from __future__ import annotations
@@ -101,6 +101,11 @@ class PartsTrainer(transformers.Trainer):
         torch.set_rng_state(rng)
         self.parts = built
         self.stepper: Stepper = built[registry.STEPPER_KIND]
+        if self.stepper.needs_validation and self.eval_dataset is None:
+            raise ValueError(
+                f"eval_dataset: optimizer {self.stepper.name!r} evaluates a validation split; pass eval_dataset "
+                "(a held-out slice of the training data, never the test set)"
+            )
         self.transforms: list[Transform] = [built[k] for k in registry.TRANSFORM_KINDS if k in built]
         run = self._run_context()
         for transform in self.transforms:

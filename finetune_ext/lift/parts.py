@@ -138,6 +138,7 @@ class LiFT(Stepper):
 
     # ---- the warm-up step --------------------------------------------------------------------------------
     keeps_momentum = True
+    needs_validation = True
 
     def step(self, ctx: StepContext) -> dict[str, float]:
         o = self.options

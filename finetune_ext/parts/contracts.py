@@ -120,6 +120,7 @@ class Stepper(Part):
     """Owns the optimizer step."""
 
     keeps_momentum: ClassVar[bool] = False  # whether ``momentum`` answers (MGPO needs it)
+    needs_validation: ClassVar[bool] = False  # whether ``setup`` / ``step`` read ``RunContext.val``
 
     @abstractmethod
     def setup(self, model: nn.Module, run: RunContext) -> None:

@@ -24,6 +24,7 @@ STEPS, BATCH, SEED = 6, 4, 0
 COMPOSED = {"adapter": "linchain", "dropout": "guided", "perturbation": "ggpo", "optimizer": "armijo"}
 OPTIONS = {"adapter": {"r": 4}, "dropout": {"fisher_samples": 4, "fisher_cache": None},
            "optimizer": {"init_step_size": 0.01}}  # fmt: skip
+LIFT = {"optimizer": {"blocks": "last:1", "warmup_steps": 3, "rows": 8, "columns": 64, "pairs": 2, "val_batches": 2}}
 
 
 class _InOrder(PartsTrainer):
@@ -62,6 +63,7 @@ def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: 
     order = torch.cat([stream.indices(step) for step in range(STEPS)])
     blocks = splits.train["input_ids"][order]
     dataset = [{"input_ids": b, "labels": b} for b in blocks]
+    validation = [{"input_ids": b, "labels": b} for b in splits.val["input_ids"]]  # our trainer's validation split
     random.seed(SEED)
     np.random.seed(SEED)
     torch.manual_seed(SEED)  # as our trainer seeds before it builds the model
@@ -72,16 +74,22 @@ def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: 
                     report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True)  # fmt: skip
     training = TrainingArguments(**{**settings, **args})
     losses = _Losses()
-    trainer = _InOrder(model=model, args=training, train_dataset=dataset, data_collator=default_data_collator,
-                       processing_class=tok, parts=parts, part_options=options, callbacks=[losses])  # fmt: skip
+    trainer = _InOrder(model=model, args=training, train_dataset=dataset, eval_dataset=validation,
+                       data_collator=default_data_collator, processing_class=tok, parts=parts, part_options=options,
+                       callbacks=[losses])  # fmt: skip
     trainer.losses, losses.trainer = [], trainer
     return trainer
 
 
 @pytest.mark.parametrize(
     ("parts", "options", "grad_accum"),
-    [({"adapter": "lora"}, {"adapter": {"r": 4}}, 1), (COMPOSED, OPTIONS, 1), (COMPOSED, OPTIONS, 2)],
-    ids=["lora", "linchain+guided+ggpo+armijo", "the same, 2 micro-batches a step"],
+    [
+        ({"adapter": "lora"}, {"adapter": {"r": 4}}, 1),
+        (COMPOSED, OPTIONS, 1),
+        (COMPOSED, OPTIONS, 2),
+        ({"optimizer": "lift"}, LIFT, 1),
+    ],
+    ids=["lora", "linchain+guided+ggpo+armijo", "the same, 2 micro-batches a step", "lift"],
 )
 def test_the_trainer_door_gives_the_cli_losses(
     tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum
@@ -101,8 +109,15 @@ def test_trainer_bf16_is_our_bf16(tmp_path, wikitext_slice, gpt2_tokenizer) -> N
     assert trainer.losses == cli  # Trainer's autocast context is handed to the stepper's StepContext
 
 
-def test_trainer_checkpoints_carry_the_parts_state(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
-    parts, options = {"adapter": "lora", "perturbation": "ggpo"}, {"adapter": {"r": 4}}
+@pytest.mark.parametrize(
+    ("parts", "options", "kind", "key"),
+    [({"adapter": "lora", "perturbation": "ggpo"}, {"adapter": {"r": 4}}, "perturbation", "grad_norms"),
+     ({"optimizer": "lift"}, LIFT, "optimizer", "lambda")],
+    ids=["lora+ggpo", "lift"],
+)  # fmt: skip
+def test_trainer_checkpoints_carry_the_parts_state(
+    tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, kind, key
+) -> None:
     whole = _trainer(tmp_path / "whole", wikitext_slice, gpt2_tokenizer, parts, options)
     whole.train()
     first = _trainer(tmp_path / "cut", wikitext_slice, gpt2_tokenizer, parts, options, save_strategy="steps",
@@ -112,10 +127,11 @@ def test_trainer_checkpoints_carry_the_parts_state(tmp_path, wikitext_slice, gpt
     resumed = _trainer(tmp_path / "cut", wikitext_slice, gpt2_tokenizer, parts, options)
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "hf" / "checkpoint-3"))
     assert first.losses + resumed.losses == whole.losses
-    ggpo = resumed.parts["perturbation"].state_dict()["grad_norms"]
-    assert ggpo and all(
-        torch.equal(v, whole.parts["perturbation"].state_dict()["grad_norms"][k]) for k, v in ggpo.items()
-    )
+    state, expected = (t.parts[kind].state_dict()[key] for t in (resumed, whole))
+    if isinstance(state, dict):
+        assert state and all(torch.equal(v, expected[k]) for k, v in state.items())
+    else:
+        assert torch.equal(state, expected)
 
 
 @pytest.mark.parametrize(
@@ -158,3 +174,12 @@ def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, 
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(b[key], a[key], **tolerance(torch.float32), msg=key)
+
+
+def test_lift_needs_an_eval_dataset(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    with pytest.raises(ValueError, match=r"eval_dataset: optimizer 'lift' evaluates a validation split; pass"):
+        PartsTrainer(model=model, args=args, train_dataset=[], parts={"optimizer": "lift"})
