@@ -183,3 +183,48 @@ def test_lift_needs_an_eval_dataset(tmp_path) -> None:
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
     with pytest.raises(ValueError, match=r"eval_dataset: optimizer 'lift' evaluates a validation split; pass"):
         PartsTrainer(model=model, args=args, train_dataset=[], parts={"optimizer": "lift"})
+
+
+def test_the_trainer_door_gives_the_cli_losses_on_a_bert_classifier(tmp_path, sst2_slice, bert_tokenizer) -> None:
+    """Tiny BERT on SST-2 sentences: the Trainer reads the same batches as our trainer (a collator that cuts each
+    batch after its longest example, as ours does), and gives the same losses bit for bit."""
+    from finetune_ext.data import make_batch
+
+    parts = {"adapter": "lora", "dropout": "guided", "perturbation": "ggpo", "optimizer": "armijo"}
+    options = {"adapter": {"r": 4}, "dropout": {"fisher_samples": 4, "fisher_cache": None},
+               "optimizer": {"init_step_size": 0.01}}  # fmt: skip
+    common = dict(max_length=24, seed=SEED)
+    cfg = TrainConfig(model="config:bert-tiny", tokenizer=bert_tokenizer, data=str(sst2_slice), val_size=50,
+                      output_dir=str(tmp_path / "cli"), steps=STEPS, batch_size=BATCH, lr=1e-3, warmup_steps=2,
+                      eval_every=STEPS, save_every=STEPS, progress=False, **common, **parts,
+                      **{f"{k}_options": v for k, v in options.items()})  # fmt: skip
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    cli = [e["loss"] for e in log if e["split"] == "train"]
+
+    tok = load_tokenizer(bert_tokenizer)
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    splits = load_splits(str(sst2_slice), tok, block_size=32, train_samples=None, val_size=50, **common)
+    model = load_model("config:bert-tiny", splits.task, tok, num_labels=2)
+    stream = Stream(len(splits.train["input_ids"]), BATCH, SEED)
+    order = torch.cat([stream.indices(step) for step in range(STEPS)]).tolist()
+
+    def collate(rows: list[int]) -> dict:
+        return make_batch(splits.train, torch.tensor(rows), splits.task, torch.device("cpu"))
+
+    training = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, max_steps=STEPS,
+                                 learning_rate=1e-3, warmup_steps=2, seed=SEED, report_to=[], save_strategy="no",
+                                 disable_tqdm=True, use_cpu=True, remove_unused_columns=False)  # fmt: skip
+
+    class OurSplit(_InOrder):  # the parts see our trainer's training split (the Fisher samples from it)
+        def _tensors(self, dataset):
+            return splits.train if dataset is not None else {}
+
+    losses = _Losses()
+    trainer = OurSplit(model=model, args=training, train_dataset=order, data_collator=collate, processing_class=tok,
+                       parts=parts, part_options=options, callbacks=[losses])  # fmt: skip
+    trainer.losses, losses.trainer = [], trainer
+    trainer.train()
+    assert trainer.losses == cli
