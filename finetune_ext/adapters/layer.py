@@ -55,6 +55,10 @@ class LinChainLinear(nn.Module):
         self.reset_parameters(config.init)
         self.train(base.training)
 
+    def adapter_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_A, lora_B)``: the factors a perturbation reads gradients and momenta of."""
+        return self.lora_A, self.lora_B
+
     def attach_perturbation(self, perturbation: WeightPerturbation | None) -> None:
         """Use ``perturbation``'s noise and shift in every training forward (``None``: detach)."""
         self.perturbation = perturbation

@@ -1,4 +1,7 @@
-"""LinChain as a PEFT LoRA custom module: ``get_peft_model`` trains it, ``save_pretrained`` /
+"""PEFT LoRA custom modules: LinChain (``linchain_config``) and plain LoRA that our weight perturbations act on
+(``perturbable_config``; LinChain layers are perturbable too).
+
+LinChain as a PEFT LoRA custom module: ``get_peft_model`` trains it, ``save_pretrained`` /
 ``PeftModel.from_pretrained`` keep the mixers, merge / unmerge are exact (mixer biases included).
 
     config = linchain_config(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), chain_length=3)
@@ -24,9 +27,66 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from finetune_ext import ops
+from finetune_ext.nn.perturbation import WeightPerturbation
 
-class LinChainLoraLinear(LoraLinear):
-    """PEFT's LoRA ``Linear`` with ``chain_length`` r x r mixers between ``lora_A`` and ``lora_B`` (``lora_mixer``)."""
+
+class PerturbableLoraLinear(LoraLinear):
+    """PEFT's LoRA ``Linear`` that the weight perturbations of ``finetune_ext.perturb`` (flat-lora, ggpo, mgpo) act
+    on: it implements ``finetune_ext.nn.PerturbableLayer`` for its one active adapter. In a training forward the
+    attached noise adds ``x εᵀ`` (ε drawn by ``ops.gaussian_perturb`` from the hook's row stds and seed: the same
+    draw as our fused path) and the shift ``x Qᵀ Pᵀ``; the base weight is never written."""
+
+    perturbation: WeightPerturbation | None = None
+
+    def _adapter(self) -> str:
+        if len(self.active_adapters) != 1:
+            raise ValueError(f"perturbation: expected one active adapter, got {self.active_adapters}")
+        return self.active_adapters[0]
+
+    @property
+    def scale(self) -> float:
+        return self.scaling[self._adapter()]
+
+    def adapter_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        name = self._adapter()
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def base_weight(self) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def stacked_factors(self, layers: list[PerturbableLoraLinear]):
+        """``(A, None, B)`` stacked over ``layers`` (plain LoRA: no mixers)."""
+        A, B = zip(*(layer.adapter_params() for layer in layers), strict=True)
+        return torch.stack(A), None, torch.stack(B)
+
+    def attach_perturbation(self, perturbation: WeightPerturbation | None) -> None:
+        self.perturbation = perturbation
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = super().forward(x, *args, **kwargs)
+        return result if self.disable_adapters or self.merged else self._perturbed(result, x)
+
+    def _perturbed(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``result`` plus the attached perturbation's terms (none outside training)."""
+        hook = self.perturbation if self.training else None
+        if hook is None:
+            return result
+        weight = self.base_weight()
+        if hook.noise is not None:
+            std, seed = hook.noise
+            eps = ops.gaussian_perturb(torch.zeros_like(weight), std, seed=seed)
+            result = result + nn.functional.linear(x.to(eps.dtype), eps).to(result.dtype)
+        if hook.shift is not None:
+            P, Q = hook.shift
+            result = result + ((x.to(P.dtype) @ Q.T) @ P.T).to(result.dtype)
+        return result
+
+
+class LinChainLoraLinear(PerturbableLoraLinear):
+    """PEFT's LoRA ``Linear`` with ``chain_length`` r x r mixers between ``lora_A`` and ``lora_B`` (``lora_mixer``);
+    perturbable like ``PerturbableLoraLinear``."""
 
     adapter_layer_names = (*LoraLinear.adapter_layer_names, "lora_mixer")
     chain_length: int = 3
@@ -42,8 +102,8 @@ class LinChainLoraLinear(LoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters or self.merged:
-            return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+            return LoraLinear.forward(self, x, *args, **kwargs)
+        result = self._perturbed(self.base_layer(x, *args, **kwargs), x)
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
@@ -51,6 +111,18 @@ class LinChainLoraLinear(LoraLinear):
             h = A(self.lora_dropout[name](x.to(A.weight.dtype)))
             result = result + (self.lora_B[name](self.lora_mixer[name](h)) * self.scaling[name]).to(result.dtype)
         return result
+
+    def stacked_factors(self, layers: list[LinChainLoraLinear]):
+        """``(M A, M, B)`` stacked over ``layers`` (the mixers' weights; their biases do not enter the row norms)."""
+        out = []
+        for layer in layers:
+            A, B = layer.adapter_params()
+            M = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+            for mixer in layer.lora_mixer[layer._adapter()]:
+                M = mixer.weight @ M
+            out.append((M @ A, M, B))
+        MA, M, B = (torch.stack(t) for t in zip(*out, strict=True))
+        return MA, M, B
 
     def _chain(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M [r, r], beff [r])`` of the adapter's chain, float64: ``chain(u) = M u + beff``."""
@@ -94,6 +166,13 @@ class LinChainLoraLinear(LoraLinear):
         bias = self.get_base_layer().bias
         for name in names if self.mixer_bias else ():
             bias.copy_((bias.double() + sign * self._bias_delta(name).to(bias.device)).to(bias.dtype))
+
+
+def perturbable_config(config: LoraConfig) -> LoraConfig:
+    """``config`` with PEFT's LoRA ``Linear`` replaced by ``PerturbableLoraLinear`` (plain LoRA that
+    ``--perturbation flat-lora|ggpo|mgpo`` can act on)."""
+    config._register_custom_module({nn.Linear: PerturbableLoraLinear})
+    return config
 
 
 def linchain_config(config: LoraConfig, chain_length: int = 3, mixer_bias: bool = True) -> LoraConfig:

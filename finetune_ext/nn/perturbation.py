@@ -35,10 +35,10 @@ class WeightPerturbation:
 class PerturbableLayer(Protocol):
     """An adapted linear layer ``y = x (W + s B M A)^T``: what a perturbation reads and the hook it sets."""
 
-    site: int  # keys the layer's noise draws (``nn.keys.site_id`` of its name)
     scale: float
-    lora_A: torch.Tensor  # [r, in]
-    lora_B: torch.Tensor  # [out, r]
+
+    def adapter_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable factors ``(A [r, in], B [out, r])`` whose gradients and momenta a perturbation reads."""
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight ``W`` as ``[out, in]`` (a view: never written)."""

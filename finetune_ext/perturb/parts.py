@@ -113,6 +113,7 @@ class _Group:
     names: list[str]
     layers: list[PerturbableLayer]
     hooks: list[WeightPerturbation]
+    sites: list[int]  # keys.site_id of each layer's module name: keys its noise draws
     weights_t: list[torch.Tensor]  # each layer's frozen W^T, [in, out] (views: the base weights are never replaced)
     drawn: bool = False  # whether std holds a draw (not before the first step or load)
     grad_norms: torch.Tensor | None = None  # [L, out]: ||G_i|| of the last backward, float64 (ggpo)
@@ -147,7 +148,7 @@ class _Group:
     def merged_norms(self) -> torch.Tensor:
         """``||W'_i||`` of every row of ``W' = W + s B A'``, ``[L, out]``."""
         A, M, B = self.factors()
-        rows = [layer.lora_A for layer in self.layers] if M is None else A.unbind()  # LoRA: no views to make
+        rows = [layer.adapter_params()[0] for layer in self.layers] if M is None else A.unbind()  # LoRA: no views
         AW = torch.stack([stats.weight_product(w_t, a) for w_t, a in zip(self.weights_t, rows, strict=True)])
         return stats.merged_row_norms(self.w_sq, AW, A, B, self.scale)
 
@@ -161,7 +162,8 @@ class _Group:
 
     def gradient_pair(self) -> tuple[torch.Tensor, ...]:
         """``pair`` of the last backward's gradients: ``P Q = G``, the gradient proxy; ``()`` while a layer has none."""
-        return self.pair([ly.lora_A.grad for ly in self.layers], [ly.lora_B.grad for ly in self.layers])
+        params = [ly.adapter_params() for ly in self.layers]
+        return self.pair([A.grad for A, _ in params], [B.grad for _, B in params])
 
     def gradient_norms(self) -> torch.Tensor | None:
         """``||G_i||`` of the gradient proxy of the last backward, ``[L, out]``; ``None`` while a layer has none."""
@@ -174,7 +176,7 @@ def _groups(layers: dict[str, PerturbableLayer], hooks: dict[str, WeightPerturba
     """The layers in groups of stackable ones, in model order."""
     by_key: dict[tuple, list[str]] = {}
     for name, layer in layers.items():
-        W, A = layer.base_weight(), layer.lora_A
+        W, (A, _) = layer.base_weight(), layer.adapter_params()
         chained = getattr(layer, "mixer_weight", None) is not None
         key = (W.shape, W.dtype, W.device, A.shape, A.dtype, layer.scale, type(layer), chained)
         by_key.setdefault(key, []).append(name)
@@ -182,7 +184,8 @@ def _groups(layers: dict[str, PerturbableLayer], hooks: dict[str, WeightPerturba
     for names in by_key.values():
         members = [layers[n] for n in names]
         weights_t = [layer.base_weight().detach().t() for layer in members]
-        groups.append(_Group(names, members, [hooks[n] for n in names], weights_t))
+        sites = [keys.site_id(n) for n in names]
+        groups.append(_Group(names, members, [hooks[n] for n in names], sites, weights_t))
     return groups
 
 
@@ -204,7 +207,7 @@ class FlatLoRA(_Perturbation):
             if step % refresh == 0 or not group.drawn:
                 group.std.copy_(self.row_std(group, step))
                 group.drawn = True
-            seeds = keys.mix_each((self.seed, _NOISE_STREAM, step // refresh), [ly.site for ly in group.layers])
+            seeds = keys.mix_each((self.seed, _NOISE_STREAM, step // refresh), group.sites)
             for hook, std, seed in zip(group.hooks, group.std_rows, seeds, strict=True):
                 hook.noise = (std, seed)
 
@@ -293,7 +296,7 @@ class MGPO(_Perturbation):
     def before_step(self, step: int, stepper: Stepper) -> None:
         o = self.options
         for group in self.groups:
-            momenta = [[stepper.momentum(p) for p in (ly.lora_A, ly.lora_B)] for ly in group.layers]
+            momenta = [[stepper.momentum(p) for p in ly.adapter_params()] for ly in group.layers]
             P_Q = group.pair([m for m, _ in momenta], [m for _, m in momenta])
             shifts = [None] * len(group.layers)  # a group shifts once every layer has a momentum
             if P_Q:

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BertConfig, BertModel
 
-from finetune_ext.adapters.peft_linchain import LinChainLoraLinear, linchain_config
+from finetune_ext.adapters.peft_linchain import LinChainLoraLinear, linchain_config, perturbable_config
 from finetune_ext.testing import tolerance
 
 
@@ -85,3 +85,45 @@ def test_merge_and_unmerge_are_exact() -> None:
 def test_bad_chain_length_is_refused() -> None:
     with pytest.raises(ValueError, match="chain_length: expected an integer >= 1, got 0"):
         _lora(0)
+
+
+@pytest.mark.parametrize("chain_length", [0, 3])
+def test_ggpo_acts_on_peft_layers_as_on_ours(chain_length: int) -> None:
+    """The same weights as PEFT layers and as our ``LinChainLinear``: GGPO finds both, draws the same row stds and
+    noise (keyed by module name), and a training forward gives the same output within fp32."""
+    from finetune_ext.adapters import LinChainConfig, apply_linchain
+    from finetune_ext.parts import OptimSettings, RunContext
+    from finetune_ext.perturb import GGPO
+    from finetune_ext.perturb.parts import GGPOOptions
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0)
+    peft_model = get_peft_model(
+        _base(), linchain_config(lora, chain_length) if chain_length else perturbable_config(lora)
+    )
+    ours = _base()
+    apply_linchain(ours, LinChainConfig(r=4, alpha=8.0, dropout=0.0, target_modules=["query", "value"],
+                                        chain_length=chain_length))  # fmt: skip
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if hasattr(module, "adapter_params"):
+                mine = ours.get_submodule(name)
+                for theirs, own in zip(module.adapter_params(), (mine.lora_A, mine.lora_B), strict=True):
+                    own.copy_(theirs.normal_(std=0.2))
+                for i, mixer in enumerate(module.lora_mixer["default"] if chain_length else []):
+                    mine.mixer_weight[i].copy_(mixer.weight)
+                    mine.mixer_bias[i].copy_(mixer.bias)
+    run = RunContext("classification", None, {}, {}, lambda m: {}, 0, 10, OptimSettings(1e-3, 0.0, 0, 1.0), "")
+    x = torch.randint(0, 50, (2, 7))
+    outputs = []
+    for model in (peft_model.base_model.model, ours):
+        ggpo = GGPO(GGPOOptions(ramp="constant", rho=0.5))
+        ggpo.apply(model, run)
+        assert len(ggpo.layers) == 4
+        model.train()
+        model.embeddings.dropout.p = model.encoder.layer[0].attention.self.dropout.p = 0.0
+        for layer in model.encoder.layer:
+            layer.attention.self.dropout.p = layer.attention.output.dropout.p = layer.output.dropout.p = 0.0
+        ggpo.before_step(0, None)
+        outputs.append(model(input_ids=x).last_hidden_state)
+    torch.testing.assert_close(outputs[0], outputs[1], **tolerance(torch.float32))
+    assert not torch.allclose(outputs[0], peft_model.base_model.model.eval()(input_ids=x).last_hidden_state)
