@@ -26,6 +26,7 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from finetune_ext import ops
 from finetune_ext.nn.perturbation import WeightPerturbation
@@ -171,7 +172,7 @@ class LinChainLoraLinear(PerturbableLoraLinear):
 def perturbable_config(config: LoraConfig) -> LoraConfig:
     """``config`` with PEFT's LoRA ``Linear`` replaced by ``PerturbableLoraLinear`` (plain LoRA that
     ``--perturbation flat-lora|ggpo|mgpo`` can act on)."""
-    config._register_custom_module({nn.Linear: PerturbableLoraLinear})
+    config._register_custom_module({nn.Linear: PerturbableLoraLinear, Conv1D: PerturbableLoraLinear})
     return config
 
 
@@ -181,5 +182,5 @@ def linchain_config(config: LoraConfig, chain_length: int = 3, mixer_bias: bool 
         raise ValueError(f"chain_length: expected an integer >= 1, got {chain_length!r}")
     layer = type(f"LinChainLoraLinear{chain_length}", (LinChainLoraLinear,),
                  {"chain_length": chain_length, "mixer_bias": bool(mixer_bias)})  # fmt: skip
-    config._register_custom_module({nn.Linear: layer})
+    config._register_custom_module({nn.Linear: layer, Conv1D: layer})
     return config

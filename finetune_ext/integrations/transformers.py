@@ -14,7 +14,8 @@ checkpoints and ``resume_from_checkpoint`` restore them. Trainer's gradient clip
 What it needs from the datasets: the transforms that read data (guided dropout's Fisher pass, LiFT's
 validation batches) get ``train_dataset`` and ``eval_dataset`` collated into tensors by the trainer's data
 collator; a stepper that needs the validation split (``lift``) needs ``eval_dataset``. Not yet supported: FSDP and
-DeepSpeed, PEFT models (our adapters are applied to the plain model).
+DeepSpeed. A PEFT model whose LoRA layers come from ``adapters.peft_linchain`` stands in for the adapter part:
+the perturbations act on its layers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import transformers
 from torch import nn
 
+from finetune_ext.nn.perturbation import PerturbableLayer
 from finetune_ext.parts import Dist, OptimSettings, RunContext, StepContext, Stepper, Transform
 from finetune_ext.train import registry
 
@@ -53,9 +55,13 @@ class _PartsState(torch.optim.Optimizer):
             part.load_state_dict(state_dict["parts"][kind])
 
 
-def build_parts(parts: Mapping[str, str] | None, part_options: Mapping[str, Mapping[str, Any]] | None):
+def build_parts(
+    parts: Mapping[str, str] | None, part_options: Mapping[str, Mapping[str, Any]] | None, has_adapters: bool = False
+):
     """``{kind: part}`` for the choices in ``parts`` (unnamed kinds take their default; no-op choices are left
-    out), each built from ``part_options[kind]`` through the registry; the stepper is always present."""
+    out), each built from ``part_options[kind]`` through the registry; the stepper is always present.
+    ``has_adapters``: the model brings its own perturbable adapters (a PEFT model made with
+    ``adapters.peft_linchain``), which stand in for the adapter part."""
     parts, part_options = dict(parts or {}), dict(part_options or {})
     unknown = sorted((set(parts) | set(part_options)) - set(registry.PARTS))
     if unknown:
@@ -66,7 +72,7 @@ def build_parts(parts: Mapping[str, str] | None, part_options: Mapping[str, Mapp
         if part is not None:
             built[kind] = part
     for kind, part in built.items():
-        for needed in [k for k in part.requires if k not in built]:
+        for needed in [k for k in part.requires if k not in built and not (k == "adapter" and has_adapters)]:
             raise ValueError(f"parts: {kind} {part.name!r} does not run without a {needed}")
     for kind in registry.TRANSFORM_KINDS:
         if kind in built:
@@ -95,7 +101,9 @@ class PartsTrainer(transformers.Trainer):
         part_options: Mapping[str, Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
-        built = build_parts(parts, part_options)
+        model = kwargs.get("model", args[0] if args else None)
+        has_adapters = isinstance(model, nn.Module) and any(isinstance(m, PerturbableLayer) for m in model.modules())
+        built = build_parts(parts, part_options, has_adapters)
         rng = torch.get_rng_state()  # the parts initialise from the state the model left, as in our trainer
         super().__init__(*args, **kwargs)
         torch.set_rng_state(rng)

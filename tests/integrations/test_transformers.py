@@ -228,3 +228,36 @@ def test_the_trainer_door_gives_the_cli_losses_on_a_bert_classifier(tmp_path, ss
     trainer.losses, losses.trainer = [], trainer
     trainer.train()
     assert trainer.losses == cli
+
+
+def test_a_peft_model_takes_the_perturbation_on_its_own_lora_layers(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
+    """GPT-2 (Conv1D layers) made a PEFT model with perturbable LoRA layers: GGPO needs no adapter part of ours,
+    draws noise on PEFT's layers, trains, and leaves the base weights untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune_ext.adapters.peft_linchain import PerturbableLoraLinear, perturbable_config
+
+    tok = load_tokenizer(gpt2_tokenizer)
+    splits = load_splits(str(wikitext_slice), tok, block_size=32, max_length=32, train_samples=None, val_size=0,
+                         seed=SEED)  # fmt: skip
+    torch.manual_seed(SEED)
+    base = load_model("config:gpt2-tiny", "lm", tok)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_dropout=0.0, fan_in_fan_out=True)
+    model = get_peft_model(base, perturbable_config(lora))
+    frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
+    dataset = [{"input_ids": b, "labels": b} for b in splits.train["input_ids"][:16]]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True)  # fmt: skip
+    trainer = PartsTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+        parts={"perturbation": "ggpo"},
+        part_options={"perturbation": {"ramp": "constant"}},
+    )
+    ggpo = trainer.parts["perturbation"]
+    assert len(ggpo.layers) == 4 and all(isinstance(m, PerturbableLoraLinear) for m in ggpo.layers.values())
+    trainer.train()
+    assert all(g.grad_norms is not None for g in ggpo.groups)  # it read PEFT's adapter gradients
+    assert all(torch.equal(v, frozen[k]) for k, v in model.named_parameters() if k in frozen)
