@@ -4,7 +4,7 @@ GPT-2 block, in gradients, with the matmul-FLOP bound.
     pip install curvlinops-for-pytorch     # a dev dependency: its HessianLinearOperator and GGNLinearOperator
     python benchmarks/curvature.py [--device cpu] [--reps 20]
 
-The cases are ``finetune-ext bench --ops hvp_block``'s (on CPU a 2-layer, 128-wide GPT-2 at batch 2 x 64, blocks
+The cases are ``python benchmarks/bench.py --ops hvp_block``'s (on CPU a 2-layer, 128-wide GPT-2 at batch 2 x 64, blocks
 0 and 1; on GPU GPT-2 small at 8 x 512, blocks 0 and 11; fp32). Appends the timings to
 benchmarks/results/curvature_<device>.csv and writes benchmarks/results/curvature_<device>.md: per block and
 provider the median time, the time in gradients and its ratio to the FLOP bound (``flop_bound``: one gradient

@@ -4,7 +4,7 @@ one gradient, exact HVP rows, and compact-SR1 rows from 50 pairs (and building t
     python benchmarks/lift_rows.py [--reps 2] [--rows 256] [--chunk 4]
 
 Appends rows to benchmarks/results/lift_rows_cpu.csv (mode ``<rows>rows-gpt2``) and prints the table, then each
-provider's time in gradients. ``finetune-ext bench --ops lift_rows`` runs the small CPU (or GPU-size) case.
+provider's time in gradients. ``python benchmarks/bench.py --ops lift_rows`` runs the small CPU (or GPU-size) case.
 """
 
 import argparse

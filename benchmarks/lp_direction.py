@@ -6,7 +6,7 @@
 Each solve builds a fresh model (no warm start). Appends rows to benchmarks/results/lp_direction_cpu.csv (mode
 ``solve-full``, or ``solve-captured`` for an LP captured from a real LiFT round: 20 warm-up steps of the model
 folder given, last 2 blocks, on 50 WikiText-2 blocks, then the round's LP) and prints the table.
-``finetune-ext bench --ops lp_direction`` runs the synthetic 64 x 5,002 case.
+``python benchmarks/bench.py --ops lp_direction`` runs the synthetic 64 x 5,002 case.
 """
 
 import argparse
