@@ -1,8 +1,10 @@
-"""Modules built on the fused ops, and the helpers that place them in a model."""
+"""Modules built on the fused ops, the helpers that place them in a model, and the interface between weight
+perturbations and the adapted layers they act on (``PerturbableLayer``, ``WeightPerturbation``)."""
 
 from torch import nn
 
 from finetune_ext.nn.dropout import FisherDropout, GaussianDropout
+from finetune_ext.nn.perturbation import PerturbableLayer, WeightPerturbation
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
@@ -12,4 +14,4 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["FisherDropout", "GaussianDropout", "replace_module"]
+__all__ = ["FisherDropout", "GaussianDropout", "PerturbableLayer", "WeightPerturbation", "replace_module"]

@@ -108,7 +108,7 @@ class _Group:
     """Adapted layers whose row statistics are computed stacked (one weight shape and dtype, rank, device, scale
     and adapter kind): a few batched kernels per group and step instead of a few dozen small ones per layer (on a
     GPU each is a launch, and a GPT-2 step is bound by the host). Its results stay stacked: the noise's row stds
-    are written in place into ``std``, whose row views the layers were given once. Methods run under ``no_grad``."""
+    are written in place into ``std``, whose row views go into the layers' hooks. Methods run under ``no_grad``."""
 
     names: list[str]
     layers: list[PerturbableLayer]
