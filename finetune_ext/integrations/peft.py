@@ -1,0 +1,81 @@
+"""Our fused LoRA kernel for PEFT models in one line: ``patch(model)`` / ``unpatch(model)``.
+
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["query", "value"], lora_dropout=0.05))
+    patched = patch(model)        # PEFT LoRA Linear / Conv1D layers now run ops.lora_linear
+    trainer.train()
+    unpatch(model)                # the layers are PEFT's again
+
+A patched layer computes ``base(x) + s · B(A(dropout(x)))`` with ``finetune_ext.ops.lora_linear``: one
+operator for the base product, the adapter path and the adapter dropout (its mask from a Philox key drawn from
+torch's default generator, so ``torch.manual_seed`` still makes runs repeatable, though the masks differ from
+``nn.Dropout``'s). The layer's parameters, ``state_dict``, ``save_pretrained`` and merging are PEFT's own: patching
+swaps the class of each layer for a subclass that overrides ``forward`` only. A forward the op does not cover (a
+merged or disabled adapter, several active adapters, ``adapter_names=`` batches, DoRA, ``lora_bias``, a quantized
+base layer, mixed dtypes, autocast) runs PEFT's forward unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from finetune_ext import ops
+
+
+class FusedLoraLinear(LoraLinear):
+    """PEFT's LoRA ``Linear`` whose forward is ``ops.lora_linear`` wherever the op covers it."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self._fused_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        dropout = self.lora_dropout[name]
+        return ops.lora_linear(
+            x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+            scale=self.scaling[name], dropout_p=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+            training=self.training,
+        )  # fmt: skip
+
+    def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The one active adapter the op can run, or None where PEFT's forward must."""
+        if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        name = self.active_adapters[0]
+        if name not in self.lora_A or self.use_dora.get(name, False) or self.lora_bias.get(name, False):
+            return None
+        base = self.get_base_layer()
+        if not isinstance(base, (nn.Linear, Conv1D)) or type(base.weight) is not nn.Parameter:
+            return None
+        tensors = [base.weight, self.lora_A[name].weight, self.lora_B[name].weight]
+        tensors += [base.bias] if base.bias is not None else []
+        return name if all(t.dtype == x.dtype and t.device == x.device for t in tensors) else None
+
+
+def patch(model: nn.Module) -> int:
+    """Route every PEFT LoRA ``Linear`` layer of ``model`` (exactly that class, not a subclass such as our
+    LinChain or 8-/4-bit layers) through ``ops.lora_linear``; returns how many layers were patched (0 is not an
+    error: the model may have none or be patched already)."""
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.__class__ = FusedLoraLinear
+            count += 1
+    return count
+
+
+def unpatch(model: nn.Module) -> int:
+    """Undo ``patch``: the layers are PEFT's ``Linear`` again; returns how many were restored."""
+    count = 0
+    for module in model.modules():
+        if type(module) is FusedLoraLinear:
+            module.__class__ = LoraLinear
+            count += 1
+    return count
