@@ -13,8 +13,9 @@ checkpoints and ``resume_from_checkpoint`` restore them. Trainer's gradient clip
 
 What it needs from the datasets: the transforms that read data (guided dropout's Fisher pass, LiFT's
 validation batches) get ``train_dataset`` and ``eval_dataset`` collated into tensors by the trainer's data
-collator; a stepper that needs the validation split (``lift``) needs ``eval_dataset``. Not yet supported: FSDP and
-DeepSpeed. A PEFT model whose LoRA layers come from ``adapters.peft_linchain`` stands in for the adapter part:
+collator; a stepper that needs the validation split (``lift``) needs ``eval_dataset``. Several processes: launch
+the script with ``torchrun`` or ``accelerate launch`` (DDP; both tested with two gloo processes on CPU). Not yet
+supported: FSDP and DeepSpeed. A PEFT model whose LoRA layers come from ``adapters.peft_linchain`` stands in for the adapter part:
 the perturbations act on its layers.
 """
 

@@ -150,8 +150,9 @@ def test_bad_parts_are_one_line_errors(parts, options, message) -> None:
 
 
 def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, gpt2_no_dropout) -> None:
-    """DDP through Trainer (accelerate, gloo on CPU): two processes of 2 examples give one process's losses and
-    adapters of 4 (fp32 tolerance: the gradients are averaged across processes in another order)."""
+    """DDP through Trainer (gloo on CPU), launched by ``torchrun`` and by ``accelerate launch``: two processes of 2
+    examples give one process's losses and adapters of 4 (fp32 tolerance: the gradients are averaged across
+    processes in another order)."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -161,19 +162,28 @@ def test_two_gloo_processes_match_one(tmp_path, wikitext_slice, gpt2_tokenizer, 
     root = Path(__file__).resolve().parents[2]
     driver = str(Path(__file__).with_name("ddp_driver.py"))
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    launch = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                               "--nproc_per_node", "2"]}  # fmt: skip
+    launch = {
+        "one": [sys.executable],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                       "--main_process_port", "0"],
+    }  # fmt: skip
     for name, prefix in launch.items():
         args = [driver, str(tmp_path / name), str(wikitext_slice), gpt2_tokenizer, gpt2_no_dropout]
         done = subprocess.run([*prefix, *args], env=env, capture_output=True, text=True, timeout=600, check=False)
         assert done.returncode == 0, done.stderr[-6000:]
-    one, two = (json.loads((tmp_path / n / "losses.json").read_text()) for n in ("one", "two"))
-    assert (one["world"], two["world"], len(one["losses"])) == (1, 2, 4)
-    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), **tolerance(torch.float32))
-    a, b = (load_file(str(tmp_path / n / "adapters.safetensors")) for n in ("one", "two"))
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], **tolerance(torch.float32), msg=key)
+    one = json.loads((tmp_path / "one" / "losses.json").read_text())
+    a = load_file(str(tmp_path / "one" / "adapters.safetensors"))
+    assert (one["world"], len(one["losses"])) == (1, 4) and a
+    for name in ("two", "accelerate"):
+        two = json.loads((tmp_path / name / "losses.json").read_text())
+        assert two["world"] == 2, name
+        torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), **tolerance(torch.float32))
+        b = load_file(str(tmp_path / name / "adapters.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], **tolerance(torch.float32), msg=f"{name}: {key}")
 
 
 def test_lift_needs_an_eval_dataset(tmp_path) -> None:
