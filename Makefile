@@ -43,10 +43,11 @@ test-cuda: build  ## run only the GPU tests
 bench: build  ## op and step benchmarks on the default device: table, CSV and PNG in bench-out/
 	$(PY) benchmarks/bench.py --out bench-out $(BENCH_ARGS)
 
-gpu-wheels: env  ## wheels the lent GPU's image lacks (highspy, Python 3.12) into .whl/, which benchmarks/gpu_run.sh installs
+gpu-wheels: env  ## wheels the lent GPU's image lacks (highspy, Python 3.12) and the trainer benchmark's data into .whl/, for benchmarks/gpu_run.sh
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl "highspy==$$($(PY) -c 'import importlib.metadata as m; print(m.version("highspy"))')"
+	mkdir -p .whl/data && cp -r ../shared/data/gpt2-tokenizer ../shared/data/SST-2 .whl/data/ && chmod -R u+w .whl/data
 
 wheel: env  ## build a wheel (CPU + CUDA kernels, setup.py's arch list) into dist/, against .venv's torch
 	rm -f dist/finetune_ext-*.whl

@@ -6,7 +6,8 @@
 # reported and the rest still run; the first crashed test is then re-run under cuda-gdb for a native backtrace.
 # Each op is timed in its own process, so one slow op cannot take the others' time. Under $OUT (default
 # ./gpu-out): gpu.log (everything printed), <device>.csv (every benchmark row, named after the GPU, written op by
-# op) and bench.tar.gz (the per-op CSVs and plots). Commit <device>.csv under benchmarks/results/.
+# op), trainer_step_cuda.csv (our trainer vs Trainer + PEFT, patched and not) and bench.tar.gz (the per-op CSVs
+# and plots). Commit <device>.csv and trainer_step_cuda.csv under benchmarks/results/.
 #
 #   device run:  OUT=$OUT bash benchmarks/gpu_run.sh        (carry .whl: `make gpu-wheels` prepares it here)
 #   dry run:     DRY_RUN=1 bash benchmarks/gpu_run.sh       (on a CPU machine: checks every command and option
@@ -89,12 +90,17 @@ stop_unless_loaded() {
   fi
 }
 bench_args=(--device cuda --out "$OUT/bench" --device-csv "$OUT")
+# One LoRA job through our trainer, Trainer + PEFT and Trainer + patched PEFT (issue 40); its tokenizer and SST-2
+# travel in .whl/data (`make gpu-wheels` copies them from ../shared, which does not travel).
+trainer_args=(--model config:gpt2-small --steps 20 --warmup 5 --rounds 2 --threads 4 --out "$OUT/trainer_step_cuda")
 if [ "$DRY_RUN" = 1 ]; then
   stop_unless_loaded cpu
   phase "C++ errors raise (dry run: CPU only)" 60 "$PY" -c "$probe" cpu
   phase "cuda tests (dry run: collected)" 300 "$PY" -m pytest -m cuda --collect-only -q -p no:cacheprovider
   phase "benchmarks (dry run: options checked)" 120 "$PY" benchmarks/bench.py "${bench_args[@]}" --ops "${ops[@]}" --dry-run
   phase "profile ggpo_step (dry run: CPU)" 120 "$PY" benchmarks/profile_ggpo_step.py --device cpu --steps 1 --top 3
+  phase "trainer step (dry run: inputs checked)" 60 "$PY" benchmarks/trainer_step.py "${trainer_args[@]}" \
+    --device cpu --data-root "${TRAINER_DATA:-../shared/data}" --dry-run
   exit $failed
 fi
 
@@ -125,5 +131,6 @@ for op in "${ops[@]}"; do
   # where ggpo's step time goes (1.15x lora's in run 3, unexplained by our kernels): before the lower-priority ops
   if [ "$op" = ggpo_step ]; then phase "profile ggpo_step" 45 "$PY" benchmarks/profile_ggpo_step.py --device cuda; fi
 done
+phase "trainer step" 150 "$PY" benchmarks/trainer_step.py "${trainer_args[@]}" --device cuda --data-root .whl/data
 tar czf "$OUT/bench.tar.gz" -C "$OUT" bench && rm -rf "$OUT/bench"
 exit $failed
