@@ -88,8 +88,19 @@ def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: 
         (COMPOSED, OPTIONS, 1),
         (COMPOSED, OPTIONS, 2),
         ({"optimizer": "lift"}, LIFT, 1),
+        ({"dropout": "gaussian"}, {}, 1),
+        ({"adapter": "lora", "perturbation": "flat-lora"}, {"adapter": {"r": 4}}, 1),
+        ({"adapter": "lora", "perturbation": "mgpo"}, {"adapter": {"r": 4}}, 1),
     ],
-    ids=["lora", "linchain+guided+ggpo+armijo", "the same, 2 micro-batches a step", "lift"],
+    ids=[
+        "lora",
+        "linchain+guided+ggpo+armijo",
+        "the same, 2 micro-batches a step",
+        "lift",
+        "gaussian dropout",
+        "flat-lora",
+        "mgpo",
+    ],  # with the first two: every registered part
 )
 def test_the_trainer_door_gives_the_cli_losses(
     tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum
