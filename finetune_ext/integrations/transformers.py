@@ -15,8 +15,9 @@ What it needs from the datasets: the transforms that read data (guided dropout's
 validation batches) get ``train_dataset`` and ``eval_dataset`` collated into tensors by the trainer's data
 collator; a stepper that needs the validation split (``lift``) needs ``eval_dataset``. Several processes: launch
 the script with ``torchrun`` or ``accelerate launch`` (DDP; both tested with two gloo processes on CPU). Not yet
-supported: FSDP and DeepSpeed. A PEFT model whose LoRA layers come from ``adapters.peft_linchain`` stands in for the adapter part:
-the perturbations act on its layers.
+supported: FSDP and DeepSpeed. Trainers built on ``Trainer`` take the parts by putting this class first:
+``class PartsSFTTrainer(PartsTrainer, trl.SFTTrainer): pass`` (tested with TRL's SFT). A PEFT model whose LoRA
+layers come from ``adapters.peft_linchain`` stands in for the adapter part: the perturbations act on its layers.
 """
 
 from __future__ import annotations
