@@ -1,7 +1,8 @@
 """Dropout transforms: ``--dropout guided`` (Fisher-guided rates) and the ``--dropout gaussian`` baseline.
 
 Guided dropout, faithful mode: diagonal empirical Fisher of the pre-training objective (masked LM for
-BERT-family encoders, causal LM for GPT-2) on ``fisher_samples`` training examples, per-site scores,
+BERT-family encoders; causal LM, next-token loss on the training text, for GPT-2, Llama, Mistral and Qwen2) on
+``fisher_samples`` training examples, per-site scores,
 rates linear from ``p_max`` (lowest Fisher) to 0. Offline there is no pre-training corpus, so
 the Fisher sample is drawn from the fine-tuning training split (a documented departure: the paper uses 1% of
 the pre-training corpus). A classifier's Fisher is computed on an LM-head twin that shares its encoder
@@ -23,15 +24,17 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from finetune_ext.guided.fisher import FisherCache, empirical_fisher, mask_tokens
 from finetune_ext.guided.sites import (
+    CAUSAL_FAMILIES,
     P_MAX_OFFICIAL,
     apply_rates,
     find_sites,
+    place_site_module,
     rates_by_rank,
     row_fisher,
     site_scores,
     unit_rates,
 )
-from finetune_ext.nn import GaussianDropout, keys, replace_module
+from finetune_ext.nn import GaussianDropout, keys
 from finetune_ext.parts import RunContext, Transform, option
 
 DEFAULT_CACHE = "~/.cache/finetune_ext/fisher"
@@ -40,12 +43,12 @@ DEFAULT_CACHE = "~/.cache/finetune_ext/fisher"
 def lm_twin(model: nn.Module) -> tuple[nn.Module, bool]:
     """(a model with the pre-training head sharing ``model``'s body, causal?) for the Fisher objective."""
     family = model.config.model_type
-    causal = family == "gpt2"
+    causal = family in CAUSAL_FAMILIES
     if causal and hasattr(model, "lm_head"):
         return model, True
     twin = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_config(model.config)
     twin.to(next(model.parameters()).device)
-    body = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("bert", "transformer")}
+    body = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("bert", "transformer", "model")}
     missing, _ = twin.load_state_dict(body, strict=False)
     head = ("cls.", "lm_head.")
     if any(not k.startswith(head) for k in missing):
@@ -182,4 +185,4 @@ class GaussianDropoutTransform(Transform):
     def apply(self, model: nn.Module, run: RunContext) -> None:
         for site in find_sites(model):
             if site.kind != "attn_probs":
-                replace_module(model, site.name, GaussianDropout(self.options.p, site=keys.site_id(site.name)))
+                place_site_module(model, site, GaussianDropout(self.options.p, site=keys.site_id(site.name)))

@@ -1,4 +1,5 @@
-"""Dropout sites of Hugging Face BERT-family and GPT-2 models, their Fisher scores and dropout schedules.
+"""Dropout sites of Hugging Face BERT-family, GPT-2 and Llama-family models, their Fisher scores and dropout
+schedules.
 
 A site is a dropout module plus the parameters of the sub-layer that feeds it (the official code's grouping
 for BERT; for GPT-2, our choice: the projection right before each dropout):
@@ -12,9 +13,17 @@ attention output   ``attention.output`` dense + LN             ``attn.c_proj``
 FFN output         ``output`` dense + LN                       ``mlp.c_proj``
 =================  ==========================================  ==============================================
 
+Llama, Mistral and Qwen2 (``model.layers.{i}``) ship with no dropout module, only an attention-dropout rate
+(``attention_dropout``, 0 in released configurations). Their sites mirror GPT-2's: the output of ``embed_tokens``,
+the attention probabilities (fed by ``q_proj``, ``k_proj``, ``v_proj``), the output of ``self_attn`` (fed by
+``o_proj``) and of ``mlp`` (fed by ``down_proj``), each before its residual add. A dropout module is inserted at
+each output (``<module>.output_dropout``, applied by a forward hook: ``nn.insert_output_module``), so parameter
+names stay as released and adapters inside those modules are covered.
+
 Attention-probability dropout happens inside the attention function (eager or SDPA), which reads the
-dropout module's ``p`` at every call, so those sites get their rate by setting ``p``; the other sites are
-replaced by ``FisherDropout`` modules (the fused kernel), per site or per unit.
+dropout module's ``p`` (Llama family: the attention module's ``attention_dropout``) at every call, so those sites
+get their rate by setting it; the other sites are replaced by (or, Llama family, given) ``FisherDropout``
+modules (the fused kernel), per site or per unit.
 """
 
 from __future__ import annotations
@@ -24,9 +33,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from finetune_ext.nn import FisherDropout, keys, replace_module
+from finetune_ext.nn import FisherDropout, insert_output_module, keys, replace_module
 
 P_MAX_OFFICIAL = 0.099  # glue_bert_ours.py: p = 0.099 - 0.00275 * rank over BERT-base's 37 sites
+DECODER_FAMILIES = ("llama", "mistral", "qwen2")  # model types with the Llama layout and no dropout modules
+CAUSAL_FAMILIES = ("gpt2", *DECODER_FAMILIES)
 
 
 @dataclass
@@ -35,6 +46,8 @@ class Site:
     kind: str  # "embeddings" | "attn_probs" | "attn_output" | "ffn_output"
     params: tuple[str, ...]  # parameter names of the sub-layer feeding the site
     unit_weight: str | None  # the weight whose rows (output units) feed the site, for per-unit rates
+    inserted: bool = False  # a module the model lacks, put at ``name`` by ``insert_output_module``
+    probs_attr: str = "p"  # attention-probability sites: the attribute holding the rate
 
 
 def _projection_site(dropout: str, kind: str, proj: str, norm: str | None = None) -> Site:
@@ -83,8 +96,25 @@ def _gpt2_sites(base: str, layers: int) -> list[Site]:
     return sites
 
 
+def _decoder_sites(base: str, layers: int, params: set[str]) -> list[Site]:
+    def present(*names: str) -> tuple[str, ...]:
+        return tuple(n for n in names if n in params or n.endswith(".weight"))
+
+    emb = f"{base}embed_tokens"
+    sites = [Site(f"{emb}.output_dropout", "embeddings", (f"{emb}.weight",), None, inserted=True)]
+    for i in range(layers):
+        attn, mlp = f"{base}layers.{i}.self_attn", f"{base}layers.{i}.mlp"
+        qkv = present(*(f"{attn}.{m}_proj.{t}" for m in "qkv" for t in ("weight", "bias")))
+        sites.append(Site(attn, "attn_probs", qkv, None, probs_attr="attention_dropout"))
+        for kind, owner, proj in (("attn_output", attn, "o_proj"), ("ffn_output", mlp, "down_proj")):
+            weights = present(f"{owner}.{proj}.weight", f"{owner}.{proj}.bias")
+            sites.append(Site(f"{owner}.output_dropout", kind, weights, f"{owner}.{proj}.weight", inserted=True))
+    return sites
+
+
 def find_sites(model: nn.Module) -> list[Site]:
-    """The dropout sites of a BERT-family or GPT-2 model (any head); a clear error for other families."""
+    """The dropout sites of a BERT-family, GPT-2, Llama, Mistral or Qwen2 model (any head); a clear error for
+    other families."""
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
     names = {n for n, _ in model.named_modules()}
@@ -94,12 +124,17 @@ def find_sites(model: nn.Module) -> list[Site]:
     elif family == "gpt2":
         base = "transformer." if "transformer" in names else ""
         sites = _gpt2_sites(base, config.n_layer)
+    elif family in DECODER_FAMILIES:
+        base = "model." if "model" in names else ""
+        sites = _decoder_sites(base, config.num_hidden_layers, {n for n, _ in model.named_parameters()})
     else:
-        raise ValueError(f"model: guided dropout has site maps for 'bert' and 'gpt2' models, got model_type {family!r}")
+        known = ", ".join(repr(f) for f in ("bert", "gpt2", *DECODER_FAMILIES))
+        raise ValueError(f"model: guided dropout has site maps for {known} models, got model_type {family!r}")
     params = dict(model.named_parameters())
     for site in sites:
         missing = [p for p in site.params if p not in params]
-        if site.name not in names or missing:
+        owner = site.name.rpartition(".")[0] if site.inserted else site.name
+        if owner not in names or missing:
             raise ValueError(f"model: site {site.name} not found as expected (missing {missing or site.name})")
     return sites
 
@@ -138,15 +173,28 @@ def row_fisher(fisher: torch.Tensor, module_weight_is_conv1d: bool) -> torch.Ten
 def apply_rates(model: nn.Module, sites: list[Site], rates: list[float | torch.Tensor]) -> None:
     """Set each site's rate: ``p`` of attention-probability dropouts, ``FisherDropout`` modules elsewhere."""
     for site, p in zip(sites, rates, strict=True):
-        module = model.get_submodule(site.name)
+        module = _site_module(model, site)
         if site.kind == "attn_probs":
             if isinstance(p, torch.Tensor) and p.numel() > 1:
                 raise ValueError(
                     f"rates: {site.name} drops attention probabilities and takes one rate, not {p.numel()}"
                 )
-            module.p = float(p)
+            setattr(module, site.probs_attr, float(p))
         elif isinstance(module, FisherDropout):
             module.set_p(p)
         else:
             dropout = FisherDropout(p, site=keys.site_id(site.name))
-            replace_module(model, site.name, dropout.to(next(model.parameters()).device))
+            place_site_module(model, site, dropout.to(next(model.parameters()).device))
+
+
+def _site_module(model: nn.Module, site: Site) -> nn.Module | None:
+    """The module at the site; None for an inserted site not placed yet."""
+    owner, _, child = site.name.rpartition(".")
+    if site.inserted:
+        return model.get_submodule(owner)._modules.get(child)
+    return model.get_submodule(site.name)
+
+
+def place_site_module(model: nn.Module, site: Site, module: nn.Module) -> nn.Module:
+    """Put ``module`` at the site: in place of the model's dropout module, or inserted where the model has none."""
+    return (insert_output_module if site.inserted else replace_module)(model, site.name, module)

@@ -12,19 +12,28 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     GPT2Config,
+    LlamaConfig,
+    MistralConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Qwen2Config,
 )
 
 from finetune_ext.errors import UserError
 
 # Small configurations for tests and offline experiments: `--model config:<name>`.
+_DECODER_TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                     intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
 TINY_CONFIGS = {
     "gpt2-tiny": lambda: GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=256),
     "gpt2-small": lambda: GPT2Config(),
     "bert-tiny": lambda: BertConfig(
         num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128, max_position_embeddings=256
     ),
+    # The Llama layout (RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention: 4 heads, 2 key/value heads).
+    "llama-tiny": lambda: LlamaConfig(**_DECODER_TINY),
+    "mistral-tiny": lambda: MistralConfig(**_DECODER_TINY, sliding_window=128),
+    "qwen2-tiny": lambda: Qwen2Config(**_DECODER_TINY),  # q/k/v projections with biases
 }
 
 

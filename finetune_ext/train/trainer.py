@@ -60,7 +60,10 @@ def _presets() -> list[str]:
 class TrainConfig:
     """Everything a run needs; the CLI's ``train`` options are generated from these fields."""
 
-    model: str = option(help="hub id, local folder, config:gpt2-tiny|gpt2-small|bert-tiny, or config:<config.json>")
+    model: str = option(
+        help="hub id, local folder, config:<tiny name> (gpt2-tiny, gpt2-small, bert-tiny, llama-tiny, mistral-tiny, "
+        "qwen2-tiny), or config:<config.json>"
+    )
     data: str = option(
         help="wikitext-2 | wikitext-103 | sst2 (hub), or a folder with train/valid/test.txt or train.tsv + dev.tsv"
     )

@@ -179,6 +179,57 @@ def test_rates_take_effect_at_every_site() -> None:
             assert abs(drops[site.name] - p) <= 4 * (p * (1 - p) / n) ** 0.5, site.name
 
 
+def _tiny_decoder(family: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  hidden_size=32, intermediate_size=64, vocab_size=17)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_decoder_families_get_inserted_sites_that_drop_at_their_rates(family: str) -> None:
+    model = _tiny_decoder(family)
+    names = [n for n, _ in model.named_parameters()]
+    sites = guided.find_sites(model)
+    assert [s.kind for s in sites] == ["embeddings"] + ["attn_probs", "attn_output", "ffn_output"] * 2
+    rates = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    guided.apply_rates(model, sites, rates)
+    assert [n for n, _ in model.named_parameters()] == names  # released names: checkpoints and adapters still fit
+    drops = {}
+    for site, p in zip(sites, rates, strict=True):
+        if site.kind == "attn_probs":
+            assert model.get_submodule(site.name).attention_dropout == p  # read by eager and SDPA at each call
+            continue
+        module = model.get_submodule(site.name)
+        assert isinstance(module, FisherDropout) and module.p.item() == pytest.approx(p)
+        module.register_forward_hook(lambda m, i, o, n=site.name: drops.__setitem__(n, (o == 0).float().mean().item()))
+    ids = torch.randint(0, 17, (64, 16))
+    model.eval()
+    clean = model(input_ids=ids).logits
+    model.train()
+    assert not torch.allclose(model(input_ids=ids).logits, clean)
+    assert len(drops) == 5
+    for site, p in zip(sites, rates, strict=True):
+        if site.name in drops:
+            n = 64 * 16 * 32
+            assert abs(drops[site.name] - p) <= 4 * (p * (1 - p) / n) ** 0.5, site.name
+    guided.apply_rates(model, sites, [0.0] * len(sites))  # placed again: the module is updated, no second hook
+    model.train()
+    torch.testing.assert_close(model(input_ids=ids).logits, clean, **tolerance(torch.float32))
+
+
+def test_a_decoder_classifier_takes_guided_and_gaussian_dropout(tmp_path, sst2_slice, gpt2_tokenizer) -> None:
+    for dropout in ("guided", "gaussian"):
+        cfg = TrainConfig(model="config:llama-tiny", tokenizer=gpt2_tokenizer, data=str(sst2_slice), steps=2,
+                          batch_size=4, max_length=24, val_size=24, dropout=dropout, output_dir=str(tmp_path / dropout),
+                          dropout_options={"fisher_samples": 4, "fisher_cache": None} if dropout == "guided" else {},
+                          eval_every=2, max_eval_batches=1, progress=False)  # fmt: skip
+        summary = train(cfg)
+        assert summary["steps"] == 2 and summary["config"]["parts"]["dropout"]["name"] == dropout
+
+
 def test_unit_rates_keep_the_site_mean_and_order() -> None:
     fisher = torch.tensor([0.3, 0.1, 0.2, 0.4])
     rates = guided.unit_rates(0.08, fisher)
@@ -278,7 +329,9 @@ def test_bad_input() -> None:
         guided.GuidedOptions(p_max=1.0)
     with pytest.raises(ValueError, match="fisher_samples: expected >= 1, got 0"):
         guided.GuidedOptions(fisher_samples=0)
-    with pytest.raises(ValueError, match="site maps for 'bert' and 'gpt2' models, got model_type None"):
+    with pytest.raises(
+        ValueError, match="site maps for 'bert', 'gpt2', 'llama', 'mistral', 'qwen2' models, got model_type None"
+    ):
         guided.find_sites(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="samples: expected at least one sample"):
         guided.empirical_fisher(_tiny_gpt2(), [], causal=True, progress=False)

@@ -1,5 +1,6 @@
-"""Every combination of transforms with every stepper, on a tiny GPT-2 and a tiny BERT: a few steps train, and
-resuming from the middle checkpoint reproduces the uninterrupted run bit for bit."""
+"""Every combination of transforms with every stepper, on a tiny GPT-2, a tiny BERT and a tiny Llama-family model
+(Llama, Mistral or Qwen2): a few steps train, and resuming from the middle checkpoint reproduces the uninterrupted
+run bit for bit."""
 
 from __future__ import annotations
 
@@ -37,9 +38,16 @@ PERTURBED = [(p, a, "adamw") for p in PERTURBATIONS for a in ("lora", "linchain"
 PERTURBED += [(p, "lora", o) for p in PERTURBATIONS for o in registry.PARTS["optimizer"] if o != "adamw"]
 
 
+# The Llama layout: every combination on one of the three families, each family a third of them.
+DECODERS = ("llama", "mistral", "qwen2")
+DECODER_COMBINATIONS = [(*c, DECODERS[i % 3]) for i, c in enumerate(COMBINATIONS)]
+DECODER_PERTURBED = [(p, "linchain", o, DECODERS[i % 3])
+                     for i, (p, o) in enumerate(itertools.product(PERTURBATIONS, ("adamw", "armijo")))]  # fmt: skip
+
+
 def _config(model: str, data, tokenizer: str, out: Path, dropout: str, adapter: str, optimizer: str,
             perturbation: str = "none", **extra):  # fmt: skip
-    task = dict(block_size=32) if model.startswith("config:gpt2") else dict(max_length=24, val_size=24)
+    task = dict(max_length=24, val_size=24) if model == "config:bert-tiny" else dict(block_size=32)
     return TrainConfig(
         model=model, tokenizer=tokenizer, data=str(data), output_dir=str(out), steps=4, batch_size=4, lr=1e-3,
         eval_every=2, save_every=2, max_eval_batches=1, eval_batch_size=4, progress=False,
@@ -93,6 +101,23 @@ def test_gpt2_combination_trains_and_resumes_exactly(dropout, adapter, optimizer
 def test_bert_combination_trains_and_resumes_exactly(dropout, adapter, optimizer, tmp_path, sst2_slice,
                                                       bert_tokenizer) -> None:  # fmt: skip
     cfg = _config("config:bert-tiny", sst2_slice, bert_tokenizer, tmp_path / "whole", dropout, adapter, optimizer)
+    _check_combination(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(("dropout", "adapter", "optimizer", "family"), DECODER_COMBINATIONS)
+def test_llama_family_combination_trains_and_resumes_exactly(dropout, adapter, optimizer, family, tmp_path,
+                                                             wikitext_slice, gpt2_tokenizer) -> None:  # fmt: skip
+    cfg = _config(f"config:{family}-tiny", wikitext_slice, gpt2_tokenizer, tmp_path / "whole", dropout, adapter,
+                  optimizer)  # fmt: skip
+    _check_combination(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(("perturbation", "adapter", "optimizer", "family"), DECODER_PERTURBED)
+def test_llama_family_perturbed_combination_trains_and_resumes_exactly(
+    perturbation, adapter, optimizer, family, tmp_path, wikitext_slice, gpt2_tokenizer
+) -> None:
+    cfg = _config(f"config:{family}-tiny", wikitext_slice, gpt2_tokenizer, tmp_path / "whole", "standard", adapter,
+                  optimizer, perturbation)  # fmt: skip
     _check_combination(cfg, tmp_path)
 
 
