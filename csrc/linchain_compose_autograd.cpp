@@ -36,8 +36,10 @@ class LinChainComposeFunction : public torch::autograd::Function<LinChainCompose
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("finetune_ext::linchain_compose_backward", "")
             .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
-    at::AutoDispatchBelowADInplaceOrView guard;
+    // Unpacked above the guard: under activation checkpointing, unpacking recomputes the forward, which must go
+    // through autograd to save its tensors again.
     const variable_list s = ctx->get_saved_variables();
+    at::AutoDispatchBelowADInplaceOrView guard;
     const std::optional<at::Tensor> b = defined_or_none(s[1]);
     auto [gW, gb] = op.call(grads[0], grads[1], s[0], b);
     return {gW, b.has_value() ? gb : at::Tensor()};

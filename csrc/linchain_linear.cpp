@@ -139,8 +139,10 @@ class LinChainLinearFunction : public torch::autograd::Function<LinChainLinearFu
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::AutoDispatchBelowADInplaceOrView guard;
+    // Unpacked above the guard: under activation checkpointing, unpacking recomputes the forward, which must go
+    // through autograd to save its tensors again.
     const variable_list s = ctx->get_saved_variables();
+    at::AutoDispatchBelowADInplaceOrView guard;
     const at::Tensor &x = s[0], &A = s[2], &M = s[5], &MA = s[6], &mixer_weight = s[7];
     const OptTensor mixer_bias = defined_or_none(s[8]);
     const c10::List<bool> need = ctx->saved_data["need"].toBoolList();

@@ -147,8 +147,10 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                .findSchemaOrThrow("finetune_ext::lora_linear_backward", "")
                                .typed<decltype(lora_linear_backward)>();
     // Below autograd, as in the forward: the dropout calls inside skip fisher_dropout's (Python) autograd wrapper.
-    at::AutoDispatchBelowADInplaceOrView guard;
+    // Unpacked above the guard: under activation checkpointing, unpacking recomputes the forward, which must go
+    // through autograd to save its tensors again.
     const variable_list s = ctx->get_saved_variables();
+    at::AutoDispatchBelowADInplaceOrView guard;
     const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
     const std::array<bool, 4> mask = {need[0], need[1], need[2], need[3]};
     auto [dx, dA, dB, dc] =

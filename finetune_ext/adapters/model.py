@@ -79,7 +79,7 @@ def apply_linchain(model: nn.Module, config: LinChainConfig) -> dict[str, LinCha
         for p in module.parameters():
             p.requires_grad_(True)
     found = adapters(model)
-    pre = model.register_forward_pre_hook(lambda module, args: _compose_all(found.values()))
+    pre = model.register_forward_pre_hook(lambda module, args: _compose_all(found.values(), module))
     post = model.register_forward_hook(lambda module, args, out: _clear(found.values()), always_call=True)
     model._linchain = {"config": config, "hooks": (pre, post)}
     return found
@@ -95,9 +95,14 @@ def _modules_to_save(model: nn.Module, config: LinChainConfig) -> list[nn.Module
     return out
 
 
-def _compose_all(layers) -> None:
+def _compose_all(layers, model: nn.Module) -> None:
     """Each chained adapter's ``(M A, beff)`` for this forward: one ``linchain_compose`` and one ``bmm`` per group
-    of adapters with the same shapes, instead of a product (and its backward) per layer."""
+    of adapters with the same shapes, instead of a product (and its backward) per layer. Not under activation
+    checkpointing: a layer's recomputed forward runs without this hook, so each layer composes its own chain
+    (``linchain_linear``) in the forward and in the recompute alike."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5; earlier: the other name
+    if checkpointing or (checkpointing is None and getattr(model, "is_gradient_checkpointing", False)):
+        return
     groups: dict[tuple, list[LinChainLinear]] = defaultdict(list)
     for a in layers:
         if a.mixer_weight is not None and not a.merged:

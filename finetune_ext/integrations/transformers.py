@@ -15,7 +15,9 @@ What it needs from the datasets: the transforms that read data (guided dropout's
 validation batches) get ``train_dataset`` and ``eval_dataset`` collated into tensors by the trainer's data
 collator; a stepper that needs the validation split (``lift``) needs ``eval_dataset``. Several processes: launch
 the script with ``torchrun`` or ``accelerate launch`` (DDP; both tested with two gloo processes on CPU). Not yet
-supported: FSDP and DeepSpeed. Trainers built on ``Trainer`` take the parts by putting this class first:
+supported: FSDP and DeepSpeed. ``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers
+5) checkpoints every layer with the recompute drawing the forward's masks and noise (``keys.checkpoint_context``).
+Trainers built on ``Trainer`` take the parts by putting this class first:
 ``class PartsSFTTrainer(PartsTrainer, trl.SFTTrainer): pass`` (tested with TRL's SFT). A PEFT model whose LoRA
 layers come from ``adapters.peft_linchain`` stands in for the adapter part: the perturbations act on its layers.
 """
@@ -33,6 +35,7 @@ from torch import nn
 from finetune_ext.nn.perturbation import PerturbableLayer
 from finetune_ext.parts import Dist, OptimSettings, RunContext, StepContext, Stepper, Transform
 from finetune_ext.train import registry
+from finetune_ext.train.models import enable_gradient_checkpointing
 
 
 class _PartsState(torch.optim.Optimizer):
@@ -121,6 +124,13 @@ class PartsTrainer(transformers.Trainer):
         for transform in self.transforms:
             transform.apply(self.model, run)
         self.stepper.setup(self.model, run)
+        if getattr(self.args, "activation_checkpointing", None) or getattr(self.args, "gradient_checkpointing", None):
+            # After the transforms (guided dropout's Fisher pass runs under torch.func); with our recompute key,
+            # which Trainer's own call would lack
+            enable_gradient_checkpointing(self.model)
+            for name in ("activation_checkpointing", "gradient_checkpointing"):
+                if hasattr(self.args, name):
+                    setattr(self.args, name, False)
         self._micro: list[dict[str, torch.Tensor]] = []
         self.last_step_metrics: dict[str, float] = {}
 

@@ -5,13 +5,16 @@ Inside ``keyed(seed, step, micro, rank)`` every random layer of ours keys its Ph
 torch generators are seeded from the same key for the model's own randomness (``nn.Dropout``, attention-
 probability dropout). Evaluating a batch twice under the same key therefore draws the same masks, without
 saving or restoring generator states; outside ``keyed`` the layers draw keys from the default generator.
+Activation checkpointing recomputes a forward during the backward, outside ``keyed`` (and on GPUs in autograd's
+own thread): ``checkpoint_context`` is the ``context_fn`` of ``torch.utils.checkpoint`` that gives the recompute
+the key of the forward it repeats, so it draws the same masks and noise.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 
 import torch
@@ -62,3 +65,18 @@ def site_seed(site: int) -> int | None:
     """The Philox seed of layer ``site`` under the current key; ``None`` outside ``keyed``."""
     key = _current.get()
     return None if key is None else mix(key, site)
+
+
+def checkpoint_context() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: (nothing around the
+    forward, the forward's key around its recompute)."""
+    return nullcontext(), _with_key(_current.get())
+
+
+@contextmanager
+def _with_key(key: int | None) -> Iterator[None]:
+    token = _current.set(key)
+    try:
+        yield
+    finally:
+        _current.reset(token)

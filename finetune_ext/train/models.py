@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from finetune_ext.errors import UserError
+from finetune_ext.nn import keys
 
 # Small configurations for tests and offline experiments: `--model config:<name>`.
 _DECODER_TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
@@ -95,6 +96,18 @@ def load_model(spec: str, task: str, tokenizer: PreTrainedTokenizerBase, num_lab
             f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocabulary of {model.config.vocab_size}"
         )
     return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Hugging Face activation checkpointing of every layer, non-reentrant, its recomputed forwards under the key
+    of the forward they repeat (``keys.checkpoint_context``): the same dropout masks and weight noise."""
+    kwargs = {"use_reentrant": False, "context_fn": keys.checkpoint_context}
+    if not model.supports_gradient_checkpointing:
+        raise UserError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def max_positions(model: PreTrainedModel) -> int | None:

@@ -36,7 +36,14 @@ from finetune_ext.parts.options import check_finite, option
 from finetune_ext.train import checkpoint, registry, rundir
 from finetune_ext.train.distributed import Interrupt, process_group
 from finetune_ext.train.metrics import MetricsLog, evaluate, plot_curves, plot_lift
-from finetune_ext.train.models import check_model_spec, load_model, load_tokenizer, max_positions, param_count
+from finetune_ext.train.models import (
+    check_model_spec,
+    enable_gradient_checkpointing,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    param_count,
+)
 
 # Fields a resumed run may change: they steer bookkeeping, not the computation. A change is applied and
 # reported; any other field (and the parts with their options) must match the checkpoint's run.
@@ -107,6 +114,9 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --output-dir from its latest checkpoint")
     overwrite: bool = option(False, "start over in an --output-dir that holds checkpoints")
     bf16: bool = option(False, "bf16 autocast for forward passes")
+    gradient_checkpointing: bool = option(
+        False, "recompute each layer's activations in the backward (less memory; random layers draw the same masks)"
+    )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "default: cuda if available")
     select_metric: Literal["loss", "acc", "f1", "mcc", "pearson", "spearman"] | None = option(
         None, "validation metric that selects the reported model (default: loss for LM, the task's GLUE metric)"
@@ -346,6 +356,8 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device) -> _
     for transform in parts.transforms:
         transform.apply(model, context)
     parts.stepper.setup(model, context)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     # Wrapped after the transforms: they may replace modules (dropout layers, adapters).
     run.trained = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     return run

@@ -44,11 +44,11 @@ class _Losses(TrainerCallback):
         self.trainer.losses.append(self.trainer.last_step_metrics["loss"])
 
 
-def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: int = 1, bf16=False) -> list[float]:
+def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: int = 1, **extra) -> list[float]:
     kinds = {kind: name for kind, name in parts.items()}
     cfg = TrainConfig(model="config:gpt2-tiny", tokenizer=tokenizer, data=str(data), output_dir=str(tmp_path / "cli"),
                       seed=SEED, steps=STEPS, batch_size=BATCH, grad_accum=grad_accum, block_size=32, lr=1e-3,
-                      warmup_steps=2, bf16=bf16,
+                      warmup_steps=2, **extra,
                       eval_every=STEPS, save_every=STEPS, max_eval_batches=1, progress=False, **kinds,
                       **{f"{k}_options": v for k, v in options.items()})  # fmt: skip
     train(cfg)
@@ -118,6 +118,14 @@ def test_trainer_bf16_is_our_bf16(tmp_path, wikitext_slice, gpt2_tokenizer) -> N
     trainer = _trainer(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, bf16=True)
     trainer.train()
     assert trainer.losses == cli  # Trainer's autocast context is handed to the stepper's StepContext
+
+
+def test_trainer_activation_checkpointing_is_our_gradient_checkpointing(tmp_path, wikitext_slice, gpt2_tokenizer):
+    cli = _cli_losses(tmp_path, wikitext_slice, gpt2_tokenizer, COMPOSED, OPTIONS, gradient_checkpointing=True)
+    trainer = _trainer(tmp_path, wikitext_slice, gpt2_tokenizer, COMPOSED, OPTIONS, activation_checkpointing=True)
+    trainer.train()
+    assert trainer.model.is_activation_checkpointing
+    assert trainer.losses == cli  # the same recompute keys through both doors
 
 
 @pytest.mark.parametrize(
