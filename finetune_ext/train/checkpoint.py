@@ -7,6 +7,10 @@ into place and ``latest`` replaced with ``os.replace``, so a crash at any point 
 intact. Resuming verifies checkpoints newest first against their manifests and takes the first intact one.
 Pruning removes only checkpoints whose manifest names the current run, oldest step first; a folder is renamed
 to ``.trash-*`` before it is deleted, so an interrupted prune never leaves half a checkpoint under its name.
+
+When part of the model is frozen (adapters, LiFT's blocks), ``model.safetensors`` holds only the trained state
+(``trained_state``: parameters that require grad, and buffers) and ``state.pt`` a SHA-256 digest of the frozen
+parameters (``frozen_digest``), which resume and export check against the model they rebuild.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from finetune_ext.errors import UserError
@@ -74,13 +80,17 @@ def write_rng(out: Path, step: int, rank: int) -> None:
 
 def commit(out: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int, run_id: str) -> Path:
     """Rank 0: add weights, state and manifest to the assembled folder, rename it into place, move ``latest``,
-    prune this run's older checkpoints. A write error (disk full) removes the temporary folder and raises a
-    ``UserError``; the previous checkpoint stays as it was."""
+    prune this run's older checkpoints. The weights are the trained state alone when ``state["base_digest"]`` is
+    set. A write error (disk full) removes the temporary folder and raises a ``UserError``; the previous
+    checkpoint stays as it was."""
     tmp = _tmp_dir(out, step)
     final = out / name(step)
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        save_model(model, str(tmp / "model.safetensors"))
+        if state.get("base_digest") is None:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file({k: v.contiguous() for k, v in trained_state(model).items()}, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         files = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
         _write_synced(tmp / MANIFEST, json.dumps({"run_id": run_id, "step": step, "files": files}, indent=1))
@@ -170,14 +180,64 @@ def read_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / "state.pt", weights_only=False)
 
 
-def load(folder: Path, model: nn.Module, rank: int) -> None:
-    """Load the weights of checkpoint ``folder`` into ``model`` and restore this rank's RNG states."""
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"))
-    if missing or unexpected:
-        raise UserError(
-            f"resume: checkpoint {folder} does not fit the model: missing {missing}, unexpected {unexpected}"
-        )
+def load(folder: Path, model: nn.Module, rank: int, base_digest: str | None = None) -> None:
+    """Load the weights of checkpoint ``folder`` into ``model`` and restore this rank's RNG states.
+    ``base_digest``: the checkpoint holds only the trained state, and the model's frozen parameters must have
+    this digest."""
+    load_weights(folder, model, base_digest, "resume")
     rng_file = folder / f"rng-rank{rank}.pt"
     if not rng_file.exists():
         raise UserError(f"resume: checkpoint {folder} has no RNG state for rank {rank} (saved with fewer processes?)")
     set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+def load_weights(folder: Path, model: nn.Module, base_digest: str | None, what: str) -> None:
+    """The checkpoint's ``model.safetensors`` into ``model``: every tensor, or (``base_digest`` given) the
+    trained state over a base whose frozen parameters are checked against the digest."""
+    if base_digest is None:
+        missing, unexpected = load_model(model, str(folder / "model.safetensors"))
+    else:
+        check_base(model, base_digest, folder, what)
+        missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+        missing = [k for k in missing if k in trained_state(model)]
+    if missing or unexpected:
+        raise UserError(
+            f"{what}: checkpoint {folder} does not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: parameters that require grad and the persistent buffers (one name per tensor)."""
+    out, seen = {}, set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        frozen = isinstance(value, nn.Parameter) and not value.requires_grad
+        if not frozen and id(value) not in seen:
+            seen.add(id(value))
+            out[key] = value.detach()
+    return out
+
+
+def frozen_digest(model: nn.Module, trained: Collection[str] | None = None) -> str | None:
+    """SHA-256 of the frozen parameters (names, dtypes, shapes, bytes); ``None`` when every parameter trains.
+    Frozen: not requiring grad, or (``trained`` given: the names a checkpoint holds) not in ``trained``."""
+    named = model.named_parameters(remove_duplicate=True)
+    frozen = sorted((n, p) for n, p in named if (n not in trained if trained is not None else not p.requires_grad))
+    if not frozen:
+        return None
+    h = hashlib.sha256()
+    for n, p in frozen:
+        h.update(f"{n}:{p.dtype}:{tuple(p.shape)};".encode())
+        h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_base(model: nn.Module, digest: str, folder: Path, what: str) -> None:
+    """A ``UserError`` unless the model's parameters outside the checkpoint's trained state have the digest the
+    checkpoint recorded."""
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        trained = set(f.keys())
+    if frozen_digest(model, trained) != digest:
+        raise UserError(
+            f"{what}: the base model's frozen weights differ from those {folder.name} was trained on "
+            "(another model, seed or revision?); the checkpoint holds only the trained weights"
+        )

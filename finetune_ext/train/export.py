@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from safetensors.torch import load_model
 from torch import nn
 
@@ -38,6 +39,7 @@ def export(run_dir: str | Path, fmt: Literal["peft", "merged"], output: str | Pa
         raise UserError(f"output: {out} exists and is not an empty folder")
     tokenizer = load_tokenizer(cfg["tokenizer"] or cfg["model"].removeprefix("config:"))
     task = {"cls": "classification"}.get(state["model"]["task"], state["model"]["task"])  # runs before one vocabulary
+    torch.manual_seed(cfg["seed"])  # a base built from a configuration: the run's initialisation, checked below
     model = load_base(cfg["model"], task, tokenizer, num_labels=state["model"]["num_labels"])
     if adapter in ("lora", "linchain"):
         part = registry.build("adapter", adapter, cfg["parts"]["adapter"]["options"])
@@ -87,9 +89,14 @@ def _load_weights(model: nn.Module, folder: Path, state: dict[str, Any], weights
     if weights == "best" and best is None:
         warnings.warn(f"{folder} has no best-validation weights (no validation ran); exporting the final ones",
                       RunWarning, stacklevel=3)  # fmt: skip
+    digest = state.get("base_digest")
+    if digest is not None:  # the checkpoint holds the trained state; the rebuilt base must be the one trained on
+        checkpoint.check_base(model, digest, folder, "run_dir")
     if best is None:
         missing, _ = load_model(model, str(folder / "model.safetensors"), strict=False)
     else:
         missing, _ = model.load_state_dict(best, strict=False)
+    if digest is not None:
+        missing = [k for k in missing if k in checkpoint.trained_state(model)]
     if missing:
         raise UserError(f"run_dir: {folder} does not fit the rebuilt model (missing {sorted(missing)[:3]})")

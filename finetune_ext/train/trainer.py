@@ -233,6 +233,7 @@ class _Run:
     step: int = 0
     best: dict[str, Any] = dataclasses.field(default_factory=dict)
     best_state: dict[str, torch.Tensor] | None = None
+    base_digest: str | None = None  # of the frozen parameters; set: checkpoints hold only the trained state
     last_val: dict[str, float] | None = None
     log: MetricsLog | None = None
 
@@ -358,6 +359,7 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device) -> _
     parts.stepper.setup(model, context)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    run.base_digest = checkpoint.frozen_digest(model)
     # Wrapped after the transforms: they may replace modules (dropout layers, adapters).
     run.trained = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     return run
@@ -398,7 +400,7 @@ def _validate(run: _Run) -> None:
     run.log.log({"step": run.step, "split": "val", **run.last_val})
     if run.better(run.last_val[run.metric]):
         run.best = {"metric": run.metric, "value": run.last_val[run.metric], "step": run.step}
-        run.best_state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+        run.best_state = {k: v.to("cpu", copy=True) for k, v in checkpoint.trained_state(run.model).items()}
 
 
 def _config_record(run: _Run) -> dict[str, Any]:
@@ -415,6 +417,7 @@ def _save(run: _Run) -> None:
             "resumes": run.resumes,
             "best": run.best,
             "best_state": run.best_state,
+            "base_digest": run.base_digest,
             "parts": {kind: part.state_dict() for kind, part in run.parts.by_kind.items()},
             "config": _config_record(run),
             "model": {"task": run.task, "num_labels": run.model.config.num_labels},
@@ -437,7 +440,7 @@ def _restore(run: _Run, folder: Path) -> None:
             f"resume: changed since the checkpoint's run: {text}; "
             f"a resumed run may change only {', '.join(CHANGEABLE_ON_RESUME)}"
         )
-    checkpoint.load(folder, run.model, run.ddp.rank)
+    checkpoint.load(folder, run.model, run.ddp.rank, state.get("base_digest"))
     changed = {k: (saved[k], given[k]) for k in differ if k not in ("resume", "overwrite")}
     if changed and run.ddp.main:
         text = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -478,10 +481,10 @@ def _report(run: _Run, seconds: float) -> dict[str, Any]:
     }
     summary["test"] = summary["test_final"]
     if run.best_state is not None:
-        final_state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
-        run.model.load_state_dict(run.best_state)
+        final_state = {k: v.to("cpu", copy=True) for k, v in checkpoint.trained_state(run.model).items()}
+        run.model.load_state_dict(run.best_state, strict=False)
         summary["test"] = run.evaluate(run.model, run.splits.test)
-        run.model.load_state_dict(final_state)
+        run.model.load_state_dict(final_state, strict=False)
     if run.ddp.main:
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(run.log.records, run.out / "curves.png")
