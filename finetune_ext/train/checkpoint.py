@@ -231,12 +231,16 @@ def frozen_digest(model: nn.Module, trained: Collection[str] | None = None) -> s
     return h.hexdigest()
 
 
+def trained_names(folder: Path) -> set[str]:
+    """The names of the tensors in the checkpoint's ``model.safetensors``."""
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
 def check_base(model: nn.Module, digest: str, folder: Path, what: str) -> None:
     """A ``UserError`` unless the model's parameters outside the checkpoint's trained state have the digest the
     checkpoint recorded."""
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        trained = set(f.keys())
-    if frozen_digest(model, trained) != digest:
+    if frozen_digest(model, trained_names(folder)) != digest:
         raise UserError(
             f"{what}: the base model's frozen weights differ from those {folder.name} was trained on "
             "(another model, seed or revision?); the checkpoint holds only the trained weights"

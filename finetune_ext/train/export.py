@@ -19,8 +19,8 @@ from finetune_ext.adapters.model import apply_linchain, merge_and_unload
 from finetune_ext.adapters.peft_format import save_peft
 from finetune_ext.errors import RunWarning, UserError
 from finetune_ext.train import checkpoint, registry
+from finetune_ext.train.models import cast_frozen, load_tokenizer
 from finetune_ext.train.models import load_model as load_base
-from finetune_ext.train.models import load_tokenizer
 
 
 def export(run_dir: str | Path, fmt: Literal["peft", "merged"], output: str | Path, weights: str = "best") -> Path:
@@ -44,7 +44,13 @@ def export(run_dir: str | Path, fmt: Literal["peft", "merged"], output: str | Pa
     if adapter in ("lora", "linchain"):
         part = registry.build("adapter", adapter, cfg["parts"]["adapter"]["options"])
         apply_linchain(model, part.model_config(model, task))
+    if state.get("base_digest") is not None:  # what the run froze: all but the checkpoint's trained state
+        trained = checkpoint.trained_names(folder)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in trained)
+    cast_frozen(model, cfg.get("dtype", "fp32"))  # as the run stored its base (the digest covers the dtype)
     _load_weights(model, folder, state, weights)
+    model.float()
     model.eval()
     if fmt == "peft":
         if cfg["model"].startswith("config:"):

@@ -98,6 +98,22 @@ def load_model(spec: str, task: str, tokenizer: PreTrainedTokenizerBase, num_lab
     return model
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cast_frozen(model: torch.nn.Module, dtype: str) -> None:
+    """Store the parameters that do not train in ``dtype`` (``fp32`` / ``bf16``); those that train stay as they
+    are. A ``UserError`` when nothing is frozen and ``dtype`` is not fp32."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    if dtype != "fp32" and not frozen:
+        raise UserError(f"dtype: {dtype} stores the frozen base weights, and this run trains every weight (add an "
+                        "adapter, or train some layers: LiFT's blocks, adamw's layers)")  # fmt: skip
+    for p in frozen:
+        p.data = p.data.to(DTYPES[dtype])
+
+
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """Hugging Face activation checkpointing of every layer, non-reentrant, its recomputed forwards under the key
     of the forward they repeat (``keys.checkpoint_context``): the same dropout masks and weight noise."""

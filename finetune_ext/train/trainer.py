@@ -37,6 +37,7 @@ from finetune_ext.train import checkpoint, registry, rundir
 from finetune_ext.train.distributed import Interrupt, process_group
 from finetune_ext.train.metrics import MetricsLog, evaluate, plot_curves, plot_lift
 from finetune_ext.train.models import (
+    cast_frozen,
     check_model_spec,
     enable_gradient_checkpointing,
     load_model,
@@ -114,6 +115,11 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --output-dir from its latest checkpoint")
     overwrite: bool = option(False, "start over in an --output-dir that holds checkpoints")
     bf16: bool = option(False, "bf16 autocast for forward passes")
+    dtype: Literal["fp32", "bf16"] = option(
+        "fp32",
+        "the frozen base weights' dtype (bf16: half their memory, with bf16 autocast); what trains and the "
+        "optimizer state stay fp32",
+    )
     gradient_checkpointing: bool = option(
         False, "recompute each layer's activations in the backward (less memory; random layers draw the same masks)"
     )
@@ -238,7 +244,9 @@ class _Run:
     log: MetricsLog | None = None
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16 else contextlib.nullcontext()
+        if self.cfg.bf16 or self.cfg.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def evaluate(self, model: nn.Module, split: dict[str, torch.Tensor]) -> dict[str, float]:
         return evaluate(model, split, self.splits.task, num_labels=self.splits.num_labels,
@@ -359,6 +367,7 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device) -> _
     parts.stepper.setup(model, context)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    cast_frozen(model, cfg.dtype)
     run.base_digest = checkpoint.frozen_digest(model)
     # Wrapped after the transforms: they may replace modules (dropout layers, adapters).
     run.trained = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
