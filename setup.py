@@ -77,7 +77,8 @@ def write_build_meta(with_cuda: bool, reason: str) -> None:
 VERSION = "0.1.0"
 DEPENDENCIES = [
     "numpy",
-    "transformers>=4.40",
+    "transformers>=5.0,<6",  # tested: 5.25
+    "accelerate>=1.0,<2",  # Trainer's; tested: 1.16
     "datasets",
     "safetensors",
     "highspy",

@@ -18,8 +18,9 @@ the script with ``torchrun`` or ``accelerate launch`` (DDP; both tested with two
 supported: FSDP and DeepSpeed. ``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers
 5) checkpoints every layer with the recompute drawing the forward's masks and noise (``keys.checkpoint_context``).
 Trainers built on ``Trainer`` take the parts by putting this class first:
-``class PartsSFTTrainer(PartsTrainer, trl.SFTTrainer): pass`` (tested with TRL's SFT). A PEFT model whose LoRA
-layers come from ``adapters.peft_linchain`` stands in for the adapter part: the perturbations act on its layers.
+``class PartsSFTTrainer(PartsTrainer, trl.SFTTrainer): pass`` (tested: SFT, chat template, completion-only loss).
+A PEFT model whose LoRA layers come from ``adapters.peft_linchain`` stands in for the adapter part: the
+perturbations act on its layers.
 """
 
 from __future__ import annotations

@@ -57,3 +57,30 @@ def test_sft_trainer_with_parts_gives_parts_trainer_losses(tmp_path, gpt2_tokeni
     _, plain_losses = _run(PartsTrainer, tmp_path, tokenizer, tokenized, data_collator=sft.data_collator)
     assert len(sft_losses) == 4 and all(torch.isfinite(torch.tensor(sft_losses)))
     assert sft_losses == plain_losses
+
+
+CHAT = (  # a minimal chat template (the shared GPT-2 tokenizer has none); TRL marks the assistant's turn itself
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_sft_on_a_chat_dataset_trains_on_the_completions_only(tmp_path, gpt2_tokenizer) -> None:
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer(gpt2_tokenizer)
+    tokenizer.chat_template = CHAT
+    pairs = [("is the film good", "yes, very"), ("was it dull", "no, not at all"), ("rate it", "four stars")]
+    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+            for q, a in pairs * 8]  # fmt: skip
+    sft, losses = _run(PartsSFTTrainer, tmp_path, tokenizer, Dataset.from_list(rows))
+    assert sft.args.completion_only_loss is not False and len(losses) == 4
+    batch = sft.data_collator([sft.train_dataset[i] for i in range(4)])
+    labels, ids = batch["labels"], batch["input_ids"]
+    prompt = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=True, add_generation_prompt=True)["input_ids"]
+    n = len(prompt) - 1  # the last prompt token ("assistant: "'s space) merges with the completion's first word
+    assert n > 5 and ids[0, :n].tolist() == prompt[:n]
+    assert (labels[0, :n] == -100).all()  # the prompt carries no loss
+    assert (labels[0][labels[0] != -100] == ids[0][labels[0] != -100]).all() and (labels[0] != -100).any()
+    _, plain = _run(PartsTrainer, tmp_path, tokenizer, sft.train_dataset, data_collator=sft.data_collator)
+    assert losses == plain  # our stepper took SFT's masked labels as they are
