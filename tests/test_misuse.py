@@ -46,6 +46,8 @@ def _cli_train(tmp_path: Path, wikitext_slice: Path, gpt2_tokenizer: str, *args:
         (["--method", "lora-ggpo", "--perturbation", "none"], "perturbation: --method lora-ggpo uses perturbation"),
         (["--tokenizer", "/no/such/tokenizer"], "tokenizer: no such folder '/no/such/tokenizer'"),
         (["--device", "tpu"], "argument --device: invalid choice: 'tpu' (choose from 'auto', 'cpu', 'cuda')"),
+        (["--dtype", "bf16"], "dtype: bf16 stores the frozen base weights, and this run trains every weight"),
+        (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16' (choose from 'fp32', 'bf16')"),
     ],
 )
 @pytest.mark.parametrize("dry_run", [True, False])
@@ -175,3 +177,15 @@ def test_a_word_among_real_valued_labels_is_named_not_made_a_class(tmp_path, gpt
     with pytest.raises(ValueError, match=rf"{tmp_path}/train.tsv:8 column 'score' has label 'n/a' among real-valued"):
         load_splits(str(tmp_path), tok, **kw)
     assert load_splits(str(tmp_path), tok, **kw, task="classification").task == "classification"
+
+
+def test_guided_dropout_on_a_family_without_sites_is_one_line(tmp_path, wikitext_slice, gpt2_tokenizer, capsys):
+    from transformers import GPTNeoXConfig
+
+    config = tmp_path / "neox.json"
+    GPTNeoXConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32).to_json_file(config)
+    argv = _cli_train(tmp_path, wikitext_slice, gpt2_tokenizer, "--model", f"config:{config}", "--dropout", "guided")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "guided dropout has site maps for 'bert', 'gpt2', 'llama'" in err[0], err
+    assert "got model_type 'gpt_neox'" in err[0] and not (tmp_path / "run").exists()
