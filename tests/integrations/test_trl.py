@@ -1,6 +1,6 @@
 """TRL's ``SFTTrainer`` with our parts: ``class PartsSFTTrainer(PartsTrainer, SFTTrainer)`` trains through our
-stepper on SFT's own batches (its tokenization, EOS and label masks), with the losses ``PartsTrainer`` gives on
-the same batches."""
+stepper on SFT's own batches (chat template, completion-only label masks), with the losses ``PartsTrainer`` gives
+on the same batches."""
 
 from __future__ import annotations
 
@@ -45,20 +45,6 @@ def _run(cls, tmp_path, tokenizer, dataset, **kwargs) -> tuple[PartsTrainer, lis
     return trainer, losses.losses
 
 
-def test_sft_trainer_with_parts_gives_parts_trainer_losses(tmp_path, gpt2_tokenizer) -> None:
-    from datasets import Dataset
-
-    tokenizer = load_tokenizer(gpt2_tokenizer)
-    texts = ["the movie was good and fun", "a dull and tedious film", "great acting, weak plot", "I laughed a lot"]
-    sft, sft_losses = _run(PartsSFTTrainer, tmp_path, tokenizer, Dataset.from_dict({"text": texts * 6}))
-    assert type(sft.stepper).__name__ == "AdamW" and sft.transforms
-    # The same tokenized rows, collator and seed: Trainer's sampler reads them in the same order.
-    tokenized = sft.train_dataset
-    _, plain_losses = _run(PartsTrainer, tmp_path, tokenizer, tokenized, data_collator=sft.data_collator)
-    assert len(sft_losses) == 4 and all(torch.isfinite(torch.tensor(sft_losses)))
-    assert sft_losses == plain_losses
-
-
 CHAT = (  # a minimal chat template (the shared GPT-2 tokenizer has none); TRL marks the assistant's turn itself
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
@@ -74,6 +60,7 @@ def test_sft_on_a_chat_dataset_trains_on_the_completions_only(tmp_path, gpt2_tok
     rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
             for q, a in pairs * 8]  # fmt: skip
     sft, losses = _run(PartsSFTTrainer, tmp_path, tokenizer, Dataset.from_list(rows))
+    assert type(sft.stepper).__name__ == "AdamW" and sft.transforms  # our stepper and LoRA + GGPO
     assert sft.args.completion_only_loss is not False and len(losses) == 4
     batch = sft.data_collator([sft.train_dataset[i] for i in range(4)])
     labels, ids = batch["labels"], batch["input_ids"]

@@ -14,7 +14,8 @@ from finetune_ext.train.models import load_model, load_tokenizer
 
 def _lora_run(tmp_path, data, tokenizer, model: str, **extra) -> TrainConfig:
     cfg = TrainConfig(model=model, tokenizer=tokenizer, data=str(data), output_dir=str(tmp_path), steps=2,
-                      batch_size=2, block_size=32, eval_every=1, save_every=2, max_eval_batches=1, progress=False,
+                      batch_size=2, block_size=32, eval_every=1, save_every=2, max_eval_batches=1, eval_batch_size=2,
+                      progress=False,
                       adapter="lora", adapter_options={"r": 8}, **extra)  # fmt: skip
     train(cfg)
     return cfg
