@@ -11,7 +11,8 @@ torch's default generator, so ``torch.manual_seed`` still makes runs repeatable,
 ``nn.Dropout``'s). The layer's parameters, ``state_dict``, ``save_pretrained`` and merging are PEFT's own: patching
 swaps the class of each layer for a subclass that overrides ``forward`` only. A forward the op does not cover (a
 merged or disabled adapter, several active adapters, ``adapter_names=`` batches, DoRA, ``lora_bias``, a quantized
-base layer, mixed dtypes, autocast) runs PEFT's forward unchanged.
+base layer, mixed dtypes outside autocast) runs PEFT's forward unchanged. Under autocast (Trainer's ``bf16=True``)
+the op computes in autocast's dtype, as PEFT's layers do.
 """
 
 from __future__ import annotations
@@ -35,18 +36,18 @@ class FusedLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         weight = base.weight.T if self.fan_in_fan_out else base.weight
+        dtype = _compute_dtype(x)
+        tensors = (x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
+        x, weight, bias, A, B = (None if t is None else t.to(dtype) for t in tensors)
         dropout = self.lora_dropout[name]
         return ops.lora_linear(
-            x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-            scale=self.scaling[name], dropout_p=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-            training=self.training,
+            x, weight, bias, A, B, scale=self.scaling[name],
+            dropout_p=dropout.p if isinstance(dropout, nn.Dropout) else 0.0, training=self.training,
         )  # fmt: skip
 
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The one active adapter the op can run, or None where PEFT's forward must."""
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
-            return None
-        if torch.is_autocast_enabled(x.device.type):
             return None
         name = self.active_adapters[0]
         if name not in self.lora_A or self.use_dora.get(name, False) or self.lora_bias.get(name, False):
@@ -56,7 +57,14 @@ class FusedLoraLinear(LoraLinear):
             return None
         tensors = [base.weight, self.lora_A[name].weight, self.lora_B[name].weight]
         tensors += [base.bias] if base.bias is not None else []
-        return name if all(t.dtype == x.dtype and t.device == x.device for t in tensors) else None
+        same_dtype = torch.is_autocast_enabled(x.device.type) or all(t.dtype == x.dtype for t in tensors)
+        return name if same_dtype and all(t.device == x.device for t in tensors) else None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype where it is on (what PEFT's layers would compute in), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def patch(model: nn.Module) -> int:

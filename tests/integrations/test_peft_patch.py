@@ -110,3 +110,18 @@ def test_forwards_the_op_does_not_cover_run_pefts() -> None:
             plain = model(input_ids=ids).logits
             patch(model)
             torch.testing.assert_close(model(input_ids=ids).logits, plain, **tolerance(torch.float32))
+
+
+def test_under_autocast_the_op_computes_in_its_dtype(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(ops, "lora_linear", lambda *a, **k: calls.append(a[0].dtype) or lora_linear(*a, **k))
+    model = _bert()
+    _randomise_adapters(model)
+    model.train()
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids).logits.float()
+        patch(model)
+        got = model(input_ids=ids).logits.float()
+    assert calls and set(calls) == {torch.bfloat16}  # Trainer's bf16=True: the fused path, in bf16
+    torch.testing.assert_close(got, expected, **tolerance(torch.bfloat16))
