@@ -47,7 +47,7 @@ gpu-wheels: env  ## wheels the lent GPU's image lacks (highspy, Python 3.12) and
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl "highspy==$$($(PY) -c 'import importlib.metadata as m; print(m.version("highspy"))')"
-	mkdir -p .whl/data && cp -r ../shared/data/gpt2-tokenizer ../shared/data/SST-2 .whl/data/ && chmod -R u+w .whl/data
+	mkdir -p .whl/data && cp -r ../shared/data/gpt2-tokenizer ../shared/data/SST-2 ../shared/data/wikitext-2 .whl/data/ && chmod -R u+w .whl/data
 
 wheel: env  ## build a wheel (CPU + CUDA kernels, setup.py's arch list) into dist/, against .venv's torch
 	rm -f dist/finetune_ext-*.whl

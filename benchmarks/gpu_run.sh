@@ -6,8 +6,8 @@
 # reported and the rest still run; the first crashed test is then re-run under cuda-gdb for a native backtrace.
 # Each op is timed in its own process, so one slow op cannot take the others' time. Under $OUT (default
 # ./gpu-out): gpu.log (everything printed), <device>.csv (every benchmark row, named after the GPU, written op by
-# op), trainer_step_cuda.csv (our trainer vs Trainer + PEFT, patched and not) and bench.tar.gz (the per-op CSVs
-# and plots). Commit <device>.csv and trainer_step_cuda.csv under benchmarks/results/.
+# op), trainer_step_cuda.csv (our trainer vs Trainer + PEFT, patched and not), memory_step_cuda.csv (tokens/s and
+# peak memory) and bench.tar.gz (the per-op CSVs and plots). Commit the CSVs under benchmarks/results/.
 #
 #   device run:  OUT=$OUT bash benchmarks/gpu_run.sh        (carry .whl: `make gpu-wheels` prepares it here)
 #   dry run:     DRY_RUN=1 bash benchmarks/gpu_run.sh       (on a CPU machine: checks every command and option
@@ -93,6 +93,8 @@ bench_args=(--device cuda --out "$OUT/bench" --device-csv "$OUT")
 # One LoRA job through our trainer, Trainer + PEFT and Trainer + patched PEFT (issue 40); its tokenizer and SST-2
 # travel in .whl/data (`make gpu-wheels` copies them from ../shared, which does not travel).
 trainer_args=(--model config:gpt2-small --steps 20 --warmup 5 --rounds 2 --threads 4 --out "$OUT/trainer_step_cuda")
+# Tokens/s and peak memory of a LoRA step, fp32 / bf16 / bf16 + checkpointing, ours beside Trainer + PEFT (issue 41)
+memory_args=(--steps 8 --warmup 2 --threads 4 --out "$OUT/memory_step_cuda")
 if [ "$DRY_RUN" = 1 ]; then
   stop_unless_loaded cpu
   phase "C++ errors raise (dry run: CPU only)" 60 "$PY" -c "$probe" cpu
@@ -100,6 +102,8 @@ if [ "$DRY_RUN" = 1 ]; then
   phase "benchmarks (dry run: options checked)" 120 "$PY" benchmarks/bench.py "${bench_args[@]}" --ops "${ops[@]}" --dry-run
   phase "profile ggpo_step (dry run: CPU)" 120 "$PY" benchmarks/profile_ggpo_step.py --device cpu --steps 1 --top 3
   phase "trainer step (dry run: inputs checked)" 60 "$PY" benchmarks/trainer_step.py "${trainer_args[@]}" \
+    --device cpu --data-root "${TRAINER_DATA:-../shared/data}" --dry-run
+  phase "memory step (dry run: inputs checked)" 60 "$PY" benchmarks/memory_step.py "${memory_args[@]}" \
     --device cpu --data-root "${TRAINER_DATA:-../shared/data}" --dry-run
   exit $failed
 fi
@@ -132,5 +136,6 @@ for op in "${ops[@]}"; do
   if [ "$op" = ggpo_step ]; then phase "profile ggpo_step" 45 "$PY" benchmarks/profile_ggpo_step.py --device cuda; fi
 done
 phase "trainer step" 150 "$PY" benchmarks/trainer_step.py "${trainer_args[@]}" --device cuda --data-root .whl/data
+phase "memory step" 150 "$PY" benchmarks/memory_step.py "${memory_args[@]}" --device cuda --data-root .whl/data
 tar czf "$OUT/bench.tar.gz" -C "$OUT" bench && rm -rf "$OUT/bench"
 exit $failed

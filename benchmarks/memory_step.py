@@ -45,8 +45,17 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_step_cpu"))
+    parser.add_argument("--dry-run", action="store_true", help="check the options and inputs, run nothing")
     parser.add_argument("--worker", nargs=2, metavar=("DOOR", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for needed in ("wikitext-2/train.txt", "gpt2-tokenizer"):
+        if not (Path(args.data_root) / needed).exists():
+            sys.exit(f"--data-root: {Path(args.data_root) / needed} not found")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no GPU here")
+    if args.dry_run:
+        print(f"memory_step: would time {', '.join(args.settings)} for {', '.join(DOORS)} on {args.device}")
+        return
     if args.worker:
         print(json.dumps(_worker(args, *args.worker)))
         return
