@@ -10,6 +10,11 @@ Tasks:
   wikitext  a small GPT-2 (4 layers, 128 wide) on WikiText-2, adapters on every Conv1D, r = 8, alpha = 16,
             lr 3e-3, test perplexity. No pretrained GPT-2 is available offline, so the base is randomly
             initialised and frozen: this measures how well each adapter family optimises, not transfer.
+Issue 42's sweep (``--lrs 3e-4 1e-3 3e-3 --seeds 0 1 2 3 4 --tasks sst2 --out benchmarks/results/linchain_lr``):
+each variant at each learning rate, ``linchain-k3-identity`` (mixers start at I, biases 0: LoRA's update size
+at the start) as the ablation of the official initialisation; per variant the rate with the best mean
+validation metric (the held-out training sentences) is selected, and dev accuracy at the selected rates is
+compared with LoRA's, paired by seed with a 95 % interval (``_stats.paired``).
 Each run is a fresh subprocess so that its peak resident memory (CPU) or peak CUDA memory is its own.
 Step time is the median of the per-step times in metrics.jsonl. Rows go to the CSV as runs end; finished
 runs are skipped when the sweep is restarted. The markdown table is rewritten from the CSV at the end.
@@ -18,6 +23,7 @@ runs are skipped when the sweep is restarted. The markdown table is rewritten fr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -29,8 +35,10 @@ from pathlib import Path
 
 from _sweep import load_rows, mean_std, minilm_path, record
 
-VARIANTS = {"lora": ("lora", {}), "linchain-k1": ("linchain", {"chain_length": 1}), "linchain-k3": ("linchain", {})}
-FIELDS = ["task", "variant", "seed", "steps", "metric", "value", "step_ms", "peak_mb", "trainable", "seconds"]
+VARIANTS = {"lora": ("lora", {}), "linchain-k1": ("linchain", {"chain_length": 1}), "linchain-k3": ("linchain", {}),
+            "linchain-k3-identity": ("linchain", {"init": "identity"})}  # fmt: skip
+FIELDS = ["task", "variant", "seed", "steps", "metric", "value", "step_ms", "peak_mb", "trainable", "seconds", "lr",
+          "val"]  # fmt: skip
 GPT2_SMALL = {"model_type": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 128}
 
 
@@ -75,17 +83,18 @@ def run_one(spec: dict) -> dict:
         "peak_mb": round(peak, 1),
         "trainable": summary["params_trainable"],
         "seconds": round(summary["train_seconds_this_session"], 1),
+        "val": round(summary["best_val"]["value"], 5),
     }
 
 
 def write_table(rows: list[dict], path: Path) -> None:
     lines = [
-        "| task | variant | test metric | step ms | peak MB | trainable params |",
-        "|---|---|---|---|---|---|",
+        "| task | variant | lr | test metric | step ms | peak MB | trainable params |",
+        "|---|---|---|---|---|---|---|",
     ]
     for task in sorted({r["task"] for r in rows}):
-        for variant in VARIANTS:
-            sel = [r for r in rows if r["task"] == task and r["variant"] == variant]
+        for variant, lr in itertools.product(VARIANTS, sorted({r.get("lr") or "" for r in rows})):
+            sel = [r for r in rows if r["task"] == task and r["variant"] == variant and (r.get("lr") or "") == lr]
             if not sel:
                 continue
             metric = sel[0]["metric"]
@@ -96,7 +105,7 @@ def write_table(rows: list[dict], path: Path) -> None:
                 mean_std([float(r["peak_mb"]) for r in sel], lambda v: f"{v:.0f}"),
                 sel[0]["trainable"],
             ]
-            lines.append(f"| {task} | {variant} | " + " | ".join(cells) + " |")
+            lines.append(f"| {task} | {variant} | {lr or '-'} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -105,6 +114,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["sst2", "wikitext"], choices=["sst2", "wikitext"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--lrs", nargs="+", type=float, help="learning rates to sweep (default: the task's one)")
     parser.add_argument("--out", default="benchmarks/results/linchain")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one JSON spec, print its row
     args = parser.parse_args()
@@ -114,34 +124,62 @@ def main() -> None:
 
     csv_path, md_path = Path(args.out + ".csv"), Path(args.out + ".md")
     done = load_rows(csv_path)
-    seen = {(r["task"], r["variant"], int(r["seed"])) for r in done}
     with tempfile.TemporaryDirectory() as work:
         for task in args.tasks:
             fields, adapter, metric = task_config(task, Path(work))
-            for seed in args.seeds:
-                for variant in args.variants:
-                    if (task, variant, seed) in seen:
-                        continue
-                    method, options = VARIANTS[variant]
-                    spec = {
-                        **fields, "method": method, "method_options": {**adapter, **options}, "seed": seed,
-                        "output_dir": str(Path(work) / f"{task}-{variant}-{seed}"), "save_every": fields["steps"],
-                        "keep_checkpoints": 1, "progress": False,
-                    }  # fmt: skip
-                    proc = subprocess.run(
-                        [sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True
-                    )
-                    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                    if proc.returncode != 0 or not result:
-                        sys.exit(f"{task}/{variant}/seed {seed} failed:\n{proc.stderr[-3000:]}")
-                    res = json.loads(result[-1].removeprefix("RESULT "))
-                    row = {
-                        "task": task, "variant": variant, "seed": seed, "steps": fields["steps"], "metric": metric,
-                        "value": round(res["test"][metric], 5), **{k: res[k] for k in FIELDS[6:]},
-                    }  # fmt: skip
+            # rows written before the lr column ran at the task's rate
+            seen = {(r["task"], r["variant"], int(r["seed"]), float(r.get("lr") or fields["lr"])) for r in done}
+            for seed, variant, lr in itertools.product(args.seeds, args.variants, args.lrs or [fields["lr"]]):
+                if (task, variant, seed, lr) not in seen:
+                    row = run_variant(task, variant, seed, lr, fields, adapter, metric, Path(work))
                     record(csv_path, row, FIELDS, done)
     write_table(done, md_path)
+    if args.lrs:
+        write_selection(done, md_path)
     print(md_path.read_text())
+
+
+def run_variant(task: str, variant: str, seed: int, lr: float, fields: dict, adapter: dict, metric: str,
+                work: Path) -> dict:  # fmt: skip
+    """One run in a fresh subprocess; its CSV row."""
+    method, options = VARIANTS[variant]
+    spec = {
+        **fields, "lr": lr, "method": method, "method_options": {**adapter, **options}, "seed": seed,
+        "output_dir": str(work / f"{task}-{variant}-{seed}-{lr}"), "save_every": fields["steps"],
+        "keep_checkpoints": 1, "progress": False,
+    }  # fmt: skip
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not result:
+        sys.exit(f"{task}/{variant}/seed {seed}/lr {lr} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(result[-1].removeprefix("RESULT "))
+    return {
+        "task": task, "variant": variant, "seed": seed, "steps": fields["steps"], "metric": metric,
+        "value": round(res["test"][metric], 5), **{k: res[k] for k in FIELDS[6:10]}, "lr": lr, "val": res["val"],
+    }  # fmt: skip
+
+
+def write_selection(rows: list[dict], path: Path) -> None:
+    """Per task and variant, the learning rate with the best mean validation metric; dev at it, paired vs LoRA."""
+    from _stats import paired
+
+    lines = ["", "Selected on validation (held-out training data), reported on dev, paired with LoRA by seed:", "",
+             "| task | variant | selected lr | dev metric | - lora (95 % CI) |", "|---|---|---|---|---|"]  # fmt: skip
+    for task in sorted({r["task"] for r in rows}):
+        picked = {}
+        for variant in VARIANTS:
+            sel = [r for r in rows if r["task"] == task and r["variant"] == variant and r.get("lr")]
+            by_lr = {lr: [float(r["val"]) for r in sel if r["lr"] == lr] for lr in {r["lr"] for r in sel}}
+            if by_lr:
+                best = (max if sel[0]["metric"] == "acc" else min)(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
+                picked[variant] = {int(r["seed"]): 100 * float(r["value"]) for r in sel if r["lr"] == best}, best
+        for variant, (values, lr) in picked.items():
+            diff = paired(values, picked["lora"][0]) if "lora" in picked and variant != "lora" else None
+            cell = "-" if diff is None else f"{diff.mean:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}] ({diff.n})"
+            shown = mean_std(list(values.values()), lambda v: f"{v:.1f}")
+            lines.append(f"| {task} | {variant} | {lr} | {shown} | {cell} |")
+    with path.open("a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
