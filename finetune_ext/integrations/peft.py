@@ -71,19 +71,16 @@ def patch(model: nn.Module) -> int:
     """Route every PEFT LoRA ``Linear`` layer of ``model`` (exactly that class, not a subclass such as our
     LinChain or 8-/4-bit layers) through ``ops.lora_linear``; returns how many layers were patched (0 is not an
     error: the model may have none or be patched already)."""
-    count = 0
-    for module in model.modules():
-        if type(module) is LoraLinear:
-            module.__class__ = FusedLoraLinear
-            count += 1
-    return count
+    return _swap_class(model, LoraLinear, FusedLoraLinear)
 
 
 def unpatch(model: nn.Module) -> int:
     """Undo ``patch``: the layers are PEFT's ``Linear`` again; returns how many were restored."""
-    count = 0
-    for module in model.modules():
-        if type(module) is FusedLoraLinear:
-            module.__class__ = LoraLinear
-            count += 1
-    return count
+    return _swap_class(model, FusedLoraLinear, LoraLinear)
+
+
+def _swap_class(model: nn.Module, old: type, new: type) -> int:
+    swapped = [m for m in model.modules() if type(m) is old]
+    for module in swapped:
+        module.__class__ = new
+    return len(swapped)

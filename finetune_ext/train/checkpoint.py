@@ -199,7 +199,8 @@ def load_weights(folder: Path, model: nn.Module, base_digest: str | None, what: 
     else:
         check_base(model, base_digest, folder, what)
         missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-        missing = [k for k in missing if k in trained_state(model)]
+        trained = trained_state(model)
+        missing = [k for k in missing if k in trained]
     if missing or unexpected:
         raise UserError(
             f"{what}: checkpoint {folder} does not fit the model: missing {missing}, unexpected {unexpected}"

@@ -103,6 +103,7 @@ def _load_weights(model: nn.Module, folder: Path, state: dict[str, Any], weights
     else:
         missing, _ = model.load_state_dict(best, strict=False)
     if digest is not None:
-        missing = [k for k in missing if k in checkpoint.trained_state(model)]
+        trained = checkpoint.trained_state(model)
+        missing = [k for k in missing if k in trained]
     if missing:
         raise UserError(f"run_dir: {folder} does not fit the rebuilt model (missing {sorted(missing)[:3]})")
