@@ -78,6 +78,9 @@ class LiFTOptions:
     lp_formulation: Literal["sifted", "direct"] = option(
         "sifted", "'sifted': a growing working set of columns, certified by reduced costs; 'direct': the whole LP"
     )
+    direction: Literal["lp", "sign"] = option(
+        "lp", "'lp': the LP's step on w and λ; 'sign': -sign(g_val) on the same columns, λ fixed (a control)"
+    )
 
     def __post_init__(self) -> None:
         check_layer_spec(self.blocks, "blocks")
@@ -200,20 +203,32 @@ class LiFT(Stepper):
         pick = torch.randperm(len(regularized), generator=torch.Generator().manual_seed(keys.mix(self.run.seed, r)))
         S = regularized[pick[: o.rows]].sort().values
         w0 = self.flat.values()
-        rows = self._h_rows(S, J)
-        lam_columns, self.unit = log_lambda_columns(self.flat, w0, S, self.lam, float(rows.abs().max()))
-        A = torch.cat([rows, lam_columns], dim=1)
-        c = torch.cat([g_val[J], torch.zeros(len(self.lam), dtype=torch.float64)])
-        result = self._solve(c, A)
-        entry: dict[str, Any] = {"lift_round": r + 1, "lift_lp_status": result.status}
-        entry |= {"lift_lp_seconds": result.seconds, "lift_rows": len(S), "lift_cols": len(c)}
-        if result.usable and float(torch.as_tensor(result.d).norm()) > 0:
-            entry |= self._move(torch.as_tensor(result.d), J, w0, batches)
+        entry: dict[str, Any] = {"lift_round": r + 1}
+        if o.direction == "sign":
+            d = torch.cat([-g_val[J].sign(), torch.zeros(len(self.lam), dtype=torch.float64)])
+            self.unit = torch.zeros(len(self.lam), dtype=torch.float64)
+        else:
+            d = self._lp_direction(g_val, S, J, w0, entry)
+        if d is not None and float(d.norm()) > 0:
+            entry |= self._move(d, J, w0, batches)
         entry |= {f"lift_lambda_{b}": float(v) for b, v in enumerate(self.lam)}
         entry["lift_round_seconds"] = time.perf_counter() - start
         self.model.train(was_training)
         self.history.append(entry)
         return entry
+
+    def _lp_direction(
+        self, g_val: torch.Tensor, S: torch.Tensor, J: torch.Tensor, w0: torch.Tensor, entry: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """The LP's direction on ``(d_J, u)`` (``None`` without a usable point); its status into ``entry``."""
+        rows = self._h_rows(S, J)
+        lam_columns, self.unit = log_lambda_columns(self.flat, w0, S, self.lam, float(rows.abs().max()))
+        A = torch.cat([rows, lam_columns], dim=1)
+        c = torch.cat([g_val[J], torch.zeros(len(self.lam), dtype=torch.float64)])
+        result = self._solve(c, A)
+        entry |= {"lift_lp_status": result.status, "lift_lp_seconds": result.seconds, "lift_rows": len(S),
+                  "lift_cols": len(c)}  # fmt: skip
+        return torch.as_tensor(result.d) if result.usable else None
 
     def _val_batches(self) -> list[dict[str, torch.Tensor]]:
         """The first ``val_batches`` validation batches: where F and its gradient are evaluated."""

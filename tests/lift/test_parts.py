@@ -155,6 +155,24 @@ def test_the_round_applies_exactly_the_searched_step(tmp_path, wikitext_slice, g
     torch.testing.assert_close(step[seen["J"]], expected, **tolerance(torch.float32, scale))
 
 
+def test_the_sign_control_steps_along_minus_the_sign_of_the_validation_gradient_without_an_lp(
+    tmp_path, wikitext_slice, gpt2_tokenizer, gpt2_no_dropout, monkeypatch
+) -> None:
+    seen = {}
+    original_gradient, original_move = stepper.LiFT._val_gradient, stepper.LiFT._move
+    monkeypatch.setattr(LPSolver, "solve", lambda *a, **k: pytest.fail("direction=sign must not solve an LP"))
+    monkeypatch.setattr(stepper.LiFT, "_val_gradient", lambda self, b: seen.setdefault("g", original_gradient(self, b)))
+    monkeypatch.setattr(
+        stepper.LiFT, "_move", lambda self, d, J, *a: seen.update(d=d, J=J) or original_move(self, d, J, *a)
+    )
+    train(_config(tmp_path / "run", wikitext_slice, gpt2_tokenizer, gpt2_no_dropout, warmup_steps=6, direction="sign"))
+    (entry,) = _rounds(tmp_path / "run")
+    J = torch.topk(seen["g"].abs(), OPTIONS["columns"]).indices.sort().values
+    assert torch.equal(seen["J"], J) and torch.equal(seen["d"][: len(J)], -seen["g"][J].sign())
+    assert not seen["d"][len(J) :].any() and (entry["lift_lambda_0"], entry["lift_lambda_1"]) == (0.05, 0.05)
+    assert "lift_lp_status" not in entry and entry["lift_t"] > 0
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
