@@ -15,6 +15,7 @@ class LinChain(Transform):
     """LinChain adapters W0 + (alpha/r)·B·M_k⋯M_1·A; a classifier's new head trains in full, as in PEFT."""
 
     name = "linchain"
+    shardable = True
     Options = LinChainConfig
 
     def adapter_config(self) -> LinChainConfig:

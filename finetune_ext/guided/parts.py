@@ -110,6 +110,7 @@ class GuidedDropout(Transform):
     """Dropout rates from the Fisher information of the pre-training objective (Sharma et al., 2024)."""
 
     name = "guided"
+    shardable = True
     Options = GuidedOptions
 
     def __init__(self, options: GuidedOptions | None = None) -> None:
@@ -180,6 +181,7 @@ class GaussianDropoutTransform(Transform):
     """Baseline: multiplicative Gaussian noise N(1, p/(1-p)) at the hidden-state sites (off at evaluation)."""
 
     name = "gaussian"
+    shardable = True
     Options = GaussianOptions
 
     def apply(self, model: nn.Module, run: RunContext) -> None:

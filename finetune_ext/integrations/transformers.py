@@ -15,8 +15,9 @@ What it needs from the datasets: the transforms that read data (guided dropout's
 validation batches) get ``train_dataset`` and ``eval_dataset`` collated into tensors by the trainer's data
 collator; a stepper that needs the validation split (``lift``) needs ``eval_dataset``. Several processes: launch
 the script with ``torchrun`` or ``accelerate launch`` (DDP; both tested with two gloo processes on CPU). Not yet
-supported: FSDP and DeepSpeed. ``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers
-5) checkpoints every layer with the recompute drawing the forward's masks and noise (``keys.checkpoint_context``).
+supported: Trainer's FSDP (a one-line ``ValueError``; ``finetune-ext train --fsdp`` shards) and DeepSpeed.
+``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers 5) checkpoints every layer
+with the recompute drawing the forward's masks and noise (``keys.checkpoint_context``).
 Trainers built on ``Trainer`` take the parts by putting this class first:
 ``class PartsSFTTrainer(PartsTrainer, trl.SFTTrainer): pass`` (tested: SFT, chat template, completion-only loss).
 A PEFT model whose LoRA layers come from ``adapters.peft_linchain`` stands in for the adapter part: the
@@ -113,6 +114,11 @@ class PartsTrainer(transformers.Trainer):
         rng = torch.get_rng_state()  # the parts initialise from the state the model left, as in our trainer
         super().__init__(*args, **kwargs)
         torch.set_rng_state(rng)
+        if getattr(self, "is_fsdp_enabled", False):
+            raise ValueError(
+                "fsdp: PartsTrainer does not run under Trainer's FSDP yet (the stepper builds its optimizer before "
+                "Trainer shards the model); use `finetune-ext train --fsdp`, or DDP"
+            )
         self.parts = built
         self.stepper: Stepper = built[registry.STEPPER_KIND]
         if self.stepper.needs_validation and self.eval_dataset is None:
@@ -124,6 +130,7 @@ class PartsTrainer(transformers.Trainer):
         run = self._run_context()
         for transform in self.transforms:
             transform.apply(self.model, run)
+        self.stepper.freeze(self.model, run)
         self.stepper.setup(self.model, run)
         if getattr(self.args, "activation_checkpointing", None) or getattr(self.args, "gradient_checkpointing", None):
             # After the transforms (guided dropout's Fisher pass runs under torch.func); with our recompute key,

@@ -47,7 +47,7 @@ from finetune_ext.lift.rows import (
 )
 from finetune_ext.lift.search import golden_section
 from finetune_ext.nn import keys
-from finetune_ext.optim.blocks import check_layer_spec, train_only
+from finetune_ext.optim.blocks import check_layer_spec, select_layers, train_only
 from finetune_ext.optim.parts import AdamW
 from finetune_ext.parts import RunContext, StepContext, Stepper, option
 
@@ -111,6 +111,10 @@ class LiFT(Stepper):
 
     name = "lift"
     Options = LiFTOptions
+    unshardable_because = "its LP and line search move the flattened weights of whole blocks, a global decision"
+
+    def freeze(self, model: nn.Module, run: RunContext) -> None:
+        train_only(model, self.options.blocks, "optimizer-option (lift): blocks")
 
     def setup(self, model: nn.Module, run: RunContext) -> None:
         o = self.options
@@ -119,7 +123,7 @@ class LiFT(Stepper):
                 f"optimizer-option (lift): val_skip: the validation split has {len(run.val['input_ids'])} examples, "
                 f"LiFT needs more than val_skip = {o.val_skip}"
             )
-        layers = train_only(model, o.blocks, "optimizer-option (lift): blocks")
+        layers = select_layers(model, o.blocks, "optimizer-option (lift): blocks")
         self.names = [n for params in layers.values() for n, _ in params]
         self.flat = FlatParams([[p for _, p in params] for params in layers.values()])
         candidates = int((self.flat.block >= 0).sum())

@@ -16,6 +16,7 @@ from torch import nn
 from finetune_ext.optim.block_armijo import BlockArmijo
 from finetune_ext.optim.blocks import blocks_from_model, check_layer_spec, train_only
 from finetune_ext.parts import RunContext, StepContext, Stepper, option
+from finetune_ext.parts.distributed import full_tensor, shard_like
 
 
 def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -60,11 +61,14 @@ class AdamW(Stepper):
 
     name = "adamw"
     Options = AdamWOptions
+    shardable = True
+
+    def freeze(self, model: nn.Module, run: RunContext) -> None:
+        if self.options.layers is not None:
+            train_only(model, self.options.layers, "optimizer-option (adamw): layers")
 
     def setup(self, model: nn.Module, run: RunContext) -> None:
         o, self.settings = self.options, run.optim
-        if o.layers is not None:
-            train_only(model, o.layers, "optimizer-option (adamw): layers")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             decay_groups(model, run.optim.weight_decay), lr=run.optim.lr, betas=(o.beta1, o.beta2), eps=o.eps
@@ -99,11 +103,18 @@ class AdamW(Stepper):
         return self.optimizer.state.get(param, {}).get("exp_avg")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """The optimizer's and schedule's state; moments of FSDP shards gathered whole (on every process)."""
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: {k: full_tensor(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for p in self.params:
+            moments = self.optimizer.state.get(p, {})
+            for k, v in moments.items():
+                moments[k] = v if k == "step" else shard_like(v, p)
 
 
 # The optimizer's own defaults, so that the CLI's and the Python API's cannot drift apart.
@@ -151,6 +162,7 @@ class Armijo(Stepper):
 
     name = "armijo"
     Options = ArmijoOptions
+    unshardable_because = "its line search evaluates the loss at trial weights of whole blocks, a global decision"
     keeps_momentum = True
 
     def setup(self, model: nn.Module, run: RunContext) -> None:

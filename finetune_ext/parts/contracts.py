@@ -102,6 +102,8 @@ class Part(ABC):
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     requires: ClassVar[tuple[str, ...]] = ()  # kinds whose no-op choice this part cannot run with
+    shardable: ClassVar[bool] = False  # whether it runs on FSDP shards (``RunContext.dist.sharded``)
+    unshardable_because: ClassVar[str] = "not built for FSDP"  # said when --fsdp is refused
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -122,9 +124,14 @@ class Stepper(Part):
     keeps_momentum: ClassVar[bool] = False  # whether ``momentum`` answers (MGPO needs it)
     needs_validation: ClassVar[bool] = False  # whether ``setup`` / ``step`` read ``RunContext.val``
 
+    def freeze(self, model: nn.Module, run: RunContext) -> None:
+        """Stop the parameters this stepper does not train from requiring grad (after every transform applied,
+        before the frozen base is cast or sharded and before ``setup``)."""
+
     @abstractmethod
     def setup(self, model: nn.Module, run: RunContext) -> None:
-        """Build the optimizer over the model's trainable parameters (after every transform applied)."""
+        """Build the optimizer over the model's trainable parameters (after ``freeze``; under FSDP, over the
+        shards)."""
 
     @abstractmethod
     def step(self, ctx: StepContext) -> dict[str, float]:

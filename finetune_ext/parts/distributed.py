@@ -20,6 +20,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    sharded: bool = False  # FSDP: parameters are DTensor shards outside the forward, and every forward is collective
 
     @property
     def main(self) -> bool:
@@ -59,3 +60,20 @@ def mean_across_ranks(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return float(value)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective: every process calls it, in the same order); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (a whole value, the same on every process) as this process's shard of it when ``like`` is a
+    DTensor, laid out as ``like``; otherwise ``tensor``. No communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return tensor
+    return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements, src_data_rank=None)

@@ -86,6 +86,7 @@ class _Perturbation(Transform):
     """Finds the adapted layers, attaches a hook to each, groups them; the ramp."""
 
     requires = ("adapter",)
+    unshardable_because = "it reads whole weight rows between steps, where FSDP holds a shard of each"
 
     def apply(self, model: nn.Module, run: RunContext) -> None:
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, PerturbableLayer)}

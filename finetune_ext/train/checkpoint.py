@@ -32,6 +32,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from finetune_ext.errors import UserError
+from finetune_ext.parts.distributed import full_tensor, shard_like
 
 LATEST, MANIFEST = "latest", "manifest.json"
 TMP_PREFIX, TRASH_PREFIX = ".tmp-checkpoint-", ".trash-"
@@ -78,19 +79,22 @@ def write_rng(out: Path, step: int, rank: int) -> None:
         _abandon(tmp, step, err)
 
 
-def commit(out: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int, run_id: str) -> Path:
+def commit(
+    out: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int, run_id: str,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:  # fmt: skip
     """Rank 0: add weights, state and manifest to the assembled folder, rename it into place, move ``latest``,
-    prune this run's older checkpoints. The weights are the trained state alone when ``state["base_digest"]`` is
-    set. A write error (disk full) removes the temporary folder and raises a ``UserError``; the previous
-    checkpoint stays as it was."""
+    prune this run's older checkpoints. The weights are ``weights`` (the trained state, when the base is frozen:
+    ``trained_state``, gathered on every process) or else the whole ``model``. A write error (disk full) removes
+    the temporary folder and raises a ``UserError``; the previous checkpoint stays as it was."""
     tmp = _tmp_dir(out, step)
     final = out / name(step)
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        if state.get("base_digest") is None:
+        if weights is None:
             save_model(model, str(tmp / "model.safetensors"))
         else:
-            save_file({k: v.contiguous() for k, v in trained_state(model).items()}, str(tmp / "model.safetensors"))
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         files = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
         _write_synced(tmp / MANIFEST, json.dumps({"run_id": run_id, "step": step, "files": files}, indent=1))
@@ -180,27 +184,29 @@ def read_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / "state.pt", weights_only=False)
 
 
-def load(folder: Path, model: nn.Module, rank: int, base_digest: str | None = None) -> None:
+def load(
+    folder: Path, model: nn.Module, rank: int, base_digest: str | None = None, model_digest: str | None = None
+) -> None:
     """Load the weights of checkpoint ``folder`` into ``model`` and restore this rank's RNG states.
     ``base_digest``: the checkpoint holds only the trained state, and the model's frozen parameters must have
-    this digest."""
-    load_weights(folder, model, base_digest, "resume")
+    this digest (``model_digest``: theirs, computed before the model was sharded; else computed here)."""
+    load_weights(folder, model, base_digest, "resume", model_digest)
     rng_file = folder / f"rng-rank{rank}.pt"
     if not rng_file.exists():
         raise UserError(f"resume: checkpoint {folder} has no RNG state for rank {rank} (saved with fewer processes?)")
     set_rng_state(torch.load(rng_file, weights_only=False))
 
 
-def load_weights(folder: Path, model: nn.Module, base_digest: str | None, what: str) -> None:
+def load_weights(
+    folder: Path, model: nn.Module, base_digest: str | None, what: str, model_digest: str | None = None
+) -> None:
     """The checkpoint's ``model.safetensors`` into ``model``: every tensor, or (``base_digest`` given) the
     trained state over a base whose frozen parameters are checked against the digest."""
     if base_digest is None:
         missing, unexpected = load_model(model, str(folder / "model.safetensors"))
     else:
-        check_base(model, base_digest, folder, what)
-        missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-        trained = trained_state(model)
-        missing = [k for k in missing if k in trained]
+        check_base(model, base_digest, folder, what, model_digest)
+        missing, unexpected = load_trained_state(model, load_file(str(folder / "model.safetensors")))
     if missing or unexpected:
         raise UserError(
             f"{what}: checkpoint {folder} does not fit the model: missing {missing}, unexpected {unexpected}"
@@ -208,7 +214,23 @@ def load_weights(folder: Path, model: nn.Module, base_digest: str | None, what: 
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes: parameters that require grad and the persistent buffers (one name per tensor)."""
+    """What training changes: parameters that require grad and the persistent buffers (one name per tensor),
+    whole: FSDP shards are gathered (a collective: every process calls it)."""
+    return {k: full_tensor(v) for k, v in _trained_tensors(model).items()}
+
+
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy ``state`` (whole tensors, as ``trained_state`` returns them) into the model's trained tensors, each
+    FSDP shard taking its part; returns the trained names ``state`` lacks and the names it has beyond them."""
+    own = _trained_tensors(model)
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in own:
+                own[key].copy_(shard_like(value.to(own[key].dtype), own[key]))
+    return [k for k in own if k not in state], [k for k in state if k not in own]
+
+
+def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out, seen = {}, set()
     for key, value in model.state_dict(keep_vars=True).items():
         frozen = isinstance(value, nn.Parameter) and not value.requires_grad
@@ -238,10 +260,10 @@ def trained_names(folder: Path) -> set[str]:
         return set(f.keys())
 
 
-def check_base(model: nn.Module, digest: str, folder: Path, what: str) -> None:
+def check_base(model: nn.Module, digest: str, folder: Path, what: str, model_digest: str | None = None) -> None:
     """A ``UserError`` unless the model's parameters outside the checkpoint's trained state have the digest the
     checkpoint recorded."""
-    if frozen_digest(model, trained_names(folder)) != digest:
+    if (model_digest or frozen_digest(model, trained_names(folder))) != digest:
         raise UserError(
             f"{what}: the base model's frozen weights differ from those {folder.name} was trained on "
             "(another model, seed or revision?); the checkpoint holds only the trained weights"

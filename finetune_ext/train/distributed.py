@@ -16,8 +16,9 @@ from finetune_ext.parts.distributed import Dist
 
 
 @contextlib.contextmanager
-def process_group(device_arg: str) -> Iterator[tuple[Dist, torch.device]]:
+def process_group(device_arg: str, sharded: bool = False) -> Iterator[tuple[Dist, torch.device]]:
     """Join the ``torchrun`` process group if there is one (NCCL on GPUs, gloo on CPU); pick the device.
+    ``sharded``: the run shards its model with FSDP (in one process there is nothing to shard).
 
     A group joined here is left again on the way out: one left to interpreter shutdown can abort the process
     (gloo's worker threads still hold tensors then). After a run that ended well the ranks meet at a barrier
@@ -40,7 +41,7 @@ def process_group(device_arg: str) -> Iterator[tuple[Dist, torch.device]]:
     if joined_here:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
-        yield Dist(rank, world, local), torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        yield Dist(rank, world, local, sharded), torch.device(f"cuda:{local}" if use_cuda else "cpu")
         if joined_here:
             dist.barrier()
     finally:

@@ -46,7 +46,11 @@ def evaluate(
     starts = list(range(0, n, batch_size))[:max_batches]
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, count, correct
     predictions, targets = [], []  # labelled data only: its correlations need every prediction
-    for start in starts[ddp.rank :: ddp.world]:
+    mine = starts[ddp.rank :: ddp.world]
+    if ddp.sharded:  # every forward gathers weights with the other processes: run as many as rank 0, unscored
+        _idle_forwards(model, make_batch(split, torch.arange(0, min(batch_size, n)), task, device),
+                       len(starts[:: ddp.world]) - len(mine), autocast)  # fmt: skip
+    for start in mine:
         batch = make_batch(split, torch.arange(start, min(start + batch_size, n)), task,
                            device)  # fmt: skip
         labels = batch.pop("labels")
@@ -77,6 +81,14 @@ def evaluate(
     if task == "regression":
         return out | _correlations(pred.double().numpy(), target.double().numpy())
     return out | _class_metrics(pred.numpy(), target.numpy(), binary=num_labels == 2)
+
+
+@torch.no_grad()
+def _idle_forwards(model: nn.Module, batch: dict[str, torch.Tensor], count: int, autocast: Callable[[], Any]) -> None:
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    for _ in range(count):
+        with autocast():
+            model(**batch)
 
 
 def _gathered(predictions: list[torch.Tensor], targets: list[torch.Tensor], ddp: Dist):

@@ -126,6 +126,18 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def shard(model: PreTrainedModel) -> None:
+    """FSDP2 in place: each transformer layer (the classes of ``_no_split_modules``) one unit, then the rest. Every
+    parameter becomes this process's DTensor shard; a forward gathers each unit's weights while it runs."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in layers:
+            fully_shard(module)
+    fully_shard(model)
+
+
 def max_positions(model: PreTrainedModel) -> int | None:
     """The model's context length, where its configuration states one."""
     cfg = model.config

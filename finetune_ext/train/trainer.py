@@ -44,6 +44,7 @@ from finetune_ext.train.models import (
     load_tokenizer,
     max_positions,
     param_count,
+    shard,
 )
 
 # Fields a resumed run may change: they steer bookkeeping, not the computation. A change is applied and
@@ -123,6 +124,11 @@ class TrainConfig:
     gradient_checkpointing: bool = option(
         False, "recompute each layer's activations in the backward (less memory; random layers draw the same masks)"
     )
+    fsdp: bool = option(
+        False,
+        "under torchrun: shard the model with FSDP2 (each layer a unit) instead of replicating it with DDP; "
+        "a frozen base with adapters or adamw's layers, and parts that shard (finetune-ext methods)",
+    )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "default: cuda if available")
     select_metric: Literal["loss", "acc", "f1", "mcc", "pearson", "spearman"] | None = option(
         None, "validation metric that selects the reported model (default: loss for LM, the task's GLUE metric)"
@@ -184,8 +190,19 @@ def check_config(cfg: TrainConfig, world: int = 1) -> Parts:
         check_model_spec(cfg.tokenizer, "tokenizer")
     detect_source(cfg.data)
     parts = build_parts(cfg)
+    if cfg.fsdp:
+        _check_shardable(parts)
     rundir.check(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
     return parts
+
+
+def _check_shardable(parts: Parts) -> None:
+    for kind, part in parts.by_kind.items():
+        if not part.shardable:
+            raise UserError(
+                f"fsdp: {kind} {part.name} does not run on FSDP shards ({part.unshardable_because}); "
+                "drop --fsdp to run it with DDP"
+            )
 
 
 def _check_numbers(cfg: TrainConfig, world: int) -> None:
@@ -260,7 +277,7 @@ class _Run:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the summary that is also written to summary.json."""
-    with process_group(cfg.device) as (ddp, device):
+    with process_group(cfg.device, cfg.fsdp) as (ddp, device):
         return _train(cfg, ddp, device)
 
 
@@ -364,13 +381,21 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device) -> _
     )
     for transform in parts.transforms:
         transform.apply(model, context)
-    parts.stepper.setup(model, context)
+    parts.stepper.freeze(model, context)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     cast_frozen(model, cfg.dtype)
     run.base_digest = checkpoint.frozen_digest(model)
-    # Wrapped after the transforms: they may replace modules (dropout layers, adapters).
-    run.trained = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
+    # Wrapped after the transforms (they may replace modules: dropout layers, adapters), sharded before the
+    # stepper builds its optimizer over the shards.
+    if cfg.fsdp and run.base_digest is None:
+        raise UserError("fsdp: shards runs over a frozen base (an adapter, or adamw's layers); a full fine-tune "
+                        "under FSDP is not built yet")  # fmt: skip
+    if ddp.sharded:
+        shard(model)
+    elif ddp.world > 1:
+        run.trained = nn.parallel.DistributedDataParallel(model)
+    parts.stepper.setup(model, context)
     return run
 
 
@@ -418,6 +443,9 @@ def _config_record(run: _Run) -> dict[str, Any]:
 
 def _save(run: _Run) -> None:
     checkpoint.write_rng(run.out, run.step, run.ddp.rank)
+    # On every process: under FSDP, gathering the trained weights and the stepper's moments is a collective.
+    weights = checkpoint.trained_state(run.model) if run.base_digest is not None else None
+    part_states = {kind: part.state_dict() for kind, part in run.parts.by_kind.items()}
     run.ddp.barrier()
     if run.ddp.main:
         state = {
@@ -427,11 +455,11 @@ def _save(run: _Run) -> None:
             "best": run.best,
             "best_state": run.best_state,
             "base_digest": run.base_digest,
-            "parts": {kind: part.state_dict() for kind, part in run.parts.by_kind.items()},
+            "parts": part_states,
             "config": _config_record(run),
             "model": {"task": run.task, "num_labels": run.model.config.num_labels},
         }
-        checkpoint.commit(run.out, run.step, run.model, state, run.cfg.keep_checkpoints, run.run_id)
+        checkpoint.commit(run.out, run.step, run.model, state, run.cfg.keep_checkpoints, run.run_id, weights)
     run.ddp.barrier()
 
 
@@ -449,7 +477,7 @@ def _restore(run: _Run, folder: Path) -> None:
             f"resume: changed since the checkpoint's run: {text}; "
             f"a resumed run may change only {', '.join(CHANGEABLE_ON_RESUME)}"
         )
-    checkpoint.load(folder, run.model, run.ddp.rank, state.get("base_digest"))
+    checkpoint.load(folder, run.model, run.ddp.rank, state.get("base_digest"), run.base_digest)
     changed = {k: (saved[k], given[k]) for k in differ if k not in ("resume", "overwrite")}
     if changed and run.ddp.main:
         text = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -491,9 +519,9 @@ def _report(run: _Run, seconds: float) -> dict[str, Any]:
     summary["test"] = summary["test_final"]
     if run.best_state is not None:
         final_state = {k: v.to("cpu", copy=True) for k, v in checkpoint.trained_state(run.model).items()}
-        run.model.load_state_dict(run.best_state, strict=False)
+        checkpoint.load_trained_state(run.model, run.best_state)
         summary["test"] = run.evaluate(run.model, run.splits.test)
-        run.model.load_state_dict(final_state, strict=False)
+        checkpoint.load_trained_state(run.model, final_state)
     if run.ddp.main:
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(run.log.records, run.out / "curves.png")
