@@ -109,16 +109,16 @@ class PartsTrainer(transformers.Trainer):
         **kwargs: Any,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
+        if getattr(kwargs.get("args", args[1] if len(args) > 1 else None), "fsdp", None):
+            raise ValueError(
+                "fsdp: PartsTrainer does not run under Trainer's FSDP yet (the stepper builds its optimizer before "
+                "Trainer shards the model); use `finetune-ext train --fsdp`, or DDP"
+            )
         has_adapters = isinstance(model, nn.Module) and any(isinstance(m, PerturbableLayer) for m in model.modules())
         built = build_parts(parts, part_options, has_adapters)
         rng = torch.get_rng_state()  # the parts initialise from the state the model left, as in our trainer
         super().__init__(*args, **kwargs)
         torch.set_rng_state(rng)
-        if getattr(self, "is_fsdp_enabled", False):
-            raise ValueError(
-                "fsdp: PartsTrainer does not run under Trainer's FSDP yet (the stepper builds its optimizer before "
-                "Trainer shards the model); use `finetune-ext train --fsdp`, or DDP"
-            )
         self.parts = built
         self.stepper: Stepper = built[registry.STEPPER_KIND]
         if self.stepper.needs_validation and self.eval_dataset is None:
