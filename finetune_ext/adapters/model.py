@@ -47,6 +47,11 @@ def find_targets(model: nn.Module, config: LinChainConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or not _matches(name, config):
             continue
+        if isinstance(module, (nn.Linear, Conv1D)) and not module.weight.is_floating_point():
+            raise ValueError(
+                f"target_modules: {name!r} is a {type(module).__name__} with a packed {module.weight.dtype} weight "
+                "(a 4-bit or 8-bit base); adapters over quantized layers (QLoRA) are not built yet"
+            )
         if isinstance(module, (nn.Linear, Conv1D)):
             names.append(name)
         elif config.target_modules != "all-linear":

@@ -184,6 +184,15 @@ def test_bf16_autocast_runs_through_the_fused_op() -> None:
     assert out.dtype == torch.bfloat16
 
 
+def test_a_packed_quantized_weight_is_refused_not_read_as_dense() -> None:
+    """bitsandbytes' Linear4bit is an ``nn.Linear`` whose weight is packed uint8: an adapter must not multiply it."""
+    model = _gpt2()
+    packed = model.transformer.h[0].attn.c_attn
+    packed.weight = nn.Parameter(torch.zeros(packed.weight.numel() // 2, 1, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"'transformer\.h\.0\.attn\.c_attn' is a Conv1D with a packed torch\.uint8"):
+        adapters.apply_linchain(model, LinChainConfig(target_modules=["c_attn"]))
+
+
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="r: expected a positive integer, got 0"):
         LinChainConfig(r=0)
