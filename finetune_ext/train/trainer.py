@@ -507,6 +507,7 @@ def _report(run: _Run, seconds: float) -> dict[str, Any]:
         "task": run.task,
         "steps": run.step,
         "processes": run.ddp.world,
+        "sharded": run.ddp.sharded,
         "device": str(run.device),
         "params_trainable": trainable,
         "params_total": total,

@@ -54,6 +54,8 @@ def test_fsdp_equals_ddp_and_resumes_bit_for_bit(tmp_path, wikitext_slice, gpt2_
     for out, extra in ((ddp, []), (fsdp, ["--fsdp"])):
         done = _launch([*_args(wikitext_slice, gpt2_tokenizer, out), *extra])
         assert done.returncode == 0, done.stderr[-6000:]
+    summaries = [json.loads((out / "summary.json").read_text()) for out in (ddp, fsdp)]
+    assert [(s["processes"], s["sharded"]) for s in summaries] == [(2, False), (2, True)]
     assert _losses(fsdp, "train") == pytest.approx(_losses(ddp, "train"), rel=1e-5)
     assert _losses(fsdp, "val") == pytest.approx(_losses(ddp, "val"), rel=1e-5)
     a, b = _weights(ddp, 4), _weights(fsdp, 4)
