@@ -69,7 +69,7 @@ Pair lora_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor&
                  const OptTensor& noise_std, const at::Tensor& noise_seed) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("finetune_ext::lora_linear", "")
-                             .typed<Pair(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+                             .typed<Pair(const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
                                          const at::Tensor&, const OptTensor&, double, const OptTensor&,
                                          const at::Tensor&, const OptTensor&, const at::Tensor&)>();
   return op.call(x, weight, bias, A, B, c, scale, keep, seed, noise_std, noise_seed);
@@ -84,7 +84,7 @@ Grads lora_linear_backward(const at::Tensor& grad, const at::Tensor& x, const at
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("finetune_ext::lora_linear_backward", "")
-          .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+          .typed<Grads(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, double, const OptTensor&, const at::Tensor&, const OptTensor&,
                        const at::Tensor&, std::array<bool, 4>)>();
   return op.call(grad, x, weight, A, B, u, scale, keep, seed, noise_std, noise_seed, mask);

@@ -31,6 +31,11 @@ class LinChainLinear(nn.Module):
     It implements ``finetune_ext.nn.PerturbableLayer``: a weight perturbation (``finetune_ext.perturb``) attaches
     a ``WeightPerturbation`` whose noise is formed inside ``lora_linear`` and whose shift is added as a low-rank
     term; the base weight itself is never written.
+
+    A quantized base (a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``: an ``nn.Linear`` with a packed integer
+    weight) runs through its own forward, and the adapter path through ``lora_linear`` without a weight: the
+    packed weight is never read as a matrix. Its factors take the base's ``compute_dtype`` (float32 if unset);
+    merging and weight perturbations need a dense base and are refused.
     """
 
     def __init__(self, base: nn.Linear | Conv1D, config: LinChainConfig, site: int = 0) -> None:
@@ -40,10 +45,12 @@ class LinChainLinear(nn.Module):
             raise TypeError(f"base: expected nn.Linear or Conv1D, got {type(base).__name__}")
         self.base_layer = base
         self.conv1d = isinstance(base, Conv1D)
-        out_f, in_f = self.base_weight().shape
+        self.quantized = not base.weight.is_floating_point()
+        out_f, in_f = (base.out_features, base.in_features) if self.quantized else self.base_weight().shape
         r, k = config.r, config.chain_length
         self.r, self.chain_length, self.scale, self.dropout = r, k, config.scale, config.dropout
-        like = {"dtype": base.weight.dtype, "device": base.weight.device}
+        dtype = (getattr(base, "compute_dtype", None) or torch.float32) if self.quantized else base.weight.dtype
+        like = {"dtype": dtype, "device": base.weight.device}
         self.lora_A = nn.Parameter(torch.empty(r, in_f, **like))
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, **like))
         self.mixer_weight = nn.Parameter(torch.empty(k, r, r, **like)) if k else None
@@ -105,6 +112,8 @@ class LinChainLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.quantized:
+            return self._quantized_forward(x)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x, weight, bias, B = (_as(t, dtype) for t in (x, self.base_weight(), self.base_layer.bias, self.lora_B))
@@ -123,6 +132,16 @@ class LinChainLinear(nn.Module):
         P, Q = (_as(t, dtype) for t in hook.shift)
         return y + (x @ Q.t()) @ P.t()
 
+    def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base through its own (bitsandbytes) forward plus the adapter path alone through ``lora_linear``."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lora_B.dtype
+        A, c = (_as(t, dtype) for t in self.factors())
+        xa, B = _as(x, dtype), _as(self.lora_B, dtype)
+        y = ops.lora_linear(xa, None, None, A, B, c, scale=self.scale, dropout_p=self.dropout, training=self.training,
+                            seed=keys.site_seed(self.site))  # fmt: skip
+        return self.base_layer(x).to(y.dtype) + y
+
     @torch.no_grad()
     def delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The update as ``(dW [out, in], db [out] or None)``, computed in float64 for an exact merge."""
@@ -135,6 +154,8 @@ class LinChainLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base layer (``W += s B M A``, ``bias += s B beff``)."""
+        if self.quantized:
+            raise ValueError("merge: the base weight is quantized (packed); dequantize the base to merge the update")
         if self.merged:
             return
         self._apply_delta(+1.0)

@@ -41,16 +41,25 @@ def _matches(name: str, config: LinChainConfig) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _bitsandbytes(module: nn.Module) -> bool:
+    """A bitsandbytes quantized linear layer (``Linear4bit``, ``Linear8bitLt``): one that runs its own forward."""
+    return type(module).__module__.startswith("bitsandbytes.")
+
+
 def find_targets(model: nn.Module, config: LinChainConfig) -> list[str]:
     """Names of the modules ``config.target_modules`` selects; a clear error for a miss or a non-linear match."""
     names = []
     for name, module in model.named_modules():
         if not name or not _matches(name, config):
             continue
-        if isinstance(module, (nn.Linear, Conv1D)) and not module.weight.is_floating_point():
+        if (
+            isinstance(module, (nn.Linear, Conv1D))
+            and not module.weight.is_floating_point()
+            and not _bitsandbytes(module)
+        ):
             raise ValueError(
-                f"target_modules: {name!r} is a {type(module).__name__} with a packed {module.weight.dtype} weight "
-                "(a 4-bit or 8-bit base); adapters over quantized layers (QLoRA) are not built yet"
+                f"target_modules: {name!r} is a {type(module).__name__} with a packed {module.weight.dtype} weight; "
+                "adapters run over dense layers and bitsandbytes' quantized ones only"
             )
         if isinstance(module, (nn.Linear, Conv1D)):
             names.append(name)

@@ -168,17 +168,18 @@ def _linchain_compose_backward_fake(
 
 
 # Adapted linear layer: y = x @ W.T + bias + scale * u @ B.T with u = dropout(x) @ A.T + c, returns (y, u).
-# x [..., in], weight [out, in] (frozen), A [r, in], B [out, r], c [r]; keep: the dropout keep probability as
+# x [..., in], weight [out, in] (frozen; None: no base term, the caller runs its base, e.g. a 4-bit one), A [r, in],
+# B [out, r], c [r]; keep: the dropout keep probability as
 # for fisher_dropout (None: no dropout), seed the fisher_dropout key. u [tokens, r] is what backward needs.
 # noise_std [out] float32 (None: no noise): W is replaced by gaussian_perturb(weight, noise_std, noise_seed),
 # formed as a temporary in the forward and again in the backward; weight itself is never written.
 LIB.define(
-    "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor? c, float scale, Tensor? keep, "
+    "lora_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor A, Tensor B, Tensor? c, float scale, Tensor? keep, "
     "Tensor seed, Tensor? noise_std, Tensor noise_seed) -> (Tensor, Tensor)"
 )
 # Gradients w.r.t. (x, A, B, c) for output_mask's True entries; the others are empty [0] tensors.
 LIB.define(
-    "lora_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor u, float scale, "
+    "lora_linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor A, Tensor B, Tensor u, float scale, "
     "Tensor? keep, Tensor seed, Tensor? noise_std, Tensor noise_seed, bool[4] output_mask) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
@@ -186,8 +187,8 @@ LIB.define(
 
 @torch.library.register_fake("finetune_ext::lora_linear")
 def _lora_linear_fake(x, weight, bias, A, B, c, scale, keep, seed, noise_std, noise_seed):
-    torch._check(x.shape[-1] == weight.shape[1], lambda: f"x {tuple(x.shape)} does not match weight {weight.shape}")
-    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.numel() // x.shape[-1], A.shape[0])
+    torch._check(x.shape[-1] == A.shape[1], lambda: f"x {tuple(x.shape)} does not match A {tuple(A.shape)}")
+    return x.new_empty(*x.shape[:-1], B.shape[0]), x.new_empty(x.numel() // x.shape[-1], A.shape[0])
 
 
 @torch.library.register_fake("finetune_ext::lora_linear_backward")

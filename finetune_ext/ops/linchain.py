@@ -50,7 +50,7 @@ def linchain_compose(
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -72,7 +72,8 @@ def lora_linear(
         x: ``[..., in]``.
         weight, bias: the frozen base layer, ``[out, in]`` and ``[out]`` or ``None`` (GPT-2's ``Conv1D``
             weight is ``[in, out]``: pass ``weight.t()``). The kernel computes no gradient for them; when
-            they require one, ``"auto"`` takes the reference path and ``"ext"`` raises.
+            they require one, ``"auto"`` takes the reference path and ``"ext"`` raises. ``weight=None``: the
+            adapter path alone (plus ``bias``), for a base the caller runs itself, such as a 4-bit layer.
         A, B, c: ``[r, in]``, ``[out, r]`` and the rank-space bias ``[r]`` or ``None``.
         scale: the update's factor (``alpha / r``).
         dropout_p: dropout on the adapter's input (not on the base path), active when ``training``.
@@ -132,6 +133,9 @@ def linchain_linear(
         ``[..., out]`` in x's dtype.
     """
     check_backend(backend)
+    if weight is None:
+        raise ValueError("weight: linchain_linear needs the base weight; without one, compose the chain "
+                         "(linchain_compose) and call lora_linear(x, None, ...)")  # fmt: skip
     _check_lora_args(x, weight, bias, A, B, None)
     _check_mixer_args(x, A, mixer_weight, mixer_bias)
     keep, key, noise_std, noise_key = _random_args(
@@ -156,6 +160,8 @@ def _random_args(x, weight, bias, dropout_p, training, seed, generator, noise_st
     key = philox_key(seed, 0, generator) if drop else _UNUSED_KEY
     keep = keep_tensor(1.0 - dropout_p, x.device) if drop else None
     noise_key = philox_key(noise_seed, noise_offset, None) if noise_std is not None else _UNUSED_KEY
+    if noise_std is not None and weight is None:
+        raise ValueError("noise_std: perturbs the base weight; the call has weight=None")
     if noise_std is not None:
         noise_std = check_noise_args(weight, noise_std)
     if backend == "ext" and _base_needs_grad(weight, bias):
@@ -163,8 +169,8 @@ def _random_args(x, weight, bias, dropout_p, training, seed, generator, noise_st
     return keep, key, noise_std, noise_key
 
 
-def _base_needs_grad(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+def _base_needs_grad(weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias))
 
 
 def _check_mixer_args(x, A, mixer_weight, mixer_bias) -> None:
@@ -181,9 +187,16 @@ def _check_mixer_args(x, A, mixer_weight, mixer_bias) -> None:
 def _check_lora_args(x, weight, bias, A, B, c) -> None:
     if not x.is_floating_point():
         raise ValueError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x: expected last dimension {weight.shape[1]} (weight [out, in]), got {list(x.shape)}")
-    out, inp = weight.shape
+    if weight is None:
+        if A.dim() != 2 or B.dim() != 2:
+            raise ValueError(f"A, B: expected 2-d [r, in] and [out, r], got {list(A.shape)} and {list(B.shape)}")
+        (out, _), inp = B.shape, A.shape[1]
+    elif weight.dim() != 2:
+        raise ValueError(f"weight: expected 2-d [out, in], got {list(weight.shape)}")
+    else:
+        out, inp = weight.shape
+    if x.dim() < 1 or x.shape[-1] != inp:
+        raise ValueError(f"x: expected last dimension {inp} (weight [out, in] or A [r, in]), got {list(x.shape)}")
     if A.dim() != 2 or A.shape[1] != inp:
         raise ValueError(f"A: expected shape [r, {inp}], got {list(A.shape)}")
     r = A.shape[0]

@@ -92,6 +92,10 @@ class _Perturbation(Transform):
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, PerturbableLayer)}
         if not self.layers:
             raise UserError(f"perturbation: {self.name} perturbs adapted layers; add --adapter lora or linchain")
+        packed = [n for n, m in self.layers.items() if not m.base_weight().is_floating_point()]
+        if packed:
+            raise UserError(f"perturbation: {self.name} perturbs the base weight, and {packed[0]!r} has a packed "
+                            "(4-bit or 8-bit) one; use a dense base")  # fmt: skip
         self.hooks = {name: WeightPerturbation() for name in self.layers}
         for name, layer in self.layers.items():
             layer.attach_perturbation(self.hooks[name])

@@ -30,7 +30,7 @@ def linchain_compose(W: torch.Tensor, b: torch.Tensor | None = None) -> tuple[to
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -43,10 +43,13 @@ def lora_linear(
     noise_std: torch.Tensor | None = None,
     noise_key: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
-    """``x W^T + bias + scale * (dropout(x) A^T + c) B^T`` with the kernels' dropout mask; with ``noise_std``,
-    ``W`` is the kernels' ``W + eps`` of ``noise_key`` (a new tensor: ``weight`` is not written)."""
+    """``x W^T + bias + scale * (dropout(x) A^T + c) B^T`` with the kernels' dropout mask (no ``x W^T`` term
+    without ``weight``); with ``noise_std``, ``W`` is the kernels' ``W + eps`` of ``noise_key`` (a new tensor:
+    ``weight`` is not written)."""
     xd = fisher_dropout(x, keep, seed=seed, offset=offset) if keep is not None else x
     u = F.linear(xd, A, c)
+    if weight is None:
+        return scale * F.linear(u, B) + (bias if bias is not None else 0.0)
     if noise_std is not None:
         weight = gaussian_perturb(weight, noise_std, seed=noise_key[0], offset=noise_key[1])
     return F.linear(x, weight, bias) + scale * F.linear(u, B)

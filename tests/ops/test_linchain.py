@@ -95,14 +95,17 @@ def _grads(fn, inputs, grad_out):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lora_linear_matches_reference(device, dtype, p) -> None:
-    """GEMMs are reductions: the 2x-reference rule against float64, forward and every gradient."""
+@pytest.mark.parametrize("base", ["weight", "none"])
+def test_lora_linear_matches_reference(device, dtype, p, base) -> None:
+    """GEMMs are reductions: the 2x-reference rule against float64, forward and every gradient; ``weight=None``
+    is the adapter path alone (a base the caller runs itself)."""
     x, weight, bias, A, B, c = _layer(device, dtype)
     grad_out = torch.randn(3, 7, 20, device=device).to(dtype)
 
     def run(backend, cast=None):
         def fn(x_, A_, B_, c_):
             w, bi = (weight, bias) if cast is None else (weight.to(cast), bias.to(cast))
+            w = w if base == "weight" else None
             return ops.lora_linear(x_, w, bi, A_, B_, c_, scale=2.0, dropout_p=p, seed=11, backend=backend)
 
         inputs = [x, A, B, c] if cast is None else [t.to(cast) for t in (x, A, B, c)]
@@ -126,14 +129,19 @@ def test_lora_linear_gradcheck_and_opcheck(device) -> None:
         return ops.lora_linear(x_, weight, bias, A_, B_, c_, scale=0.5, dropout_p=0.4, seed=3, noise_std=noise,
                                noise_seed=8, backend="ext")  # fmt: skip
 
+    def adapter_only(x_, A_, B_, c_):
+        return ops.lora_linear(x_, None, bias, A_, B_, c_, scale=0.5, dropout_p=0.4, seed=3, backend="ext")
+
     assert torch.autograd.gradcheck(fn, leaves)
     assert torch.autograd.gradcheck(lambda *t: fn(*t, noise=std), leaves)
+    assert torch.autograd.gradcheck(adapter_only, leaves)
     keep, seed = torch.full((), 0.6, dtype=torch.float32, device=device), torch.tensor([3, 0])
     no_noise, noise_key = (None, torch.zeros(2, dtype=torch.int64)), torch.tensor([8, 0])
     op = torch.ops.finetune_ext.lora_linear
     torch.library.opcheck(op, (x, weight, bias, A, B, c, 0.5, keep, seed, *no_noise))
     torch.library.opcheck(op, (x, weight, None, A, B, None, 0.5, None, seed, *no_noise))
     torch.library.opcheck(op, (x, weight, bias, A, B, c, 0.5, keep, seed, std, noise_key))
+    torch.library.opcheck(op, (x, None, bias, A, B, c, 0.5, keep, seed, *no_noise))
 
 
 @pytest.mark.parametrize("device", DEVICES)
