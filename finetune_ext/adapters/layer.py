@@ -34,7 +34,7 @@ class LinChainLinear(nn.Module):
 
     A quantized base (a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``: an ``nn.Linear`` with a packed integer
     weight) runs through its own forward, and the adapter path through ``lora_linear`` without a weight: the
-    packed weight is never read as a matrix. Its factors take the base's ``compute_dtype`` (float32 if unset);
+    packed weight is never read as a matrix. Its factors are float32 (the forward casts them to autocast's dtype);
     merging and weight perturbations need a dense base and are refused.
     """
 
@@ -49,7 +49,7 @@ class LinChainLinear(nn.Module):
         out_f, in_f = (base.out_features, base.in_features) if self.quantized else self.base_weight().shape
         r, k = config.r, config.chain_length
         self.r, self.chain_length, self.scale, self.dropout = r, k, config.scale, config.dropout
-        dtype = (getattr(base, "compute_dtype", None) or torch.float32) if self.quantized else base.weight.dtype
+        dtype = torch.float32 if self.quantized else base.weight.dtype
         like = {"dtype": dtype, "device": base.weight.device}
         self.lora_A = nn.Parameter(torch.empty(r, in_f, **like))
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, **like))

@@ -116,6 +116,12 @@ class PartsTrainer(transformers.Trainer):
             )
         has_adapters = isinstance(model, nn.Module) and any(isinstance(m, PerturbableLayer) for m in model.modules())
         built = build_parts(parts, part_options, has_adapters)
+        if getattr(model, "is_quantized", False) and "adapter" in built:
+            raise ValueError(
+                "adapter: Trainer takes a quantized model only with PEFT adapters; attach PEFT LoRA "
+                "(get_peft_model) and route it through our op with integrations.peft.patch, or run finetune-ext "
+                "train --dtype nf4"
+            )
         rng = torch.get_rng_state()  # the parts initialise from the state the model left, as in our trainer
         super().__init__(*args, **kwargs)
         torch.set_rng_state(rng)

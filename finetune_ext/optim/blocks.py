@@ -12,6 +12,12 @@ from finetune_ext.errors import UserError
 _LAYER = re.compile(r"^(.*?\.(?:layer|h|layers|block))\.(\d+)\.")
 
 
+def layer_index(name: str) -> int | None:
+    """The transformer layer a parameter or module name lies in (``model.layers.3.mlp`` -> 3), or ``None``."""
+    match = _LAYER.match(name + ".")
+    return int(match.group(2)) if match else None
+
+
 def blocks_from_model(model: nn.Module, layers_per_block: int = 1) -> list[dict]:
     """``[{"name", "params"}, ...]``: ``embeddings``, ``layers a-b`` (``layers_per_block`` layers each), ``head``.
 

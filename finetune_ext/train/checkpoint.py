@@ -231,10 +231,12 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tupl
 
 
 def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that require grad and registered buffers, by state-dict name (not the extra entries a layer's
+    ``state_dict`` adds, such as a 4-bit layer's quantization state: they belong to the frozen base)."""
+    kept = {id(p) for p in model.parameters() if p.requires_grad} | {id(b) for b in model.buffers()}
     out, seen = {}, set()
     for key, value in model.state_dict(keep_vars=True).items():
-        frozen = isinstance(value, nn.Parameter) and not value.requires_grad
-        if not frozen and id(value) not in seen:
+        if id(value) in kept and id(value) not in seen:
             seen.add(id(value))
             out[key] = value.detach()
     return out

@@ -19,7 +19,7 @@ from finetune_ext.adapters.model import apply_linchain, merge_and_unload
 from finetune_ext.adapters.peft_format import save_peft
 from finetune_ext.errors import RunWarning, UserError
 from finetune_ext.train import checkpoint, registry
-from finetune_ext.train.models import cast_frozen, load_tokenizer
+from finetune_ext.train.models import cast_frozen, load_tokenizer, quantize_4bit
 from finetune_ext.train.models import load_model as load_base
 
 
@@ -34,6 +34,8 @@ def export(run_dir: str | Path, fmt: Literal["peft", "merged"], output: str | Pa
     adapter = cfg["parts"].get("adapter", {}).get("name", "none")
     if fmt == "peft" and adapter not in ("lora", "linchain"):
         raise UserError(f"format: the run in {run_dir} trained without adapters (--adapter {adapter}); use merged")
+    if fmt == "merged" and cfg.get("dtype") == "nf4":
+        raise UserError(f"format: the run in {run_dir} has a 4-bit base, which cannot take the merged update; use peft")
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output: {out} exists and is not an empty folder")
@@ -41,6 +43,8 @@ def export(run_dir: str | Path, fmt: Literal["peft", "merged"], output: str | Pa
     task = {"cls": "classification"}.get(state["model"]["task"], state["model"]["task"])  # runs before one vocabulary
     torch.manual_seed(cfg["seed"])  # a base built from a configuration: the run's initialisation, checked below
     model = load_base(cfg["model"], task, tokenizer, num_labels=state["model"]["num_labels"])
+    if cfg.get("dtype") == "nf4":  # the adapters wrap the 4-bit layers, as in the run
+        quantize_4bit(model)
     if adapter in ("lora", "linchain"):
         part = registry.build("adapter", adapter, cfg["parts"]["adapter"]["options"])
         apply_linchain(model, part.model_config(model, task))

@@ -21,6 +21,7 @@ from transformers import (
 
 from finetune_ext.errors import UserError
 from finetune_ext.nn import keys
+from finetune_ext.optim.blocks import layer_index
 
 # Small configurations for tests and offline experiments: `--model config:<name>`.
 _DECODER_TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
@@ -98,12 +99,13 @@ def load_model(spec: str, task: str, tokenizer: PreTrainedTokenizerBase, num_lab
     return model
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "nf4": torch.bfloat16}  # nf4: what is not 4-bit is bf16
 
 
 def cast_frozen(model: torch.nn.Module, dtype: str) -> None:
-    """Store the parameters that do not train in ``dtype`` (``fp32`` / ``bf16``); those that train stay as they
-    are. A ``UserError`` when nothing is frozen and ``dtype`` is not fp32."""
+    """Store the parameters that do not train in ``dtype`` (``fp32`` / ``bf16``; ``nf4``: bf16 for those that
+    ``quantize_4bit`` left); those that train, and packed 4-bit weights, stay as they are. A ``UserError`` when
+    nothing is frozen and ``dtype`` is not fp32."""
     if dtype not in DTYPES:
         raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -111,7 +113,37 @@ def cast_frozen(model: torch.nn.Module, dtype: str) -> None:
         raise UserError(f"dtype: {dtype} stores the frozen base weights, and this run trains every weight (add an "
                         "adapter, or train some layers: LiFT's blocks, adamw's layers)")  # fmt: skip
     for p in frozen:
-        p.data = p.data.to(DTYPES[dtype])
+        if p.is_floating_point():
+            p.data = p.data.to(DTYPES[dtype])
+
+
+def quantize_4bit(model: torch.nn.Module) -> None:
+    """QLoRA's base, in place: every ``nn.Linear`` of the transformer layers becomes a bitsandbytes ``Linear4bit``
+    (NF4, double quantization, bf16 compute), quantized on the device its weight is on. Embeddings, norms and
+    heads are left to ``cast_frozen`` (bf16). GPT-2's ``Conv1D`` layers are not ``nn.Linear``: a ``UserError``
+    when no layer qualifies."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError("dtype: nf4 needs bitsandbytes (pip install 'finetune_ext[qlora]')") from None
+    targets = [(parent, child_name, child) for name, parent in model.named_modules()
+               for child_name, child in parent.named_children()
+               if type(child) is torch.nn.Linear and layer_index(f"{name}.{child_name}") is not None]  # fmt: skip
+    if not targets:
+        raise UserError(f"dtype: nf4 found no nn.Linear in the transformer layers of {type(model).__name__} (GPT-2's "
+                        "Conv1D layers are not quantized); use --dtype bf16")  # fmt: skip
+    for parent, child_name, child in targets:
+        layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")  # fmt: skip
+        layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4")  # fmt: skip
+        if child.bias is not None:
+            layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place for no-grad evaluation and back when a
+        # state dict is taken, and the round trip changes the next training steps in their last bits: resume would
+        # not be exact. The one packing for every call keeps it so.
+        layer.support_avx512bf16_for_cpu = False
+        setattr(parent, child_name, layer.to(child.weight.device).train(child.training))
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

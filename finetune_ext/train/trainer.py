@@ -44,6 +44,7 @@ from finetune_ext.train.models import (
     load_tokenizer,
     max_positions,
     param_count,
+    quantize_4bit,
     shard,
 )
 
@@ -116,10 +117,11 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --output-dir from its latest checkpoint")
     overwrite: bool = option(False, "start over in an --output-dir that holds checkpoints")
     bf16: bool = option(False, "bf16 autocast for forward passes")
-    dtype: Literal["fp32", "bf16"] = option(
+    dtype: Literal["fp32", "bf16", "nf4"] = option(
         "fp32",
-        "the frozen base weights' dtype (bf16: half their memory, with bf16 autocast); what trains and the "
-        "optimizer state stay fp32",
+        "the frozen base weights' dtype (bf16: half their memory, with bf16 autocast; nf4: the transformer layers' "
+        "linear weights in 4-bit NF4 through bitsandbytes, the rest bf16: QLoRA, with an adapter); what trains and "
+        "the optimizer state stay fp32",
     )
     gradient_checkpointing: bool = option(
         False, "recompute each layer's activations in the backward (less memory; random layers draw the same masks)"
@@ -190,6 +192,9 @@ def check_config(cfg: TrainConfig, world: int = 1) -> Parts:
         check_model_spec(cfg.tokenizer, "tokenizer")
     detect_source(cfg.data)
     parts = build_parts(cfg)
+    if cfg.dtype == "nf4" and "adapter" not in parts.by_kind:
+        raise UserError("dtype: nf4 quantizes the base's linear layers, which then cannot train; add --adapter lora "
+                        "or linchain (QLoRA)")  # fmt: skip
     if cfg.fsdp:
         _check_shardable(parts)
     rundir.check(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
@@ -261,7 +266,7 @@ class _Run:
     log: MetricsLog | None = None
 
     def autocast(self):
-        if self.cfg.bf16 or self.cfg.dtype == "bf16":
+        if self.cfg.bf16 or self.cfg.dtype in ("bf16", "nf4"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -362,6 +367,8 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device) -> _
     model = load_model(cfg.model, task, tokenizer, num_labels=labels)
     _check_context(model, cfg, task)
     model.to(device).train()
+    if cfg.dtype == "nf4":
+        quantize_4bit(model)
     run = _Run(cfg, ddp, device, out, task, splits, model, model, parts,
                Stream(len(splits.train["input_ids"]), cfg.batch_size, cfg.seed), metric)  # fmt: skip
     run.best = {"metric": metric, "value": math.inf if metric == "loss" else -math.inf, "step": 0}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from finetune_ext import ops
@@ -31,6 +30,25 @@ def _gpt2():
     return get_peft_model(GPT2LMHeadModel(config), lora)
 
 
+def _llama_nf4():
+    """QLoRA: a tiny Llama whose layers' linear weights are NF4 (bitsandbytes, CPU backend), PEFT LoRA over them."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune_ext.train.models import quantize_4bit
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    quantize_4bit(model)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    return get_peft_model(model, lora)
+
+
+MODELS = {"bert": lambda: _bert(), "gpt2": lambda: _gpt2(), "llama-nf4": lambda: _llama_nf4()}
+
+
 def _randomise_adapters(model) -> None:
     with torch.no_grad():  # as after training: B != 0, so the adapter path shows in the logits
         for p in model.parameters():
@@ -46,19 +64,21 @@ def _logits_and_grads(model, ids: torch.Tensor):
     return logits.detach(), grads
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("family", list(MODELS))
 def test_patched_logits_and_gradients_equal_peft(family: str, monkeypatch) -> None:
+    """Dense bases inside the op; 4-bit bases through bitsandbytes with the op's adapter path alone."""
     calls = []
-    monkeypatch.setattr(ops, "lora_linear", lambda *a, **k: calls.append(1) or lora_linear(*a, **k))
-    model = _bert() if family == "bert" else _gpt2()
+    monkeypatch.setattr(ops, "lora_linear", lambda *a, **k: calls.append(a[1] is None) or lora_linear(*a, **k))
+    model = MODELS[family]()
     _randomise_adapters(model)
     model.train()
     ids = torch.randint(0, 50, (3, 7))
     expected = _logits_and_grads(model, ids)
-    layers = sum(isinstance(m, LoraLinear) for m in model.modules())
+    layers = sum(hasattr(m, "lora_A") and hasattr(m, "get_base_layer") for m in model.modules())
     assert patch(model) == layers > 0
     got = _logits_and_grads(model, ids)
     assert len(calls) == layers  # every layer took the op, none fell back to PEFT's forward
+    assert all(calls) == (family == "llama-nf4")  # weight=None: the packed 4-bit weights stayed out of the op
     torch.testing.assert_close(got[0], expected[0], **tolerance(torch.float32))
     assert got[1].keys() == expected[1].keys()
     for name in expected[1]:

@@ -215,6 +215,52 @@ def test_trainers_fsdp_is_refused_in_one_line(tmp_path) -> None:
     assert "\n" not in str(err.value)
 
 
+def _quantized_llama(tmp_path):
+    """A tiny Llama saved and loaded back in 4-bit NF4 by ``from_pretrained(quantization_config=...)`` (bitsandbytes'
+    CPU backend), as users load theirs."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "llama", quantization_config=nf4, device_map="cpu")
+
+
+def test_qlora_through_peft_patch_trains_in_parts_trainer(tmp_path, monkeypatch) -> None:
+    """A 4-bit model with PEFT LoRA, patched: every adapted layer runs the op without a weight (the packed weights
+    only through bitsandbytes, unchanged), and Trainer's steps move the adapters."""
+    import peft
+
+    from finetune_ext import ops
+    from finetune_ext.integrations.peft import patch
+
+    model = peft.get_peft_model(_quantized_llama(tmp_path), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    packed = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert patch(model) == 4 and packed
+    calls = []
+    original = ops.lora_linear
+    monkeypatch.setattr(ops, "lora_linear", lambda *a, **k: calls.append(a[1] is None) or original(*a, **k))
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_steps=3, bf16=True,
+                             per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no")  # fmt: skip
+    trainer = PartsTrainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+    trainer.train()
+    assert calls and all(calls) and len(calls) % 4 == 0
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in packed.items())
+    assert any(not torch.equal(params[n], p) for n, p in before.items() if "lora_B" in n)
+
+
+def test_our_adapter_on_a_quantized_model_is_refused_in_one_line(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"adapter: Trainer takes a quantized model only with PEFT adapters") as err:
+        PartsTrainer(model=_quantized_llama(tmp_path), parts={"adapter": "lora"})
+    assert "\n" not in str(err.value)
+
+
 def test_lift_needs_an_eval_dataset(tmp_path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
