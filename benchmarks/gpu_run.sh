@@ -95,6 +95,9 @@ bench_args=(--device cuda --out "$OUT/bench" --device-csv "$OUT")
 trainer_args=(--model config:gpt2-small --steps 20 --warmup 5 --rounds 2 --threads 4 --out "$OUT/trainer_step_cuda")
 # Tokens/s and peak memory of a LoRA step, fp32 / bf16 / bf16 + checkpointing, ours beside Trainer + PEFT (issue 41)
 memory_args=(--steps 8 --warmup 2 --threads 4 --out "$OUT/memory_step_cuda")
+# The same at ~1B parameters (TinyLlama's shape, random weights), bf16 beside QLoRA's nf4 base (issue 41)
+memory_1b_args=(--model config:llama-1b --settings bf16 nf4 --steps 6 --warmup 2 --batch-size 4 --block-size 512
+                --threads 4 --out "$OUT/memory_step_cuda")
 if [ "$DRY_RUN" = 1 ]; then
   stop_unless_loaded cpu
   phase "C++ errors raise (dry run: CPU only)" 60 "$PY" -c "$probe" cpu
@@ -104,6 +107,8 @@ if [ "$DRY_RUN" = 1 ]; then
   phase "trainer step (dry run: inputs checked)" 60 "$PY" benchmarks/trainer_step.py "${trainer_args[@]}" \
     --device cpu --data-root "${TRAINER_DATA:-../shared/data}" --dry-run
   phase "memory step (dry run: inputs checked)" 60 "$PY" benchmarks/memory_step.py "${memory_args[@]}" \
+    --device cpu --data-root "${TRAINER_DATA:-../shared/data}" --dry-run
+  phase "memory step 1B (dry run: inputs checked)" 60 "$PY" benchmarks/memory_step.py "${memory_1b_args[@]}" \
     --device cpu --data-root "${TRAINER_DATA:-../shared/data}" --dry-run
   exit $failed
 fi
@@ -137,5 +142,6 @@ for op in "${ops[@]}"; do
 done
 phase "trainer step" 150 "$PY" benchmarks/trainer_step.py "${trainer_args[@]}" --device cuda --data-root .whl/data
 phase "memory step" 150 "$PY" benchmarks/memory_step.py "${memory_args[@]}" --device cuda --data-root .whl/data
+phase "memory step 1B" 240 "$PY" benchmarks/memory_step.py "${memory_1b_args[@]}" --device cuda --data-root .whl/data
 tar czf "$OUT/bench.tar.gz" -C "$OUT" bench && rm -rf "$OUT/bench"
 exit $failed

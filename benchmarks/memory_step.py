@@ -1,5 +1,7 @@
-"""Tokens per second and peak memory of a LoRA step on the GPT-2-small configuration, ours beside Trainer + PEFT,
-in fp32, bf16 (base weights in bf16, bf16 autocast) and bf16 with gradient checkpointing.
+"""Tokens per second and peak memory of a LoRA step on the GPT-2-small configuration (``--model``: another
+``config:`` model), ours beside Trainer + PEFT, in fp32, bf16 (base weights in bf16, bf16 autocast), bf16 with
+gradient checkpointing and nf4 (QLoRA: the layers' linear weights 4-bit through bitsandbytes, the rest bf16; PEFT's
+side is the same quantized model with PEFT LoRA; models with ``nn.Linear`` layers, such as ``config:llama-1b``).
 
 Language modelling on WikiText-2 blocks of ``--block-size`` tokens, ``--batch-size`` blocks a step (the same
 blocks both sides), LoRA r = 8 / alpha 16 / dropout 0.05 on every linear layer, AdamW at lr 1e-4. Each
@@ -10,12 +12,12 @@ on a GPU).
 
     python benchmarks/memory_step.py                       # CPU, one thread
     python benchmarks/memory_step.py --device cuda --data-root .whl/data
+    python benchmarks/memory_step.py --device cuda --model config:llama-1b --settings bf16 nf4
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -26,11 +28,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from methods._sweep import append_row
 from trainer_step import LORA, ROOT, StepTimer
 
 from finetune_ext.bench.harness import device_name
 
-SETTINGS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-ckpt": ("bf16", True)}
+SETTINGS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-ckpt": ("bf16", True), "nf4": ("nf4", False)}
 DOORS = ("ours", "peft")
 
 
@@ -38,7 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"), help="holds wikitext-2/")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--model", default="config:gpt2-small", help="a config: model (nf4: one with nn.Linear)")
+    parser.add_argument("--settings", nargs="+", default=["fp32", "bf16", "bf16-ckpt"], choices=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -64,16 +68,19 @@ def main() -> None:
         for door in DOORS:
             result = _run(args, door, setting)
             ms = statistics.median(result["ms"][args.warmup :])
-            rows.append({"device": args.device, "setting": setting, "door": door, "threads": args.threads,
+            rows.append({"device": args.device, "model": args.model, "setting": setting, "door": door,
+                         "threads": args.threads,
                          "median_ms": round(ms, 1), "tokens_per_s": round(args.batch_size * args.block_size / ms * 1e3),
                          "peak_mb": round(result["peak_mb"]), "machine": _machine(args)})  # fmt: skip
             print(rows[-1], flush=True)
-    _append(Path(args.out).with_suffix(".csv"), rows)
+    for row in rows:
+        append_row(Path(args.out).with_suffix(".csv"), row, list(row))
 
 
 def _run(args, door: str, setting: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--worker", door, setting, "--data-root", args.data_root, "--device", args.device,
+           "--model", args.model,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
            "--threads", str(args.threads)]  # fmt: skip
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -95,7 +102,7 @@ def _worker(args, door: str, setting: str) -> dict:
 def _ours(args, tmp: str, dtype: str, checkpointing: bool) -> list[float]:
     from finetune_ext.train.trainer import TrainConfig, train
 
-    cfg = TrainConfig(model="config:gpt2-small", tokenizer=str(Path(args.data_root) / "gpt2-tokenizer"),
+    cfg = TrainConfig(model=args.model, tokenizer=str(Path(args.data_root) / "gpt2-tokenizer"),
                       data=str(Path(args.data_root) / "wikitext-2"), output_dir=tmp, adapter="lora",
                       adapter_options={**LORA, "target_modules": "all-linear"}, steps=args.steps,
                       batch_size=args.batch_size, block_size=args.block_size, lr=1e-4, eval_every=10**6,
@@ -111,22 +118,24 @@ def _peft(args, tmp: str, dtype: str, checkpointing: bool) -> list[float]:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from finetune_ext.data import load_splits
-    from finetune_ext.train.models import load_model, load_tokenizer
+    from finetune_ext.train.models import load_model, load_tokenizer, quantize_4bit
 
     tokenizer = load_tokenizer(str(Path(args.data_root) / "gpt2-tokenizer"))
     splits = load_splits(str(Path(args.data_root) / "wikitext-2"), tokenizer, block_size=args.block_size,
                          max_length=args.block_size, train_samples=None, val_size=0, seed=0)  # fmt: skip
     blocks = [{"input_ids": b, "labels": b} for b in splits.train["input_ids"][: args.batch_size * args.steps]]
     torch.manual_seed(0)
-    model = load_model("config:gpt2-small", "lm", tokenizer)
-    if dtype == "bf16":
+    model = load_model(args.model, "lm", tokenizer).to(args.device)
+    if dtype == "nf4":
+        quantize_4bit(model)  # the same 4-bit layers as ours; PEFT's LoRA goes over them
+    if dtype in ("bf16", "nf4"):
         model.to(torch.bfloat16)  # PEFT keeps the adapters in fp32 (autocast_adapter_dtype)
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules="all-linear", fan_in_fan_out=True, task_type="CAUSAL_LM")  # fmt: skip
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], task_type="CAUSAL_LM",
+                      target_modules="all-linear", fan_in_fan_out=args.model == "config:gpt2-small")  # fmt: skip
     model = get_peft_model(model, lora)
     targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                               learning_rate=1e-4, weight_decay=0.01, use_cpu=args.device == "cpu", report_to=[],
-                              save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=dtype == "bf16",
+                              save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=dtype != "fp32",
                               activation_checkpointing=checkpointing,
                               activation_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
     timer = StepTimer()
@@ -138,16 +147,6 @@ def _peft(args, tmp: str, dtype: str, checkpointing: bool) -> list[float]:
 def _machine(args) -> str:
     torch.set_num_threads(args.threads)
     return device_name(torch.device(args.device))
-
-
-def _append(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":

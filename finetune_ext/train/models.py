@@ -36,6 +36,15 @@ TINY_CONFIGS = {
     "llama-tiny": lambda: LlamaConfig(**_DECODER_TINY),
     "mistral-tiny": lambda: MistralConfig(**_DECODER_TINY, sliding_window=128),
     "qwen2-tiny": lambda: Qwen2Config(**_DECODER_TINY),  # q/k/v projections with biases
+    # TinyLlama-1.1B's shape (22 layers, 2048 wide, 32 heads, 4 key/value heads): the GPU script's ~1B model.
+    "llama-1b": lambda: LlamaConfig(
+        num_hidden_layers=22,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    ),
 }
 
 
