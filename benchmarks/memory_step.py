@@ -58,7 +58,9 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU here")
     if args.dry_run:
-        print(f"memory_step: would time {', '.join(args.settings)} for {', '.join(DOORS)} on {args.device}")
+        print(
+            f"memory_step: would time {', '.join(args.settings)} for {', '.join(DOORS)} on {args.model}, {args.device}"
+        )
         return
     if args.worker:
         print(json.dumps(_worker(args, *args.worker)))

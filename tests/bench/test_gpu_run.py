@@ -21,10 +21,11 @@ def test_gpu_run_dry_run_passes(tmp_path, monkeypatch) -> None:
     done = _dry_run(tmp_path)
     log = (tmp_path / "gpu.log").read_text()
     assert done.returncode == 0, log[-3000:]
-    assert log.count("== ") == 7 and ": exit" not in log
+    assert log.count("== ") == 8 and ": exit" not in log
     assert "would time " in log and "on cuda in torch.bfloat16" in log
     assert "trainer_step: would time ours, peft, peft-patched on config:gpt2-small" in log
-    assert "memory_step: would time fp32, bf16, bf16-ckpt for ours, peft on cpu" in log
+    assert "memory_step: would time fp32, bf16, bf16-ckpt for ours, peft on config:gpt2-small, cpu" in log
+    assert "memory_step: would time bf16, nf4 for ours, peft on config:llama-1b, cpu" in log
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script imports its cases as a sibling
     from bench import CASES
 
