@@ -47,7 +47,7 @@ def _cli_train(tmp_path: Path, wikitext_slice: Path, gpt2_tokenizer: str, *args:
         (["--tokenizer", "/no/such/tokenizer"], "tokenizer: no such folder '/no/such/tokenizer'"),
         (["--device", "tpu"], "argument --device: invalid choice: 'tpu' (choose from 'auto', 'cpu', 'cuda')"),
         (["--dtype", "bf16"], "dtype: bf16 stores the frozen base weights, and this run trains every weight"),
-        (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16' (choose from 'fp32', 'bf16')"),
+        (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8' (choose from 'fp32', 'bf16', 'fp16', 'nf4')"),
     ],
 )
 @pytest.mark.parametrize("dry_run", [True, False])

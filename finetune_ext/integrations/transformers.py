@@ -152,7 +152,8 @@ class PartsTrainer(transformers.Trainer):
     def _run_context(self) -> RunContext:
         args = self.args
         total = args.max_steps if args.max_steps > 0 else self._epoch_steps()
-        optim = OptimSettings(args.learning_rate, args.weight_decay, args.get_warmup_steps(total), args.max_grad_norm)
+        optim = OptimSettings(args.learning_rate, args.weight_decay, args.get_warmup_steps(total), args.max_grad_norm,
+                              loss_scaling=bool(args.fp16))  # fmt: skip
         labels = getattr(self.model.config, "num_labels", 2)
         task = "lm" if self.model.can_generate() else "regression" if labels == 1 else "classification"
         return RunContext(

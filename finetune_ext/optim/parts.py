@@ -56,12 +56,43 @@ class AdamWOptions:
             check_layer_spec(self.layers, "layers")
 
 
+class LossScale:
+    """Dynamic loss scaling for fp16: the loss is multiplied by ``scale`` before backward and the gradients divided
+    after; a step whose gradients overflow is skipped and the scale halved, and every ``growth_interval`` steps
+    without one it doubles (torch's GradScaler rule, kept here so the stepper owns it and checkpoints it)."""
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.scale, self.growth_interval, self.good_steps = scale, growth_interval, 0
+
+    @torch.no_grad()
+    def unscale(self, params: list[torch.Tensor]) -> bool:
+        """Divide the gradients by the scale; whether they are all finite."""
+        grads = [p.grad for p in params if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.scale)
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+    def update(self, finite: bool) -> None:
+        """Halve after an overflow; double after ``growth_interval`` finite steps in a row."""
+        self.good_steps = self.good_steps + 1 if finite else 0
+        if not finite:
+            self.scale /= 2.0
+        elif self.good_steps == self.growth_interval:
+            self.scale, self.good_steps = self.scale * 2.0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale, self.good_steps = state["scale"], state["good_steps"]
+
+
 class AdamW(Stepper):
     """AdamW with --lr, --weight-decay (matrices only), --warmup-steps then linear decay, --max-grad-norm."""
 
     name = "adamw"
     Options = AdamWOptions
     shardable = True
+    scales_loss = True
 
     def freeze(self, model: nn.Module, run: RunContext) -> None:
         if self.options.layers is not None:
@@ -76,6 +107,7 @@ class AdamW(Stepper):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_linear_decay(run.optim.warmup_steps, run.total_steps)
         )
+        self.loss_scale = LossScale() if run.optim.loss_scaling else None
 
     keeps_momentum = True
 
@@ -85,11 +117,19 @@ class AdamW(Stepper):
     def backward(self, ctx: StepContext) -> dict[str, float]:
         """The step's gradients (the mean over its micro-batches); its loss and learning rate."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = ctx.forward_backward()
+        loss = ctx.forward_backward(self.loss_scale.scale if self.loss_scale else 1.0)
         return {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
 
     def update(self, out: dict[str, float]) -> dict[str, float]:
-        """Clip the gradients, check them, take the AdamW step and advance the schedule; ``out`` plus the norm."""
+        """Clip the gradients, check them, take the AdamW step and advance the schedule; ``out`` plus the norm.
+        With loss scaling, a step whose gradients overflow is skipped (``skipped`` = 1) and the schedule advances."""
+        if self.loss_scale is not None:
+            out["loss_scale"] = self.loss_scale.scale
+            finite = self.loss_scale.unscale(self.params)
+            self.loss_scale.update(finite)
+            if not finite:
+                self.scheduler.step()
+                return out | {"skipped": 1.0}
         if self.settings.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
             out["grad_norm"] = float(norm)
@@ -103,14 +143,18 @@ class AdamW(Stepper):
         return self.optimizer.state.get(param, {}).get("exp_avg")
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's and schedule's state; moments of FSDP shards gathered whole (on every process)."""
+        """The optimizer's, schedule's and loss scale's state; moments of FSDP shards gathered whole (on every
+        process)."""
         optimizer = self.optimizer.state_dict()
         optimizer["state"] = {i: {k: full_tensor(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
-        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        scale = self.loss_scale.state_dict() if self.loss_scale else None
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "loss_scale": scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.loss_scale is not None:
+            self.loss_scale.load_state_dict(state["loss_scale"])
         for p in self.params:
             moments = self.optimizer.state.get(p, {})
             for k, v in moments.items():

@@ -41,6 +41,7 @@ class OptimSettings:
     weight_decay: float
     warmup_steps: int
     max_grad_norm: float
+    loss_scaling: bool = False  # fp16: the stepper scales the loss before backward and skips steps that overflow
 
 
 @dataclass
@@ -74,15 +75,16 @@ class StepContext:
     def _key(self, micro: int):
         return keys.keyed(self.seed, self.step, micro, self.rank)
 
-    def forward_backward(self) -> float:
-        """Accumulate gradients of the mean loss over the micro-batches; the mean loss across ranks."""
+    def forward_backward(self, loss_scale: float = 1.0) -> float:
+        """Accumulate gradients of the mean loss over the micro-batches, times ``loss_scale`` (fp16's loss
+        scaling: the stepper divides the gradients back); the unscaled mean loss across ranks."""
         total = torch.zeros((), device=self.micro_batches[0]["input_ids"].device)
         n = len(self.micro_batches)
         for i, batch in enumerate(self.micro_batches):
             sync = i == n - 1 or not hasattr(self.model, "no_sync")
             with nullcontext() if sync else self.model.no_sync(), self.autocast(), self._key(i):
                 loss = self.model(**batch).loss / n
-            loss.backward()
+            (loss * loss_scale if loss_scale != 1.0 else loss).backward()
             total += loss.detach().float()
         return mean_across_ranks(total)
 
@@ -103,6 +105,7 @@ class Part(ABC):
     Options: ClassVar[type] = NoOptions
     requires: ClassVar[tuple[str, ...]] = ()  # kinds whose no-op choice this part cannot run with
     shardable: ClassVar[bool] = False  # whether it runs on FSDP shards (``RunContext.dist.sharded``)
+    scales_loss: ClassVar[bool] = False  # stepper: whether it honours ``OptimSettings.loss_scaling`` (fp16)
     unshardable_because: ClassVar[str] = "not built for FSDP"  # said when --fsdp is refused
 
     def __init__(self, options: Any = None) -> None:

@@ -108,12 +108,13 @@ def load_model(spec: str, task: str, tokenizer: PreTrainedTokenizerBase, num_lab
     return model
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "nf4": torch.bfloat16}  # nf4: what is not 4-bit is bf16
+# The frozen weights' storage dtype per --dtype (nf4: what quantize_4bit leaves is bf16)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "nf4": torch.bfloat16}
 
 
 def cast_frozen(model: torch.nn.Module, dtype: str) -> None:
-    """Store the parameters that do not train in ``dtype`` (``fp32`` / ``bf16``; ``nf4``: bf16 for those that
-    ``quantize_4bit`` left); those that train, and packed 4-bit weights, stay as they are. A ``UserError`` when
+    """Store the parameters that do not train in ``dtype`` (``fp32`` / ``bf16`` / ``fp16``; ``nf4``: bf16 for those
+    that ``quantize_4bit`` left); those that train, and packed 4-bit weights, stay as they are. A ``UserError`` when
     nothing is frozen and ``dtype`` is not fp32."""
     if dtype not in DTYPES:
         raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -117,11 +117,12 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --output-dir from its latest checkpoint")
     overwrite: bool = option(False, "start over in an --output-dir that holds checkpoints")
     bf16: bool = option(False, "bf16 autocast for forward passes")
-    dtype: Literal["fp32", "bf16", "nf4"] = option(
+    dtype: Literal["fp32", "bf16", "fp16", "nf4"] = option(
         "fp32",
-        "the frozen base weights' dtype (bf16: half their memory, with bf16 autocast; nf4: the transformer layers' "
-        "linear weights in 4-bit NF4 through bitsandbytes, the rest bf16: QLoRA, with an adapter); what trains and "
-        "the optimizer state stay fp32",
+        "the frozen base weights' dtype (bf16: half their memory, with bf16 autocast; fp16: the same in fp16, with "
+        "fp16 autocast and dynamic loss scaling in the stepper; nf4: the transformer layers' linear weights in "
+        "4-bit NF4 through bitsandbytes, the rest bf16: QLoRA, with an adapter); what trains and the optimizer "
+        "state stay fp32",
     )
     gradient_checkpointing: bool = option(
         False, "recompute each layer's activations in the backward (less memory; random layers draw the same masks)"
@@ -192,6 +193,9 @@ def check_config(cfg: TrainConfig, world: int = 1) -> Parts:
         check_model_spec(cfg.tokenizer, "tokenizer")
     detect_source(cfg.data)
     parts = build_parts(cfg)
+    if cfg.dtype == "fp16" and not parts.stepper.scales_loss:
+        raise UserError(f"dtype: fp16 needs a stepper that scales the loss (adamw); {parts.stepper.name} compares "
+                        "unscaled losses and gradients (its line search or LP); use bf16")  # fmt: skip
     if cfg.dtype == "nf4" and "adapter" not in parts.by_kind:
         raise UserError("dtype: nf4 quantizes the base's linear layers, which then cannot train; add --adapter lora "
                         "or linchain (QLoRA)")  # fmt: skip
@@ -266,6 +270,8 @@ class _Run:
     log: MetricsLog | None = None
 
     def autocast(self):
+        if self.cfg.dtype == "fp16":
+            return torch.autocast(self.device.type, dtype=torch.float16)
         if self.cfg.bf16 or self.cfg.dtype in ("bf16", "nf4"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -381,7 +387,7 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device) -> _
         lambda m: run.evaluate(m, splits.val),
         cfg.seed,
         cfg.steps,
-        OptimSettings(cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_grad_norm),
+        OptimSettings(cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_grad_norm, cfg.dtype == "fp16"),
         cfg.output_dir,
         cfg.progress and ddp.main,
         ddp,

@@ -261,6 +261,24 @@ def test_our_adapter_on_a_quantized_model_is_refused_in_one_line(tmp_path) -> No
     assert "\n" not in str(err.value)
 
 
+def test_trainers_fp16_scales_the_loss_in_our_stepper(tmp_path) -> None:
+    """``fp16=True``: Trainer's fp16 autocast, our AdamW's dynamic loss scale (Trainer's own scaler never sees a
+    gradient: the stepper steps)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(1))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=3, fp16=True,
+                             per_device_train_batch_size=4, save_strategy="no", learning_rate=1e-2)  # fmt: skip
+    trainer = PartsTrainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids],
+                           parts={"adapter": "lora"})  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert trainer.last_step_metrics["loss_scale"] == 2.0**16 and "skipped" not in trainer.last_step_metrics
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_lift_needs_an_eval_dataset(tmp_path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 

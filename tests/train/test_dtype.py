@@ -94,3 +94,61 @@ def test_nf4_misuse_is_one_line(extra, message, tmp_path, wikitext_slice, gpt2_t
     pytest.importorskip("bitsandbytes")
     with pytest.raises(UserError, match=message):
         preflight(_cfg(tmp_path, wikitext_slice, gpt2_tokenizer, "nf4", **extra))
+
+
+def test_an_fp16_run_scales_its_loss_follows_fp32_and_resumes(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
+    """fp16 base under fp16 autocast, AdamW's dynamic loss scale: the losses follow fp32's within the stated 1 %,
+    the scale is logged and checkpointed, and a resume from step 3 ends on the uninterrupted run's adapters."""
+    from safetensors.torch import load_file
+
+    for dtype in ("fp32", "fp16"):
+        train(_cfg(tmp_path / dtype, wikitext_slice, gpt2_tokenizer, dtype))
+    fp32, fp16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "fp16")
+    assert not torch.equal(fp16, fp32)
+    torch.testing.assert_close(fp16, fp32, rtol=1e-2, atol=0.0)
+    rows = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_scale"] for r in rows if r["split"] == "train"] == [2.0**16] * 6
+    final = load_file(str(tmp_path / "fp16" / "checkpoint-0000006" / "model.safetensors"))
+    shutil.rmtree(tmp_path / "fp16" / "checkpoint-0000006")
+    (tmp_path / "fp16" / "latest").write_text("checkpoint-0000003")
+    train(_cfg(tmp_path / "fp16", wikitext_slice, gpt2_tokenizer, "fp16", resume=True))
+    resumed = load_file(str(tmp_path / "fp16" / "checkpoint-0000006" / "model.safetensors"))
+    assert all(torch.equal(resumed[k], v) for k, v in final.items())
+
+
+def test_the_loss_scale_skips_overflowing_steps_and_grows_after_good_ones() -> None:
+    from finetune_ext.optim.parts import LossScale
+
+    p = torch.nn.Parameter(torch.ones(3))
+    scale = LossScale(scale=8.0, growth_interval=2)
+    p.grad = torch.tensor([8.0, 16.0, float("inf")])
+    assert not scale.unscale([p])
+    scale.update(False)
+    assert scale.scale == 4.0 and scale.good_steps == 0
+    p.grad = torch.tensor([4.0, 8.0, 12.0])
+    assert scale.unscale([p]) and torch.equal(p.grad, torch.tensor([1.0, 2.0, 3.0]))
+    scale.update(True)
+    scale.update(True)
+    assert scale.scale == 8.0 and scale.good_steps == 0
+
+
+def test_an_overflowing_fp16_step_is_skipped(tmp_path, wikitext_slice, gpt2_tokenizer, monkeypatch) -> None:
+    """A scale of 2^120 overflows fp16's backward: the step is skipped (weights unchanged), the scale halves."""
+    from finetune_ext.optim import parts
+
+    monkeypatch.setattr(parts.LossScale.__init__, "__defaults__", (2.0**120, 2000))
+    train(_cfg(tmp_path, wikitext_slice, gpt2_tokenizer, "fp16", steps=2, save_every=1, eval_every=2))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r.get("skipped") for r in train_rows] == [1.0, 1.0]
+    assert [r["loss_scale"] for r in train_rows] == [2.0**120, 2.0**119]
+    from safetensors.torch import load_file
+
+    one, two = (load_file(str(tmp_path / f"checkpoint-{s:07d}" / "model.safetensors")) for s in (1, 2))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_fp16_needs_a_stepper_that_scales_the_loss(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
+    cfg = _cfg(tmp_path, wikitext_slice, gpt2_tokenizer, "fp16", optimizer="armijo")
+    with pytest.raises(UserError, match=r"dtype: fp16 needs a stepper that scales the loss \(adamw\); armijo compares"):
+        preflight(cfg)
