@@ -19,6 +19,12 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def quantized_base(module: nn.Module) -> bool:
+    """A bitsandbytes 4-/8-bit linear layer (``Linear4bit``, ``Linear8bitLt``): its weight is packed, and only its
+    own forward may read it."""
+    return type(module).__module__.startswith("bitsandbytes.") and not module.weight.is_floating_point()
+
+
 class LinChainLinear(nn.Module):
     """``y = base(x) + s * B (M dropout(x) A^T... )``: LoRA factors ``A [r, in]``, ``B [out, r]`` and a chain of
     ``k`` mixers stored as ``mixer_weight [k, r, r]`` (``u <- mixer_weight[i] u + mixer_bias[i]``).
@@ -45,7 +51,7 @@ class LinChainLinear(nn.Module):
             raise TypeError(f"base: expected nn.Linear or Conv1D, got {type(base).__name__}")
         self.base_layer = base
         self.conv1d = isinstance(base, Conv1D)
-        self.quantized = not base.weight.is_floating_point()
+        self.quantized = quantized_base(base)
         out_f, in_f = (base.out_features, base.in_features) if self.quantized else self.base_weight().shape
         r, k = config.r, config.chain_length
         self.r, self.chain_length, self.scale, self.dropout = r, k, config.scale, config.dropout

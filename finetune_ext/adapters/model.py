@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from finetune_ext.adapters.config import LinChainConfig
-from finetune_ext.adapters.layer import LinChainLinear, chain_factors
+from finetune_ext.adapters.layer import LinChainLinear, chain_factors, quantized_base
 from finetune_ext.nn import keys, replace_module
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -41,22 +41,14 @@ def _matches(name: str, config: LinChainConfig) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _bitsandbytes(module: nn.Module) -> bool:
-    """A bitsandbytes quantized linear layer (``Linear4bit``, ``Linear8bitLt``): one that runs its own forward."""
-    return type(module).__module__.startswith("bitsandbytes.")
-
-
 def find_targets(model: nn.Module, config: LinChainConfig) -> list[str]:
     """Names of the modules ``config.target_modules`` selects; a clear error for a miss or a non-linear match."""
     names = []
     for name, module in model.named_modules():
         if not name or not _matches(name, config):
             continue
-        if (
-            isinstance(module, (nn.Linear, Conv1D))
-            and not module.weight.is_floating_point()
-            and not _bitsandbytes(module)
-        ):
+        packed = isinstance(module, (nn.Linear, Conv1D)) and not module.weight.is_floating_point()
+        if packed and not quantized_base(module):
             raise ValueError(
                 f"target_modules: {name!r} is a {type(module).__name__} with a packed {module.weight.dtype} weight; "
                 "adapters run over dense layers and bitsandbytes' quantized ones only"

@@ -26,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from finetune_ext import ops
+from finetune_ext.adapters.layer import quantized_base
 
 
 class _Fused:
@@ -42,7 +43,7 @@ class _Fused:
         stochastic = {"scale": self.scaling[name], "training": self.training,
                       "dropout_p": dropout.p if isinstance(dropout, nn.Dropout) else 0.0}  # fmt: skip
         A, B = (self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype))
-        if _quantized(base):
+        if quantized_base(base):
             y = ops.lora_linear(x.to(dtype), None, None, A, B, **stochastic)
             return base(x).to(y.dtype) + y
         weight = base.weight.T if self.fan_in_fan_out else base.weight
@@ -58,7 +59,7 @@ class _Fused:
             return None
         base = self.get_base_layer()
         tensors = [self.lora_A[name].weight, self.lora_B[name].weight]
-        if not _quantized(base):
+        if not quantized_base(base):
             if not isinstance(base, (nn.Linear, Conv1D)) or type(base.weight) is not nn.Parameter:
                 return None
             tensors += [base.weight] + ([base.bias] if base.bias is not None else [])
@@ -68,11 +69,6 @@ class _Fused:
 
 class FusedLoraLinear(_Fused, LoraLinear):
     """PEFT's LoRA ``Linear`` whose forward is ``ops.lora_linear`` wherever the op covers it."""
-
-
-def _quantized(base: nn.Module) -> bool:
-    """A bitsandbytes 4-/8-bit linear layer: its weight is packed, and only its own forward may read it."""
-    return type(base).__module__.startswith("bitsandbytes.") and not base.weight.is_floating_point()
 
 
 def _bnb_classes() -> list[tuple[type, type]]:
