@@ -149,12 +149,38 @@ def write_table(done: list[dict], md: Path, lrs: list[float]) -> None:
             cells = [mean_std([float(x["dev_acc_selected"]) for x in of(done, variant, lr)], pct) for lr in lrs]
             if any(c != "-" for c in cells):
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        lines += sweep_lines(done, lrs)
     lines += [
         "",
         majority_sentence({"SST-2": "acc"}),
         f"One-class: selected checkpoints predicting one class on >= {100 * ONE_CLASS:.0f} % of dev.",
     ]
     md.write_text("\n".join(lines) + "\n")
+
+
+def sweep_lines(done: list[dict], lrs: list[float]) -> list[str]:
+    """ggpo - lora at each rate (selected checkpoints, paired by seed), and at each variant's rate selected on the
+    noisy held-out slice (mean best validation accuracy): the comparison a user who tunes the rate would see."""
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = ["", "ggpo - lora, dev accuracy of the selected checkpoint (points, paired by seed, 95 % t interval):", "",
+             "| rate | ggpo - lora | verdict |", "|---|---|---|"]  # fmt: skip
+    for lr in lrs:
+        d = paired(by_seed(of(done, "ggpo", lr), "dev_acc_selected"), by_seed(of(done, "lora", lr), "dev_acc_selected"))
+        lines.append(f"| {lr:g} | {d.text()} | {d.verdict()} |")
+    chosen = {}
+    for variant in ("lora", "ggpo"):
+        val = {lr: [float(x["val_best_acc"]) for x in of(done, variant, lr)] for lr in lrs}
+        val = {lr: sum(v) / len(v) for lr, v in val.items() if v}
+        if val:
+            chosen[variant] = max(val, key=val.get)
+    if len(chosen) == 2:
+        a, b = (of(done, v, chosen[v]) for v in ("ggpo", "lora"))
+        d = paired(by_seed(a, "dev_acc_selected"), by_seed(b, "dev_acc_selected"))
+        lines += ["", f"Rates selected on the noisy held-out slice: lora {chosen['lora']:g}, ggpo {chosen['ggpo']:g}; "
+                  f"dev accuracy {mean_std([float(x['dev_acc_selected']) for x in b], pct)} (lora) and "
+                  f"{mean_std([float(x['dev_acc_selected']) for x in a], pct)} (ggpo); ggpo - lora {d.text()}: "
+                  f"{d.verdict()}."]  # fmt: skip
+    return lines
 
 
 def plot(curves: list[dict], path: Path, lr: float) -> None:
@@ -220,6 +246,7 @@ def main() -> None:
         record(csv_path, row, FIELDS, done)
         write_table(done, md_path, args.lrs)
         plot(load_rows(curves_path), Path(args.out + ".png"), args.lrs[0])
+    write_table(done, md_path, args.lrs)
     print(md_path.read_text())
 
 
