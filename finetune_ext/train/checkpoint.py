@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from finetune_ext.errors import UserError
 from finetune_ext.parts.distributed import full_tensor, shard_like
@@ -202,8 +203,10 @@ def load_weights(
 ) -> None:
     """The checkpoint's ``model.safetensors`` into ``model``: every tensor, or (``base_digest`` given) the
     trained state over a base whose frozen parameters are checked against the digest."""
-    if base_digest is None:
+    if base_digest is None and not any(isinstance(p, DTensor) for p in model.parameters()):
         missing, unexpected = load_model(model, str(folder / "model.safetensors"))
+    elif base_digest is None:  # a sharded full fine-tune: every shard takes its part of the whole tensors
+        missing, unexpected = load_trained_state(model, load_file(str(folder / "model.safetensors")))
     else:
         check_base(model, base_digest, folder, what, model_digest)
         missing, unexpected = load_trained_state(model, load_file(str(folder / "model.safetensors")))
@@ -233,10 +236,11 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tupl
 def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters that require grad and registered buffers, by state-dict name (not the extra entries a layer's
     ``state_dict`` adds, such as a 4-bit layer's quantization state: they belong to the frozen base)."""
-    kept = {id(p) for p in model.parameters() if p.requires_grad} | {id(b) for b in model.buffers()}
+    # By name: under FSDP a unit's parameters are other objects while it is gathered (after a forward).
+    kept = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
     out, seen = {}, set()
     for key, value in model.state_dict(keep_vars=True).items():
-        if id(value) in kept and id(value) not in seen:
+        if key in kept and id(value) not in seen:
             seen.add(id(value))
             out[key] = value.detach()
     return out

@@ -129,8 +129,8 @@ class TrainConfig:
     )
     fsdp: bool = option(
         False,
-        "under torchrun: shard the model with FSDP2 (each layer a unit) instead of replicating it with DDP; "
-        "a frozen base with adapters or adamw's layers, and parts that shard (finetune-ext methods)",
+        "under torchrun: shard the model with FSDP2 (each layer a unit) instead of replicating it with DDP; parts "
+        "that shard: adapters, dropouts, adamw",
     )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "default: cuda if available")
     select_metric: Literal["loss", "acc", "f1", "mcc", "pearson", "spearman"] | None = option(
@@ -401,9 +401,6 @@ def _setup(cfg: TrainConfig, parts: Parts, ddp: Dist, device: torch.device) -> _
     run.base_digest = checkpoint.frozen_digest(model)
     # Wrapped after the transforms (they may replace modules: dropout layers, adapters), sharded before the
     # stepper builds its optimizer over the shards.
-    if cfg.fsdp and run.base_digest is None:
-        raise UserError("fsdp: shards runs over a frozen base (an adapter, or adamw's layers); a full fine-tune "
-                        "under FSDP is not built yet")  # fmt: skip
     if ddp.sharded:
         shard(model)
     elif ddp.world > 1:
@@ -457,7 +454,8 @@ def _config_record(run: _Run) -> dict[str, Any]:
 def _save(run: _Run) -> None:
     checkpoint.write_rng(run.out, run.step, run.ddp.rank)
     # On every process: under FSDP, gathering the trained weights and the stepper's moments is a collective.
-    weights = checkpoint.trained_state(run.model) if run.base_digest is not None else None
+    sharded_or_frozen = run.base_digest is not None or run.ddp.sharded
+    weights = checkpoint.trained_state(run.model) if sharded_or_frozen else None
     part_states = {kind: part.state_dict() for kind, part in run.parts.by_kind.items()}
     run.ddp.barrier()
     if run.ddp.main:

@@ -1,5 +1,5 @@
-"""``--fsdp``: two gloo processes with the model sharded by FSDP2 give DDP's run and resume bit for bit; parts that
-cannot shard, and a base that is not frozen, are refused in one line."""
+"""``--fsdp``: two gloo processes with the model sharded by FSDP2 give DDP's run and resume bit for bit, with adapters
+over a frozen base and as a full fine-tune; parts that cannot shard are refused in one line."""
 
 from __future__ import annotations
 
@@ -79,13 +79,36 @@ def test_fsdp_equals_ddp_and_resumes_bit_for_bit(tmp_path, wikitext_slice, gpt2_
             assert torch.equal(moments[1]["optimizer"]["state"][i][k], v), (i, k)
 
 
+def test_a_sharded_full_fine_tune_equals_ddp_resumes_and_exports(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
+    """Every weight trains: the checkpoint holds them whole (gathered), a resume shards them again, and a
+    one-process export reads the sharded run's checkpoint."""
+    from finetune_ext.train.export import export
+
+    args = _args(wikitext_slice, gpt2_tokenizer, tmp_path / "x")
+    args = [*args[: args.index("--adapter")], "--steps", "2", "--save-every", "1", "--eval-every", "1"]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    for out, extra in ((ddp, []), (fsdp, ["--fsdp"])):
+        done = _launch([*args, "--output-dir", str(out), *extra])
+        assert done.returncode == 0, done.stderr[-6000:]
+    assert _losses(fsdp, "train") == pytest.approx(_losses(ddp, "train"), rel=1e-5)
+    a, b = _weights(ddp, 2), _weights(fsdp, 2)
+    assert len(b) >= len(a) - 1 and "model.embed_tokens.weight" in b  # every weight (a tied head once)
+    for key in b:
+        torch.testing.assert_close(b[key], a[key], **tolerance(torch.float32), msg=key)
+    shutil.rmtree(fsdp / "checkpoint-0000002")
+    (fsdp / "latest").write_text("checkpoint-0000001")
+    done = _launch([*args, "--output-dir", str(fsdp), "--fsdp", "--resume"])
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert all(torch.equal(_weights(fsdp, 2)[k], v) for k, v in b.items())
+    assert (export(fsdp, "merged", tmp_path / "merged") / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     ("parts", "message"),
     [
         (["--optimizer", "armijo"], "fsdp: optimizer armijo does not run on FSDP shards (its line search"),
         (["--optimizer", "lift"], "fsdp: optimizer lift does not run on FSDP shards (its LP and line search"),
         (["--adapter", "lora", "--perturbation", "ggpo"], "fsdp: perturbation ggpo does not run on FSDP shards"),
-        ([], "fsdp: shards runs over a frozen base (an adapter, or adamw's layers); a full fine-tune"),
     ],
 )
 def test_parts_that_cannot_shard_are_refused_in_one_line(parts, message, tmp_path, wikitext_slice, gpt2_tokenizer,
