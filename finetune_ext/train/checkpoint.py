@@ -202,13 +202,13 @@ def load_weights(
     folder: Path, model: nn.Module, base_digest: str | None, what: str, model_digest: str | None = None
 ) -> None:
     """The checkpoint's ``model.safetensors`` into ``model``: every tensor, or (``base_digest`` given) the
-    trained state over a base whose frozen parameters are checked against the digest."""
+    trained state over a base whose frozen parameters are checked against the digest; a sharded model takes its
+    shard of each."""
+    if base_digest is not None:
+        check_base(model, base_digest, folder, what, model_digest)
     if base_digest is None and not any(isinstance(p, DTensor) for p in model.parameters()):
         missing, unexpected = load_model(model, str(folder / "model.safetensors"))
-    elif base_digest is None:  # a sharded full fine-tune: every shard takes its part of the whole tensors
-        missing, unexpected = load_trained_state(model, load_file(str(folder / "model.safetensors")))
-    else:
-        check_base(model, base_digest, folder, what, model_digest)
+    else:  # the trained state (over a frozen base, or of a sharded full fine-tune), each shard taking its part
         missing, unexpected = load_trained_state(model, load_file(str(folder / "model.safetensors")))
     if missing or unexpected:
         raise UserError(
