@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 from torch import nn
 
 from finetune_ext.adapters.model import apply_linchain, merge_and_unload
@@ -102,12 +102,10 @@ def _load_weights(model: nn.Module, folder: Path, state: dict[str, Any], weights
     digest = state.get("base_digest")
     if digest is not None:  # the checkpoint holds the trained state; the rebuilt base must be the one trained on
         checkpoint.check_base(model, digest, folder, "run_dir")
-    if best is None:
+    if best is None and digest is None:  # the whole model, as the run saved it
         missing, _ = load_model(model, str(folder / "model.safetensors"), strict=False)
-    else:
-        missing, _ = model.load_state_dict(best, strict=False)
-    if digest is not None:
-        trained = checkpoint.trained_state(model)
-        missing = [k for k in missing if k in trained]
+    else:  # a trained state (the best-validation one, or the checkpoint's over a frozen base): one name per tensor
+        trained = best if best is not None else load_file(str(folder / "model.safetensors"))
+        missing, _ = checkpoint.load_trained_state(model, trained)
     if missing:
         raise UserError(f"run_dir: {folder} does not fit the rebuilt model (missing {sorted(missing)[:3]})")

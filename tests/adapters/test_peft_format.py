@@ -165,6 +165,17 @@ def test_export_merged_and_peft_give_the_runs_model(tmp_path, lora_run, capsys) 
     _assert_logits_close(ours, theirs)
 
 
+def test_export_of_a_full_fine_tunes_best_weights_with_a_tied_head(tmp_path, wikitext_slice, gpt2_tokenizer) -> None:
+    """The best-validation state keeps one name per tensor (GPT-2's head is its tied embedding): export finds it."""
+    cfg = TrainConfig(model="config:gpt2-tiny", tokenizer=gpt2_tokenizer, data=str(wikitext_slice), steps=2,
+                      batch_size=4, block_size=32, eval_every=1, max_eval_batches=1, progress=False,
+                      output_dir=str(tmp_path / "run"))  # fmt: skip
+    summary = train(cfg)
+    assert main(["export", str(tmp_path / "run"), "--format", "merged", "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.lm_head.weight is merged.transformer.wte.weight and summary["best_val"]["step"] in (1, 2)
+
+
 def test_export_errors_are_one_line(tmp_path, lora_run, capsys) -> None:
     cases = [
         (["export", str(tmp_path), "--format", "peft", "--output", str(tmp_path / "o")], "is not a finetune-ext run"),
