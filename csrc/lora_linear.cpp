@@ -45,7 +45,6 @@ at::Tensor seeded_dropout(const at::Tensor& x, const at::Tensor& keep, const std
 at::Tensor base_weight(const at::Tensor& weight, const std::optional<at::Tensor>& noise_std,
                        const at::Tensor& noise_seed) {
   if (!noise_std.has_value()) return weight;
-  TORCH_CHECK(weight.defined(), "lora_linear: noise_std perturbs the base weight; the call has none");
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("finetune_ext::gaussian_perturb", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
