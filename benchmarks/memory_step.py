@@ -32,6 +32,7 @@ from methods._sweep import append_row
 from trainer_step import LORA, ROOT, StepTimer
 
 from finetune_ext.bench.harness import device_name
+from finetune_ext.train.models import TINY_CONFIGS
 
 SETTINGS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-ckpt": ("bf16", True), "nf4": ("nf4", False)}
 DOORS = ("ours", "peft")
@@ -55,6 +56,11 @@ def main() -> None:
     for needed in ("wikitext-2/train.txt", "gpt2-tokenizer"):
         if not (Path(args.data_root) / needed).exists():
             sys.exit(f"--data-root: {Path(args.data_root) / needed} not found")
+    configs = [f"config:{name}" for name in TINY_CONFIGS if not name.startswith("bert")]  # causal LMs
+    if args.model not in configs:
+        sys.exit(f"--model: expected one of {', '.join(configs)}, got {args.model!r}")
+    if "nf4" in args.settings and "gpt2" in args.model:
+        sys.exit(f"--settings nf4: {args.model} has Conv1D layers, which are not quantized; use a Llama-family model")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU here")
     if args.dry_run:
