@@ -36,19 +36,24 @@ from finetune_ext.guided.sites import (
 )
 from finetune_ext.nn import GaussianDropout, keys
 from finetune_ext.parts import RunContext, Transform, option
+from finetune_ext.parts.distributed import full_tensor, is_sharded
 
 DEFAULT_CACHE = "~/.cache/finetune_ext/fisher"
 
 
 def lm_twin(model: nn.Module) -> tuple[nn.Module, bool]:
-    """(a model with the pre-training head sharing ``model``'s body, causal?) for the Fisher objective."""
+    """(a model with the pre-training head sharing ``model``'s body, causal?) for the Fisher objective. A model
+    sharded by FSDP gets a whole copy on every process (gathered: a collective), as the Fisher pass reads
+    per-sample gradients of whole weights."""
     family = model.config.model_type
     causal = family in CAUSAL_FAMILIES
     if causal and hasattr(model, "lm_head"):
-        return model, True
+        return (gathered_copy(model) if is_sharded(model) else model), True
     twin = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_config(model.config)
     twin.to(next(model.parameters()).device)
-    body = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("bert", "transformer", "model")}
+    body = {
+        k: full_tensor(v) for k, v in model.state_dict().items() if k.split(".")[0] in ("bert", "transformer", "model")
+    }
     missing, _ = twin.load_state_dict(body, strict=False)
     head = ("cls.", "lm_head.")
     if any(not k.startswith(head) for k in missing):
@@ -56,6 +61,16 @@ def lm_twin(model: nn.Module) -> tuple[nn.Module, bool]:
         raise ValueError(f"model: cannot build an LM twin; body weights missing: {body_missing[:3]}")
     twin.tie_weights()
     return twin, causal
+
+
+def gathered_copy(model: nn.Module) -> nn.Module:
+    """An unsharded copy of an FSDP-sharded causal LM, in its dtype, built without drawing from the torch RNG."""
+    with torch.random.fork_rng(devices=[]):
+        copy = AutoModelForCausalLM.from_config(model.config)
+    copy.to(next(model.parameters()).device, next(model.parameters()).dtype)
+    copy.load_state_dict({k: full_tensor(v) for k, v in model.state_dict().items()})
+    copy.tie_weights()
+    return copy
 
 
 def fisher_samples(

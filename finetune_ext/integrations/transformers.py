@@ -14,8 +14,10 @@ checkpoints and ``resume_from_checkpoint`` restore them. Trainer's gradient clip
 What it needs from the datasets: the transforms that read data (guided dropout's Fisher pass, LiFT's
 validation batches) get ``train_dataset`` and ``eval_dataset`` collated into tensors by the trainer's data
 collator; a stepper that needs the validation split (``lift``) needs ``eval_dataset``. Several processes: launch
-the script with ``torchrun`` or ``accelerate launch`` (DDP; both tested with two gloo processes on CPU). Not yet
-supported: Trainer's FSDP (a one-line ``ValueError``; ``finetune-ext train --fsdp`` shards) and DeepSpeed.
+the script with ``torchrun`` or ``accelerate launch`` (DDP; both tested with two gloo processes on CPU). FSDP2: a
+model sharded as it loads (``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))``) takes the
+parts that shard (``Part.shardable``; the others are one-line ``ValueError``s). Not supported: Accelerate's FSDP
+plugin (``TrainingArguments(fsdp=...)``, a one-line ``ValueError``) and DeepSpeed.
 ``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers 5) checkpoints every layer
 with the recompute drawing the forward's masks and noise (``keys.checkpoint_context``).
 Trainers built on ``Trainer`` take the parts by putting this class first:
@@ -35,7 +37,8 @@ import transformers
 from torch import nn
 
 from finetune_ext.nn.perturbation import PerturbableLayer
-from finetune_ext.parts import Dist, OptimSettings, RunContext, StepContext, Stepper, Transform
+from finetune_ext.parts import Dist, OptimSettings, RunContext, StepContext, Stepper, Transform, unshardable
+from finetune_ext.parts.distributed import is_sharded
 from finetune_ext.train import registry
 from finetune_ext.train.models import enable_gradient_checkpointing
 
@@ -111,11 +114,19 @@ class PartsTrainer(transformers.Trainer):
         model = kwargs.get("model", args[0] if args else None)
         if getattr(kwargs.get("args", args[1] if len(args) > 1 else None), "fsdp", None):
             raise ValueError(
-                "fsdp: PartsTrainer does not run under Trainer's FSDP yet (the stepper builds its optimizer before "
-                "Trainer shards the model); use `finetune-ext train --fsdp`, or DDP"
+                "fsdp: PartsTrainer does not run under Accelerate's FSDP plugin (it shards the model after the "
+                "stepper built its optimizer); load the model sharded with from_pretrained(..., "
+                "distributed_config=DistributedConfig(fsdp_size=N)), or run finetune-ext train --fsdp"
             )
         has_adapters = isinstance(model, nn.Module) and any(isinstance(m, PerturbableLayer) for m in model.modules())
         built = build_parts(parts, part_options, has_adapters)
+        sharded = isinstance(model, nn.Module) and is_sharded(model)
+        if sharded and (found := unshardable(built)):
+            kind, part = found
+            raise ValueError(
+                f"{kind}: {part.name} does not run on FSDP shards ({part.unshardable_because}); load the model "
+                "without distributed_config to run it with DDP"
+            )
         if getattr(model, "is_quantized", False) and "adapter" in built:
             raise ValueError(
                 "adapter: Trainer takes a quantized model only with PEFT adapters; attach PEFT LoRA "
@@ -133,7 +144,7 @@ class PartsTrainer(transformers.Trainer):
                 "(a held-out slice of the training data, never the test set)"
             )
         self.transforms: list[Transform] = [built[k] for k in registry.TRANSFORM_KINDS if k in built]
-        run = self._run_context()
+        run = self._run_context(sharded)
         for transform in self.transforms:
             transform.apply(self.model, run)
         self.stepper.freeze(self.model, run)
@@ -149,7 +160,7 @@ class PartsTrainer(transformers.Trainer):
         self.last_step_metrics: dict[str, float] = {}
 
     # ---- what the parts are told ------------------------------------------------------------------------
-    def _run_context(self) -> RunContext:
+    def _run_context(self, sharded: bool) -> RunContext:
         args = self.args
         total = args.max_steps if args.max_steps > 0 else self._epoch_steps()
         optim = OptimSettings(args.learning_rate, args.weight_decay, args.get_warmup_steps(total), args.max_grad_norm,
@@ -160,7 +171,7 @@ class PartsTrainer(transformers.Trainer):
             task=task, tokenizer=self.processing_class, train=self._tensors(self.train_dataset),
             val=self._tensors(self.eval_dataset), evaluate_val=self._evaluate_val, seed=args.seed,
             total_steps=total, optim=optim, output_dir=args.output_dir, progress=not args.disable_tqdm,
-            dist=Dist(args.process_index, args.world_size, args.local_process_index),
+            dist=Dist(args.process_index, args.world_size, args.local_process_index, sharded),
         )  # fmt: skip
 
     def _epoch_steps(self) -> int:

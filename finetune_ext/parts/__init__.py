@@ -13,6 +13,7 @@ from finetune_ext.parts.contracts import (
     StepContext,
     Stepper,
     Transform,
+    unshardable,
 )
 from finetune_ext.parts.distributed import Dist
 from finetune_ext.parts.options import option
@@ -27,4 +28,5 @@ __all__ = [
     "Stepper",
     "Transform",
     "option",
+    "unshardable",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -161,3 +161,8 @@ class Transform(Part):
 
     def after_step(self, step: int, stepper: Stepper) -> None:
         """Called after each optimizer step."""
+
+
+def unshardable(parts: Mapping[str, Part]) -> tuple[str, Part] | None:
+    """The first ``(kind, part)`` of ``parts`` that does not run on FSDP shards, ``None`` if all do."""
+    return next(((kind, part) for kind, part in parts.items() if not part.shardable), None)

@@ -62,6 +62,13 @@ def mean_across_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value (a collective: every process calls it, in the same order); any other tensor as it is."""
     from torch.distributed.tensor import DTensor

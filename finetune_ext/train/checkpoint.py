@@ -30,10 +30,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from finetune_ext.errors import UserError
-from finetune_ext.parts.distributed import full_tensor, shard_like
+from finetune_ext.parts.distributed import full_tensor, is_sharded, shard_like
 
 LATEST, MANIFEST = "latest", "manifest.json"
 TMP_PREFIX, TRASH_PREFIX = ".tmp-checkpoint-", ".trash-"
@@ -206,7 +205,7 @@ def load_weights(
     shard of each."""
     if base_digest is not None:
         check_base(model, base_digest, folder, what, model_digest)
-    if base_digest is None and not any(isinstance(p, DTensor) for p in model.parameters()):
+    if base_digest is None and not is_sharded(model):
         missing, unexpected = load_model(model, str(folder / "model.safetensors"))
     else:  # the trained state (over a frozen base, or of a sharded full fine-tune), each shard taking its part
         missing, unexpected = load_trained_state(model, load_file(str(folder / "model.safetensors")))

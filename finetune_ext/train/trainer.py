@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from finetune_ext.data.splits import Splits, Stream, check_amount, detect_source, load_splits, micro_batches
 from finetune_ext.errors import RunWarning, UserError
-from finetune_ext.parts import Dist, OptimSettings, RunContext, StepContext, Stepper, Transform
+from finetune_ext.parts import Dist, OptimSettings, RunContext, StepContext, Stepper, Transform, unshardable
 from finetune_ext.parts.options import check_finite, option
 from finetune_ext.train import checkpoint, registry, rundir
 from finetune_ext.train.distributed import Interrupt, process_group
@@ -199,19 +199,12 @@ def check_config(cfg: TrainConfig, world: int = 1) -> Parts:
     if cfg.dtype == "nf4" and "adapter" not in parts.by_kind:
         raise UserError("dtype: nf4 quantizes the base's linear layers, which then cannot train; add --adapter lora "
                         "or linchain (QLoRA)")  # fmt: skip
-    if cfg.fsdp:
-        _check_shardable(parts)
+    if cfg.fsdp and (found := unshardable(parts.by_kind)):
+        kind, part = found
+        raise UserError(f"fsdp: {kind} {part.name} does not run on FSDP shards ({part.unshardable_because}); "
+                        "drop --fsdp to run it with DDP")  # fmt: skip
     rundir.check(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
     return parts
-
-
-def _check_shardable(parts: Parts) -> None:
-    for kind, part in parts.by_kind.items():
-        if not part.shardable:
-            raise UserError(
-                f"fsdp: {kind} {part.name} does not run on FSDP shards ({part.unshardable_because}); "
-                "drop --fsdp to run it with DDP"
-            )
 
 
 def _check_numbers(cfg: TrainConfig, world: int) -> None:

@@ -24,6 +24,7 @@ STEPS, BATCH, SEED = 6, 4, 0
 COMPOSED = {"adapter": "linchain", "dropout": "guided", "perturbation": "ggpo", "optimizer": "armijo"}
 OPTIONS = {"adapter": {"r": 4}, "dropout": {"fisher_samples": 4, "fisher_cache": None},
            "optimizer": {"init_step_size": 0.01}}  # fmt: skip
+GPT2, LLAMA = "config:gpt2-tiny", "config:llama-tiny"
 LIFT = {"optimizer": {"blocks": "last:1", "warmup_steps": 3, "rows": 8, "columns": 64, "pairs": 2, "val_batches": 2}}
 
 
@@ -44,9 +45,10 @@ class _Losses(TrainerCallback):
         self.trainer.losses.append(self.trainer.last_step_metrics["loss"])
 
 
-def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: int = 1, **extra) -> list[float]:
+def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: int = 1, spec: str = GPT2,
+                **extra) -> list[float]:  # fmt: skip
     kinds = {kind: name for kind, name in parts.items()}
-    cfg = TrainConfig(model="config:gpt2-tiny", tokenizer=tokenizer, data=str(data), output_dir=str(tmp_path / "cli"),
+    cfg = TrainConfig(model=spec, tokenizer=tokenizer, data=str(data), output_dir=str(tmp_path / "cli"),
                       seed=SEED, steps=STEPS, batch_size=BATCH, grad_accum=grad_accum, block_size=32, lr=1e-3,
                       warmup_steps=2, **extra,
                       eval_every=STEPS, save_every=STEPS, max_eval_batches=1, progress=False, **kinds,
@@ -56,7 +58,8 @@ def _cli_losses(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accu
     return [e["loss"] for e in log if e["split"] == "train"]
 
 
-def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: int = 1, **args) -> _InOrder:
+def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: int = 1, spec: str = GPT2,
+             **args) -> _InOrder:  # fmt: skip
     tok = load_tokenizer(tokenizer)
     splits = load_splits(str(data), tok, block_size=32, max_length=32, train_samples=None, val_size=0, seed=SEED)
     stream = Stream(len(splits.train["input_ids"]), BATCH, SEED)
@@ -67,7 +70,7 @@ def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: 
     random.seed(SEED)
     np.random.seed(SEED)
     torch.manual_seed(SEED)  # as our trainer seeds before it builds the model
-    model = load_model("config:gpt2-tiny", "lm", tok)
+    model = load_model(spec, "lm", tok)
     settings = dict(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH // grad_accum,
                     gradient_accumulation_steps=grad_accum, max_steps=STEPS,
                     learning_rate=1e-3, warmup_steps=2, weight_decay=0.01, lr_scheduler_type="constant", seed=SEED,
@@ -82,15 +85,19 @@ def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: 
 
 
 @pytest.mark.parametrize(
-    ("parts", "options", "grad_accum"),
+    ("parts", "options", "grad_accum", "model"),
     [
-        ({"adapter": "lora"}, {"adapter": {"r": 4}}, 1),
-        (COMPOSED, OPTIONS, 1),
-        (COMPOSED, OPTIONS, 2),
-        ({"optimizer": "lift"}, LIFT, 1),
-        ({"dropout": "gaussian"}, {}, 1),
-        ({"adapter": "lora", "perturbation": "flat-lora"}, {"adapter": {"r": 4}}, 1),
-        ({"adapter": "lora", "perturbation": "mgpo"}, {"adapter": {"r": 4}}, 1),
+        ({"adapter": "lora"}, {"adapter": {"r": 4}}, 1, GPT2),
+        (COMPOSED, OPTIONS, 1, GPT2),
+        (COMPOSED, OPTIONS, 2, GPT2),
+        ({"optimizer": "lift"}, LIFT, 1, GPT2),
+        ({"dropout": "gaussian"}, {}, 1, GPT2),
+        ({"adapter": "lora", "perturbation": "flat-lora"}, {"adapter": {"r": 4}}, 1, GPT2),
+        ({"adapter": "lora", "perturbation": "mgpo"}, {"adapter": {"r": 4}}, 1, GPT2),
+        (COMPOSED, OPTIONS, 1, LLAMA),
+        ({"optimizer": "lift"}, LIFT, 1, LLAMA),
+        ({"adapter": "lora", "dropout": "gaussian", "perturbation": "mgpo"}, {"adapter": {"r": 4}}, 1, LLAMA),
+        ({"adapter": "lora", "perturbation": "flat-lora"}, {"adapter": {"r": 4}}, 1, LLAMA),
     ],
     ids=[
         "lora",
@@ -100,13 +107,17 @@ def _trainer(tmp_path, data, tokenizer, parts: dict, options: dict, grad_accum: 
         "gaussian dropout",
         "flat-lora",
         "mgpo",
-    ],  # with the first two: every registered part
+        "llama: linchain+guided+ggpo+armijo",
+        "llama: lift",
+        "llama: lora+gaussian+mgpo",
+        "llama: flat-lora",
+    ],  # with the first two, and on Llama: every registered part
 )
 def test_the_trainer_door_gives_the_cli_losses(
-    tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum
+    tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum, model
 ) -> None:
-    cli = _cli_losses(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum)
-    trainer = _trainer(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum)
+    cli = _cli_losses(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum, model)
+    trainer = _trainer(tmp_path, wikitext_slice, gpt2_tokenizer, parts, options, grad_accum, model)
     trainer.train()
     assert len(trainer.losses) == STEPS
     assert trainer.losses == cli  # bit for bit: the same parts, keys, data order and initialisation
@@ -210,7 +221,8 @@ def test_trainers_fsdp_is_refused_in_one_line(tmp_path) -> None:
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, fsdp=True)
-    with pytest.raises(ValueError, match=r"fsdp: PartsTrainer does not run under Trainer's FSDP yet") as err:
+    refusal = r"fsdp: PartsTrainer does not run under Accelerate.s FSDP plugin .* distributed_config=DistributedConfig"
+    with pytest.raises(ValueError, match=refusal) as err:
         PartsTrainer(model=model, args=args, train_dataset=[], parts={"adapter": "lora"})
     assert "\n" not in str(err.value)
 
