@@ -90,6 +90,17 @@ def build_parts(
     return built
 
 
+def _check_fsdp_only(model: nn.Module) -> None:
+    """A model sharded as it loaded: FSDP only (tensor, pipeline and expert parallelism split the weights that the
+    fused ops read whole)."""
+    config = getattr(model.config, "distributed_config", None)
+    split = {f"{k}_size": getattr(config, f"{k}_size", None) or 1 for k in ("tp", "pp", "ep")}
+    if any(size > 1 for size in split.values()):
+        got = ", ".join(f"{k}={v}" for k, v in split.items() if v > 1)
+        raise ValueError(f"distributed_config: PartsTrainer runs on FSDP shards only (fsdp_size), got {got}; tensor, "
+                         "pipeline and expert parallelism split the weights our fused ops read whole")  # fmt: skip
+
+
 class PartsTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose optimizer step is our stepper and whose model carries our transforms.
 
@@ -121,6 +132,8 @@ class PartsTrainer(transformers.Trainer):
         has_adapters = isinstance(model, nn.Module) and any(isinstance(m, PerturbableLayer) for m in model.modules())
         built = build_parts(parts, part_options, has_adapters)
         sharded = isinstance(model, nn.Module) and is_sharded(model)
+        if sharded:
+            _check_fsdp_only(model)
         if sharded and (found := unshardable(built)):
             kind, part = found
             raise ValueError(

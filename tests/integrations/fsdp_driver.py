@@ -2,7 +2,7 @@
 DATA TOKENIZER ddp|fsdp``. ``MODEL`` (a saved tiny Llama) is loaded whole (DDP) or sharded by transformers as it
 loads (``distributed_config=DistributedConfig(fsdp_size=2)``: FSDP2); the global batch is 4, read in order, with
 activation checkpointing. Rank 0 writes each run's step losses and trained weights (whole) to OUT, and under FSDP
-the one-line refusal of a part that cannot shard."""
+the one-line refusals of a part that cannot shard and of tensor parallelism."""
 
 from __future__ import annotations
 
@@ -51,16 +51,20 @@ def main(out: Path, model_dir: str, data: str, tokenizer: str, mode: str) -> Non
         weights = {k: full_tensor(p.detach()).contiguous() for k, p in model.named_parameters() if p.requires_grad}
         results[name] = (losses.losses, weights)
     if mode == "fsdp":
-        try:
-            trainer(out, AutoModelForCausalLM.from_pretrained(model_dir, **load), dataset, {"optimizer": "armijo"}, {})
-        except ValueError as err:
-            results["refused"] = str(err)
+        refused = {"armijo": (load, {"optimizer": "armijo"}),
+                   "tp": ({"distributed_config": DistributedConfig(tp_size=2)}, {"adapter": "lora"})}  # fmt: skip
+        for name, (how, parts) in refused.items():
+            try:
+                trainer(out, AutoModelForCausalLM.from_pretrained(model_dir, **how), dataset, parts, {})
+            except ValueError as err:
+                results[name] = str(err)
     if torch.distributed.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         for name in RUNS:
             save_file(results[name][1], str(out / f"{name}.safetensors"))
         losses = {name: results[name][0] for name in RUNS}
-        (out / "results.json").write_text(json.dumps({"losses": losses, "refused": results.get("refused")}))
+        refusals = {name: results.get(name) for name in ("armijo", "tp")}
+        (out / "results.json").write_text(json.dumps({"losses": losses, "refused": refusals}))
 
 
 if __name__ == "__main__":

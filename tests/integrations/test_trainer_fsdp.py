@@ -1,6 +1,6 @@
 """``PartsTrainer`` over a model that transformers sharded with FSDP2 as it loaded it: two gloo processes give the
 DDP run's losses and trained weights (adapters with guided dropout, and a full fine-tune), and a part that cannot
-shard is refused in one line."""
+shard, or tensor parallelism, is refused in one line."""
 
 from __future__ import annotations
 
@@ -37,4 +37,6 @@ def test_a_model_sharded_as_it_loads_trains_as_under_ddp(tmp_path, wikitext_slic
         assert a.keys() == b.keys() and a
         for key in a:
             torch.testing.assert_close(b[key], a[key], **tolerance(torch.float32), msg=f"{run}: {key}")
-    assert fsdp["refused"].startswith("optimizer: armijo does not run on FSDP shards (") and "\n" not in fsdp["refused"]
+    armijo, tp = fsdp["refused"]["armijo"], fsdp["refused"]["tp"]
+    assert armijo.startswith("optimizer: armijo does not run on FSDP shards (") and "\n" not in armijo
+    assert tp.startswith("distributed_config: PartsTrainer runs on FSDP shards only (fsdp_size), got tp_size=2;")
