@@ -40,8 +40,9 @@ class LinChainLinear(nn.Module):
 
     A quantized base (a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``: an ``nn.Linear`` with a packed integer
     weight) runs through its own forward, and the adapter path through ``lora_linear`` without a weight: the
-    packed weight is never read as a matrix. Its factors are float32 (the forward casts them to autocast's dtype);
-    merging and weight perturbations need a dense base and are refused.
+    packed weight is never read as a matrix; merging and weight perturbations need a dense base and are refused.
+    The factors are float32 over a bf16, fp16 or packed base (float64 over float64); the forward casts them to
+    autocast's dtype, or to the input's without autocast.
     """
 
     def __init__(self, base: nn.Linear | Conv1D, config: LinChainConfig, site: int = 0) -> None:
@@ -55,7 +56,8 @@ class LinChainLinear(nn.Module):
         out_f, in_f = (base.out_features, base.in_features) if self.quantized else self.base_weight().shape
         r, k = config.r, config.chain_length
         self.r, self.chain_length, self.scale, self.dropout = r, k, config.scale, config.dropout
-        dtype = torch.float32 if self.quantized else base.weight.dtype
+        # fp32 over a half-precision or packed base, as the optimizer state (PEFT's autocast_adapter_dtype)
+        dtype = torch.float64 if not self.quantized and base.weight.dtype == torch.float64 else torch.float32
         like = {"dtype": dtype, "device": base.weight.device}
         self.lora_A = nn.Parameter(torch.empty(r, in_f, **like))
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, **like))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -182,6 +183,22 @@ def test_bf16_autocast_runs_through_the_fused_op() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.transformer.h[0].attn.c_attn(torch.randn(2, 3, 16))
     assert out.dtype == torch.bfloat16
+
+
+def test_adapters_over_a_bf16_base_train_in_fp32() -> None:
+    """A base loaded in bf16 (as LLMs are): the factors and mixers are fp32, so AdamW's updates and state are; the
+    forward casts them to the input's dtype: bit for bit the layer with its factors rounded to bf16."""
+    model = _gpt2(torch.bfloat16)
+    adapters.apply_linchain(model, LinChainConfig(r=4, chain_length=2))
+    _randomise_B(model)
+    layer = model.transformer.h[0].attn.c_attn
+    assert {p.dtype for p in layer.parameters() if p.requires_grad} == {torch.float32}
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+    out = layer(x)
+    rounded = copy.deepcopy(layer).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, rounded(x))
+    out.float().sum().backward()
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.dtype == torch.float32
 
 
 def test_a_packed_quantized_weight_is_refused_not_read_as_dense() -> None:
