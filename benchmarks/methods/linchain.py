@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _sweep import load_rows, mean_std, minilm_path, record
+from _sweep import load_rows, majority_sentence, mean_std, minilm_path, record
 
 VARIANTS = {"lora": ("lora", {}), "linchain-k1": ("linchain", {"chain_length": 1}), "linchain-k3": ("linchain", {}),
             "linchain-k3-identity": ("linchain", {"init": "identity"})}  # fmt: skip
@@ -160,26 +160,47 @@ def run_variant(task: str, variant: str, seed: int, lr: float, fields: dict, ada
 
 
 def write_selection(rows: list[dict], path: Path) -> None:
-    """Per task and variant, the learning rate with the best mean validation metric; dev at it, paired vs LoRA."""
+    """Per task and variant, the learning rate with the best mean validation metric; dev at it, paired vs LoRA; then
+    each variant against LoRA at the same rate."""
     from _stats import paired
 
-    lines = ["", "Selected on validation (held-out training data), reported on dev, paired with LoRA by seed:", "",
-             "| task | variant | selected lr | dev metric | - lora (95 % CI) |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = ["", "Selected on validation (held-out training data), reported on dev, paired with LoRA by seed (95 % t "
+             "interval; a verdict needs it to exclude 0):", "",
+             "| task | variant | selected lr | dev metric | - lora (95 % CI) | verdict |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    same_rate = ["", "At the same rate, paired with LoRA by seed:", "", "| task | variant | lr | - lora (95 % CI) | "
+                 "verdict |", "|---|---|---|---|---|"]  # fmt: skip
     for task in sorted({r["task"] for r in rows}):
-        picked = {}
+        scores = {}  # (variant, lr) -> {seed: dev metric x100}
+        for r in (r for r in rows if r["task"] == task and r.get("lr")):
+            scores.setdefault((r["variant"], r["lr"]), {})[int(r["seed"])] = 100 * float(r["value"])
+        higher = next(r["metric"] for r in rows if r["task"] == task) == "acc"
+        lora_best = _selected(rows, task, "lora", higher)
         for variant in VARIANTS:
-            sel = [r for r in rows if r["task"] == task and r["variant"] == variant and r.get("lr")]
-            by_lr = {lr: [float(r["val"]) for r in sel if r["lr"] == lr] for lr in {r["lr"] for r in sel}}
-            if by_lr:
-                best = (max if sel[0]["metric"] == "acc" else min)(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
-                picked[variant] = {int(r["seed"]): 100 * float(r["value"]) for r in sel if r["lr"] == best}, best
-        for variant, (values, lr) in picked.items():
-            diff = paired(values, picked["lora"][0]) if "lora" in picked and variant != "lora" else None
-            cell = "-" if diff is None else f"{diff.mean:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}] ({diff.n})"
+            best = _selected(rows, task, variant, higher)
+            if best is None:
+                continue
+            values = scores[(variant, best)]
+            diff = paired(values, scores[("lora", lora_best)]) if lora_best and variant != "lora" else None
+            cells = ("-", "-") if diff is None else (diff.text(scale=1.0), diff.verdict())
             shown = mean_std(list(values.values()), lambda v: f"{v:.1f}")
-            lines.append(f"| {task} | {variant} | {lr} | {shown} | {cell} |")
+            lines.append(f"| {task} | {variant} | {best} | {shown} | {cells[0]} | {cells[1]} |")
+            for lr in sorted({lr for v, lr in scores if v == variant}, key=float):
+                if variant != "lora" and ("lora", lr) in scores:
+                    d = paired(scores[(variant, lr)], scores[("lora", lr)])
+                    same_rate.append(f"| {task} | {variant} | {lr} | {d.text(scale=1.0)} | {d.verdict()} |")
+    floor = [majority_sentence({"SST-2": "acc"})] if any(r["task"] == "sst2" for r in rows) else []
     with path.open("a") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join([*lines, *same_rate, "", *floor]) + "\n")
+
+
+def _selected(rows: list[dict], task: str, variant: str, higher: bool) -> str | None:
+    """The learning rate of ``variant``'s best mean validation metric on ``task``."""
+    by_lr: dict[str, list[float]] = {}
+    for r in rows:
+        if (r["task"], r["variant"]) == (task, variant) and r.get("lr"):
+            by_lr.setdefault(r["lr"], []).append(float(r["val"]))
+    return (max if higher else min)(by_lr, key=lambda lr: statistics.mean(by_lr[lr])) if by_lr else None
 
 
 if __name__ == "__main__":
