@@ -26,6 +26,7 @@ RANK, CHAIN, DROPOUT = 16, 3, 0.05
 
 def _adapter(base: nn.Linear, k: int) -> LinChainLinear:
     layer = LinChainLinear(base, LinChainConfig(r=RANK, chain_length=k, alpha=2 * RANK, dropout=DROPOUT))
+    layer.to(base.weight.dtype)  # every provider in the case's dtype (the factors would be fp32 over a bf16 base)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.02)
     return layer
