@@ -66,10 +66,21 @@ def run(task: str, variant: str, setting: float, seed: int, args: argparse.Names
     return row, curve
 
 
-def chosen(rows: list[dict], task: str, variant: str, seed: int) -> str | None:
-    """The setting of the best held-out metric in the first seed's tuning runs (``None`` before any)."""
+def chosen(rows: list[dict], task: str, variant: str, seed: int, settings: list[str]) -> str | None:
+    """The setting of the best held-out metric in the first seed's tuning runs (``None`` before any); a tie (MRPC's
+    one-class checkpoints all score the same held-out F1) goes to the setting nearest the middle of ``settings``, a rule
+    fixed before the comparison seeds run and blind to dev."""
     tuning = [r for r in rows if (r["task"], r["variant"], r["seed"]) == (task, variant, str(seed))]
-    return max(tuning, key=lambda r: float(r["val"]))["setting"] if tuning else None
+    if not tuning:
+        return None
+    best = max(float(r["val"]) for r in tuning)
+    tied = [r["setting"] for r in tuning if float(r["val"]) == best]
+    return min(tied, key=lambda s: abs(settings.index(s) - (len(settings) - 1) / 2))
+
+
+def grid(args: argparse.Namespace, variant: str) -> list[str]:
+    """``variant``'s tuning settings as the rows spell them: AdamW's learning rates or the line searches' ``c``."""
+    return [f"{s:g}" for s in (args.lrs if variant == "adamw" else args.cs)]
 
 
 def cell(rows: list[dict], task: str, variant: str, setting: str | None) -> list[dict]:
@@ -79,12 +90,13 @@ def cell(rows: list[dict], task: str, variant: str, setting: str | None) -> list
 def write_page(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     lines = [
         f"MiniLM, 500 training examples, batch 32, {args.steps} steps; settings chosen on the first seed by the "
-        "held-out metric (SST-2 accuracy, MRPC F1), then run on every seed. Dev scores x100 of the selected "
+        "held-out metric (SST-2 accuracy, MRPC F1; a tie goes to the setting nearest the middle of the grid), then "
+        "run on every seed. Dev scores x100 of the selected "
         "checkpoint, mean ± sd (seeds); differences paired by seed against AdamW with a 95 % t interval.",
         "",
     ]
     for task in TASKS:
-        picks = {v: chosen(rows, task, v, args.seeds[0]) for v in VARIANTS}
+        picks = {v: chosen(rows, task, v, args.seeds[0], grid(args, v)) for v in VARIANTS}
         if all(picks.values()):
             lines += task_lines(rows, task, picks, args.seeds[0])
     lines += [
@@ -132,7 +144,7 @@ def plot(rows: list[dict], curves: list[dict], path: Path, args: argparse.Namesp
     fig, axes = plt.subplots(len(TASKS), 2, figsize=(9, 3.2 * len(TASKS)), squeeze=False)
     for i, task in enumerate(TASKS):
         for v in VARIANTS:
-            setting = chosen(rows, task, v, args.seeds[0])
+            setting = chosen(rows, task, v, args.seeds[0], grid(args, v))
             runs = [[c for c in curves if (c["task"], c["variant"], c["setting"], c["seed"]) == (task, v, setting, s)]
                     for s in map(str, args.seeds)]  # fmt: skip
             runs = [r for r in runs if len(r) == args.steps]
@@ -171,7 +183,7 @@ def main() -> None:
     plan = [(t, v, s, first) for t in TASKS for v in VARIANTS for s in (args.lrs if v == "adamw" else args.cs)]
     plan += [(t, v, None, seed) for seed in args.seeds[1:] for t in TASKS for v in VARIANTS]
     for task, variant, setting, seed in plan:
-        setting = float(chosen(done, task, variant, first)) if setting is None else setting
+        setting = float(chosen(done, task, variant, first, grid(args, variant))) if setting is None else setting
         if cell([r for r in done if r["seed"] == str(seed)], task, variant, f"{setting:g}"):
             continue
         row, curve = run(task, variant, setting, seed, args)
