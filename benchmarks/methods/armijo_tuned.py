@@ -180,13 +180,13 @@ def main() -> None:
     csv_path, curves_path = Path(args.out + ".csv"), Path(args.out + "_curves.csv")
     done = load_rows(csv_path)
     first = args.seeds[0]
-    plan = [(t, v, s, first) for t in TASKS for v in VARIANTS for s in (args.lrs if v == "adamw" else args.cs)]
+    plan = [(t, v, s, first) for t in TASKS for v in VARIANTS for s in grid(args, v)]
     plan += [(t, v, None, seed) for seed in args.seeds[1:] for t in TASKS for v in VARIANTS]
     for task, variant, setting, seed in plan:
-        setting = float(chosen(done, task, variant, first, grid(args, variant))) if setting is None else setting
-        if cell([r for r in done if r["seed"] == str(seed)], task, variant, f"{setting:g}"):
+        setting = setting or chosen(done, task, variant, first, grid(args, variant))
+        if cell([r for r in done if r["seed"] == str(seed)], task, variant, setting):
             continue
-        row, curve = run(task, variant, setting, seed, args)
+        row, curve = run(task, variant, float(setting), seed, args)
         for point in curve:
             append_row(curves_path, point, CURVE_FIELDS)
         record(csv_path, row, FIELDS, done)
