@@ -18,7 +18,7 @@ blocks after them (``lift-disjoint-F``: selection never sees F, so its checkpoin
 of ``lift-disjoint-F``: ``adamw-plus-F`` (AdamW, weight decay 0.1, trained on the 50 training blocks plus F's 64
 blocks, re-tokenized from their decoded text: is the gain just more data?) and ``sign-disjoint-F`` (the same
 rounds with the step ``-sign(g_val)`` on the same columns and the same line search, no LP, λ fixed: is the LP
-needed?). The page pairs each by seed with the baseline of lowest mean validation loss and the controls with
+needed?). The page pairs each by seed with the baseline of lowest mean validation loss, and the controls also with
 ``lift-disjoint-F`` (95 % t intervals). Rows go to the CSV as runs end and the page and plot are rewritten after
 each; finished (method, seed) pairs are skipped on restart.
 """
@@ -168,15 +168,15 @@ def write_table(done: list[dict], md: Path) -> None:
 
 
 def paired_lines(done: list[dict]) -> list[str]:
-    """Test perplexity differences paired by seed: LiFT against the baseline of lowest mean validation loss, the
-    controls against ``lift-disjoint-F``; negative is better."""
+    """Test perplexity differences paired by seed: LiFT and the controls against the baseline of lowest mean
+    validation loss, the controls against ``lift-disjoint-F``; negative is better."""
     by_seed = lambda name: {int(r["seed"]): float(r["test_ppl"]) for r in done if r["method"] == name}  # noqa: E731
     val = {m: statistics.mean(float(r["val_loss"]) for r in done if r["method"] == m) for m in BASELINES
            if any(r["method"] == m for r in done)}  # fmt: skip
     if not val:
         return []
     best = min(val, key=val.get)
-    pairs = [(m, best) for m in ("lift", "lift-disjoint-F")] + [(m, "lift-disjoint-F") for m in CONTROLS]
+    pairs = [(m, best) for m in ("lift", "lift-disjoint-F", *CONTROLS)] + [(m, "lift-disjoint-F") for m in CONTROLS]
     lines = ["", f"Paired by seed, test perplexity (best validation) difference with 95 % t interval (negative: "
              f"lower perplexity); the baseline of lowest validation loss is {best}.", "",
              "| comparison | difference | verdict |", "|---|---|---|"]  # fmt: skip
@@ -235,6 +235,7 @@ def main() -> None:
                 continue
             record(csv_path, run(name, spec, seed, base, args, work), FIELDS, done)
             write_table(done, md_path)
+    write_table(done, md_path)
     print(md_path.read_text())
 
 
