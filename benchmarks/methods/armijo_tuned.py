@@ -10,8 +10,9 @@ Armijo constant; the rest ``ArmijoOptions``' defaults): the same number of setti
 held-out metric (the GLUE dev set, the report split, is never read for a choice). Comparison: the chosen settings
 on every seed. The page reports dev accuracy, MCC and (MRPC) F1 of the selected checkpoint, paired differences
 against AdamW with 95 % t intervals, the majority-class score and one-class checkpoints; ``<out>_curves.csv`` keeps
-every run's training loss per step with its cumulative step time, and ``<out>.png`` plots the mean loss of the
-comparison runs against steps and against wall-clock seconds.
+every run's training loss per step with its cumulative step time; the page gives the step (and the seconds) at
+which each variant's training loss reaches AdamW's final one, and ``<out>.png`` plots the mean loss against steps
+(every seed) and against wall-clock seconds (the comparison seeds only: the tuning runs took turns with other jobs).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def cell(rows: list[dict], task: str, variant: str, setting: str | None) -> list
     return [r for r in rows if (r["task"], r["variant"], r["setting"]) == (task, variant, setting)]
 
 
-def write_page(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
+def write_page(rows: list[dict], curves: list[dict], path: Path, args: argparse.Namespace) -> None:
     lines = [
         f"MiniLM, 500 training examples, batch 32, {args.steps} steps; settings chosen on the first seed by the "
         "held-out metric (SST-2 accuracy, MRPC F1; a tie goes to the setting nearest the middle of the grid), then "
@@ -99,6 +100,7 @@ def write_page(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
         picks = {v: chosen(rows, task, v, args.seeds[0], grid(args, v)) for v in VARIANTS}
         if all(picks.values()):
             lines += task_lines(rows, task, picks, args.seeds[0])
+            lines += convergence_lines(curves, task, picks, args)
     lines += [
         majority_sentence({"SST-2": "acc", "MRPC": "f1"}) + " (MCC 0 for both.)",
         f"One-class: selected checkpoints predicting one class on >= {100 * ONE_CLASS:.0f} % of dev.",
@@ -130,12 +132,57 @@ def task_lines(rows: list[dict], task: str, picks: dict[str, str], first: int) -
     return [*lines, ""]
 
 
+def convergence_lines(curves: list[dict], task: str, picks: dict[str, str], args: argparse.Namespace) -> list[str]:
+    """How fast each chosen setting trains: the last 10 steps' mean training loss, and the step at which a run's
+    10-step mean first reaches AdamW's (its mean over seeds), over the runs that reach it; seconds to it and per step
+    from the comparison seeds only (the tuning seed's runs took turns with other jobs, and their steps include the
+    study's pauses)."""
+    runs = {v: curve_runs(curves, task, v, picks[v], args.seeds, args.steps) for v in VARIANTS}
+    if not runs["adamw"]:
+        return []
+    target = statistics.mean(statistics.mean(loss[-10:]) for loss, _ in runs["adamw"].values())
+    lines = [f"Training loss ({task}; target: AdamW's last-10-step mean, {target:.3f}; seconds from seeds "
+             f"{', '.join(map(str, args.seeds[1:]))}):", "",
+             "| variant | last 10 steps | step reaching the target | seconds reaching it | reached | ms a step |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for v in VARIANTS:
+        hits = {seed: first_reach(loss, target) for seed, (loss, _) in runs[v].items()}
+        hits = {seed: k for seed, k in hits.items() if k is not None}
+        timed = {seed: secs for seed, (_, secs) in runs[v].items() if seed != args.seeds[0]}
+        cells = [mean_std([statistics.mean(loss[-10:]) for loss, _ in runs[v].values()], lambda x: f"{x:.3f}"),
+                 mean_std([float(k) for k in hits.values()], lambda x: f"{x:.0f}"),
+                 mean_std([timed[s][k - 1] for s, k in hits.items() if s in timed], lambda x: f"{x:.0f}"),
+                 f"{len(hits)}/{len(runs[v])}",
+                 mean_std([1e3 * secs[-1] / args.steps for secs in timed.values()], lambda x: f"{x:.0f}")]  # fmt: skip
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def curve_runs(
+    curves: list[dict], task: str, variant: str, setting: str, seeds: list[int], steps: int
+) -> dict[int, tuple[list[float], list[float]]]:
+    """``{seed: (loss per step, cumulative seconds per step)}`` of the complete runs of one setting."""
+    out = {}
+    for seed in seeds:
+        run = [c for c in curves if (c["task"], c["variant"], c["setting"], c["seed"]) == (task, variant, setting,
+                                                                                          str(seed))]  # fmt: skip
+        if len(run) == steps:
+            out[seed] = ([float(c["loss"]) for c in run], [float(c["seconds"]) for c in run])
+    return out
+
+
+def first_reach(loss: list[float], target: float) -> int | None:
+    """The first step (1-based) whose 10-step mean loss is at most ``target``."""
+    return next((k for k in range(10, len(loss) + 1) if statistics.mean(loss[k - 10 : k]) <= target), None)
+
+
 def by_seed(rows: list[dict], key: str) -> dict[int, float]:
     return {int(r["seed"]): float(r[key]) for r in rows}
 
 
 def plot(rows: list[dict], curves: list[dict], path: Path, args: argparse.Namespace) -> None:
-    """Mean training loss of the comparison runs against steps and against cumulative step time, per task."""
+    """Mean training loss of the chosen settings against steps (every seed) and against cumulative step time (the
+    comparison seeds), per task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,17 +192,19 @@ def plot(rows: list[dict], curves: list[dict], path: Path, args: argparse.Namesp
     for i, task in enumerate(TASKS):
         for v in VARIANTS:
             setting = chosen(rows, task, v, args.seeds[0], grid(args, v))
-            runs = [[c for c in curves if (c["task"], c["variant"], c["setting"], c["seed"]) == (task, v, setting, s)]
-                    for s in map(str, args.seeds)]  # fmt: skip
-            runs = [r for r in runs if len(r) == args.steps]
+            runs = curve_runs(curves, task, v, setting, args.seeds, args.steps)
+            timed = [run for seed, run in runs.items() if seed != args.seeds[0]]
             if not runs:
                 continue
-            loss = [statistics.mean(float(r[k]["loss"]) for r in runs) for k in range(args.steps)]
-            secs = [statistics.mean(float(r[k]["seconds"]) for r in runs) for k in range(args.steps)]
+            loss = [statistics.mean(col) for col in zip(*(loss for loss, _ in runs.values()), strict=True)]
             axes[i][0].plot(range(1, args.steps + 1), loss, label=f"{v} ({len(runs)} seeds)")
-            axes[i][1].plot(secs, loss, label=v)
+            if timed:
+                loss = [statistics.mean(col) for col in zip(*(loss for loss, _ in timed), strict=True)]
+                axes[i][1].plot(
+                    [statistics.mean(col) for col in zip(*(secs for _, secs in timed), strict=True)], loss, label=v
+                )
         axes[i][0].set(title=f"{task}: training loss", xlabel="step")
-        axes[i][1].set(title=f"{task}: against wall-clock", xlabel="seconds (sum of step times)")
+        axes[i][1].set(title=f"{task}: against wall-clock (comparison seeds)", xlabel="seconds (sum of step times)")
         axes[i][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -190,9 +239,10 @@ def main() -> None:
         for point in curve:
             append_row(curves_path, point, CURVE_FIELDS)
         record(csv_path, row, FIELDS, done)
-        write_page(done, Path(args.out + ".md"), args)
+        write_page(done, load_rows(curves_path), Path(args.out + ".md"), args)
         plot(done, load_rows(curves_path), Path(args.out + ".png"), args)
-    write_page(done, Path(args.out + ".md"), args)
+    write_page(done, load_rows(curves_path), Path(args.out + ".md"), args)
+    plot(done, load_rows(curves_path), Path(args.out + ".png"), args)
     print(Path(args.out + ".md").read_text())
 
 
