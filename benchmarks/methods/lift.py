@@ -187,18 +187,26 @@ def paired_lines(done: list[dict]) -> list[str]:
 
 
 def plot(done: list[dict], names: list[str], path: Path) -> None:
+    """Test perplexity per method, of the best-validation checkpoint and of the final model: one grey line per seed
+    (the pairs the page compares), the mean in black."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for i, name in enumerate(names):
-        values = [float(r["test_ppl"]) for r in done if r["method"] == name]
-        ax.bar(i, statistics.mean(values), yerr=statistics.stdev(values) if len(values) > 1 else 0, capsize=4)
-        ax.plot([i] * len(values), values, "k.", ms=4)
-    ax.set_xticks(range(len(names)), names, rotation=20)
-    ax.set_ylabel("WikiText-2 test perplexity")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    seeds = sorted({r["seed"] for r in done}, key=int)
+    for ax, key, title in zip(axes, ("test_ppl", "test_ppl_final"), ("best-validation checkpoint", "final model"),
+                              strict=True):  # fmt: skip
+        value = {(r["method"], r["seed"]): float(r[key]) for r in done}
+        for seed in seeds:
+            xs = [i for i, n in enumerate(names) if (n, seed) in value]
+            ax.plot(xs, [value[names[i], seed] for i in xs], "-o", color="0.7", ms=3, lw=0.8)
+        means = [statistics.mean(v for (n, _), v in value.items() if n == name) for name in names]
+        ax.plot(range(len(names)), means, "ks", ms=6, label="mean")
+        ax.set_xticks(range(len(names)), names, rotation=25)
+        ax.set(title=f"WikiText-2 test perplexity, {title}", ylabel="perplexity")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
