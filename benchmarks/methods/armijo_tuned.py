@@ -211,6 +211,12 @@ def plot(rows: list[dict], curves: list[dict], path: Path, args: argparse.Namesp
     plt.close(fig)
 
 
+def publish(rows: list[dict], curves: list[dict], args: argparse.Namespace) -> None:
+    """The page and the plot from the rows and curves so far."""
+    write_page(rows, curves, Path(args.out + ".md"), args)
+    plot(rows, curves, Path(args.out + ".png"), args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -239,10 +245,8 @@ def main() -> None:
         for point in curve:
             append_row(curves_path, point, CURVE_FIELDS)
         record(csv_path, row, FIELDS, done)
-        write_page(done, load_rows(curves_path), Path(args.out + ".md"), args)
-        plot(done, load_rows(curves_path), Path(args.out + ".png"), args)
-    write_page(done, load_rows(curves_path), Path(args.out + ".md"), args)
-    plot(done, load_rows(curves_path), Path(args.out + ".png"), args)
+        publish(done, load_rows(curves_path), args)
+    publish(done, load_rows(curves_path), args)
     print(Path(args.out + ".md").read_text())
 
 
